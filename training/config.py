@@ -1,0 +1,81 @@
+"""Typed configs that travel with the artifacts: prepared data (meta.json), runs (config.json), model folders.
+
+The prepared-data folder written by `dare prepare` (and read by `dare train`) holds:
+
+    train.npz, val.npz, test.npz   one row per (user, target position); arrays:
+        user       int64 [S]        user row (0..U-1), for per-user GAUC
+        hist_item  int64 [S, L]     item rows of the last L behaviours before the target, LEFT-padded with 0,
+        hist_cate  int64 [S, L]     oldest first, most recent in the last column (so position = L - column)
+        cand_item  int64 [S, 1+M]   column 0 the positive target, columns 1..M its sampled negatives
+        cand_cate  int64 [S, 1+M]
+        label      float32 [S, 1+M] 1 for column 0, 0 elsewhere
+    vocab.npz      raw id -> row maps, arrays named by service.contract.VOCAB_ARRAYS (rows 0 = pad, 1 = OOV)
+    item_cate.npy  int64 [item_rows]: the category row of each item row (for negatives and for people)
+    meta.json      PrepareConfig, counts, data fingerprint, and (synthetic data) where the planted truth is
+    truth.npz      only for synthetic data: the planted relevance table, see training/synth.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+ModelKind = Literal["dare", "twin", "twin-proj"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("dare", "twin", "twin-proj")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    behaviors: tuple[str, ...] = ("pv",)
+    min_events: int = 30  # the paper uses 210 on the full file; the bundled sample needs far fewer
+    history_len: int = 200
+    positives_per_user: int = 19  # targets at hist[-3], hist[-8], ..., every 5th
+    positive_stride: int = 5
+    negatives_per_positive: int = 2
+    min_timestamp: int = 1511539200  # 2017-11-25 00:00 China time
+    max_timestamp: int = 1512316800  # 2017-12-04 00:00 China time (exclusive)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture; saved beside the weights (config.json) so export and eval rebuild the same model."""
+
+    kind: ModelKind
+    item_rows: int
+    cate_rows: int
+    att_dim: int = 16  # per field: a token is item ++ category ++ position, so 3 * att_dim wide
+    repr_dim: int = 16
+    top_k: int = 20
+    max_position: int = 200
+    mlp_hidden: tuple[int, ...] = (200, 80)
+    aux_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind != "dare" and self.att_dim != self.repr_dim:
+            raise ValueError(f"model {self.kind!r} has one shared table: att_dim ({self.att_dim}) must equal repr_dim ({self.repr_dim})")
+        for name in ("item_rows", "cate_rows", "att_dim", "repr_dim", "top_k", "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    epochs: int = 2
+    batch_size: int = 256
+    lr: float = 0.01
+    l2: float = 1e-6  # on non-embedding weights
+    aux_weight: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
