@@ -27,7 +27,7 @@ MODEL_KINDS: tuple[ModelKind, ...] = ("dare", "twin", "twin-proj")
 @dataclass(frozen=True)
 class PrepareConfig:
     behaviors: tuple[str, ...] = ("pv",)
-    min_events: int = 30  # the paper uses 210 on the full file; the bundled sample needs far fewer
+    min_events: int = 20  # the paper uses 210 on the full file; 20 keeps 715 of the bundled sample's 815 users
     history_len: int = 200
     positives_per_user: int = 19  # targets at hist[-3], hist[-8], ..., every 5th
     positive_stride: int = 5

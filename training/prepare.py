@@ -1,0 +1,667 @@
+"""`dare prepare`: a Taobao-format behaviour log -> the prepared-data folder described in `training.config`.
+
+Stages (each vectorised over all rows; there is no Python loop per row or per user):
+
+1. read     the 5-column CSV (plain or gzip) with polars into typed columns; quirks of the real file:
+            - a last line that does not end in a newline and does not parse (the file was cut mid-line) is
+              dropped and counted as `truncated_last_line`;
+            - blank lines are dropped and counted as `blank_line`;
+            - any other malformed line (wrong number of fields, an empty field, a non-integer id or timestamp,
+              an unknown behaviour type) is a `DareError` naming the file, the line number and the problem:
+              silently skipping such rows would hide a wrong file or a wrong format.
+2. filter   rows whose timestamp lies outside [min_timestamp, max_timestamp) (`timestamp_out_of_range`), rows
+            whose behaviour type was not asked for (`behavior_not_kept`), then users with fewer than
+            `min_events` kept events (`user_below_min_events`).
+3. vocab    an item seen with several categories keeps the category it has most often among the kept rows
+            (ties: the one seen first in the file); every row of that item is rewritten to it, so histories,
+            targets and item_cate.npy agree. Users, items and categories then get rows in order of first
+            appearance in the file: users 0..U-1, items and categories from 2 (0 = padding, 1 = out of vocabulary).
+4. sort     each user's events by timestamp, stable (equal timestamps keep file order).
+5. samples  per user with n events (index 0 = oldest): test target n-1, validation target n-2, training targets
+            n-3, n-3-stride, ... (`positives_per_user` of them, as long as the target has at least one earlier
+            event). A sample's history is the last `history_len` events strictly before its target, left-padded
+            with 0, so no target can appear in its own history. Each positive gets `negatives_per_positive`
+            negatives drawn in proportion to item frequency (over all kept rows) and redrawn while the item occurs
+            anywhere in that user's kept sequence (past or future), which also keeps them distinct from the target;
+            the two negatives of one positive may coincide (rare, as in the reference code).
+6. write    train/val/test.npz (streamed chunk by chunk, so the [S, L] arrays never sit in memory whole),
+            vocab.npz, item_cate.npy, truth.npz (synthetic input only) and finally meta.json, whose presence marks
+            a complete folder.
+
+A synthetic log written by `dare synth` has its ground truth beside it (`X.truth.npz` for `X.csv[.gz]`); prepare
+remaps it to category rows into `truth.npz` and marks meta.json `synthetic: true`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+import zipfile
+
+import numpy as np
+import orjson
+import polars as pl
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from dare.errors import DareError
+from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
+from training.config import PrepareConfig
+
+LOG_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
+BEHAVIOR_TYPES = ("pv", "cart", "fav", "buy")
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+TRUTH_FILE = "truth.npz"
+ITEM_CATE_FILE = "item_cate.npy"
+FORMAT_VERSION = 1
+FIRST_ID_ROW = 2  # rows 0 and 1 are padding and out-of-vocabulary
+# Cap on rejection-sampling rounds for negatives; each round redraws only the rejected ones, so on real data a
+# handful of rounds suffice. Hitting the cap means some user has seen nearly every popular item.
+MAX_NEGATIVE_ROUNDS = 200
+# History arrays are gathered and written this many cells at a time (~128 MB of int64 per temporary).
+CHUNK_CELLS = 1 << 24
+
+_SCHEMA = {
+    "user": pl.Int64,
+    "item": pl.Int64,
+    "cate": pl.Int64,
+    "behavior": pl.Enum(BEHAVIOR_TYPES),
+    "ts": pl.Int64,
+}
+
+
+class PrepareError(DareError):
+    """The input log or the prepare options are unusable; the message names the file/line or the option."""
+
+
+def default_sample_path() -> Path:
+    """The bundled real Taobao sample, found relative to this package so `dare prepare` works from any cwd."""
+    return Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+
+
+def truth_path_for(log: Path) -> Path:
+    """Where `dare synth` writes the ground truth of `log`: X.csv or X.csv.gz -> X.truth.npz."""
+    name = log.name
+    for suffix in (".csv.gz", ".csv", ".gz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return log.with_name(name + ".truth.npz")
+
+
+def check_config(cfg: PrepareConfig) -> None:
+    """Reject option values that cannot produce a usable data set, naming the option."""
+    if not cfg.behaviors:
+        raise PrepareError("--behaviors: give at least one of " + ", ".join(BEHAVIOR_TYPES))
+    unknown = [b for b in cfg.behaviors if b not in BEHAVIOR_TYPES]
+    if unknown:
+        raise PrepareError(f"--behaviors: unknown behaviour type(s) {unknown}; known: {', '.join(BEHAVIOR_TYPES)}")
+    # n >= 4 events leave a test, a validation and at least one training target that has a history.
+    if cfg.min_events < 4:
+        raise PrepareError(f"--min-events must be >= 4 (test, validation and one training target), got {cfg.min_events}")
+    for name in ("history_len", "positives_per_user", "positive_stride", "negatives_per_positive"):
+        if getattr(cfg, name) < 1:
+            raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.min_timestamp >= cfg.max_timestamp:
+        raise PrepareError(f"--min-timestamp ({cfg.min_timestamp}) must be < --max-timestamp ({cfg.max_timestamp})")
+
+
+# ----------------------------------------------------------------------------------------------------------- progress
+
+
+class StageProgress:
+    """Rich progress on stderr: one line per stage (spinner or bar) and the seconds each stage took."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> StageProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Time a stage; yields `advance(n)` for stages with a known total."""
+        task = self._progress.add_task(name, total=total)
+        start = time.perf_counter()
+        yield lambda n: self._progress.advance(task, n)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        done = self._progress.tasks[task].completed if total is not None else 1
+        self._progress.update(task, total=max(done, 1), completed=max(done, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------- read
+
+
+@dataclass
+class RawLog:
+    frame: pl.DataFrame  # columns user, item, cate (int64), behavior (Enum), ts (int64), one row per kept line
+    rows_read: int  # complete rows parsed (blank lines and the truncated last line not included)
+    truncated_last_line: int
+    blank_lines: int
+    input_sha256: str
+    input_bytes: int
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _parse_line(line: bytes) -> bool:
+    """Whether one line is a complete, valid row (used only for the file's last line)."""
+    fields = line.strip().split(b",")
+    if len(fields) != len(LOG_COLUMNS) or fields[3].decode("ascii", "replace") not in BEHAVIOR_TYPES:
+        return False
+    try:
+        for f in (fields[0], fields[1], fields[2], fields[4]):
+            int(f)
+    except ValueError:
+        return False
+    return True
+
+
+def _sha256_and_size(path: Path, advance: Callable[[int], None]) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+            size += len(block)
+            advance(len(block))
+    return digest.hexdigest(), size
+
+
+def _decompress(path: Path, advance: Callable[[int], None]) -> io.BytesIO:
+    buf = io.BytesIO()
+    try:
+        with path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as gz:
+            last = 0
+            for block in iter(lambda: gz.read(1 << 24), b""):
+                buf.write(block)
+                pos = raw.tell()
+                advance(pos - last)
+                last = pos
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; a cut gzip stream raises EOFError
+        raise PrepareError(f"{path}: not a readable gzip file ({exc})") from None
+    return buf
+
+
+def _drop_truncated_tail(buf: io.BytesIO) -> int:
+    """If the text does not end in a newline and its last line is not a valid row, cut that line; return 1 if cut."""
+    view = buf.getbuffer()
+    try:
+        size = len(view)
+        if size == 0 or view[size - 1] == 0x0A:
+            return 0
+        tail_start = bytes(view[max(0, size - 4096) :]).rfind(b"\n")
+        tail_start = 0 if tail_start < 0 else max(0, size - 4096) + tail_start + 1
+        if _parse_line(bytes(view[tail_start:])):
+            return 0
+    finally:
+        view.release()
+    buf.truncate(tail_start)
+    return 1
+
+
+def _diagnose(source: Path | io.BytesIO, path: Path) -> None:
+    """Find the first malformed line (slow path, run only after the typed parse failed) and raise naming it."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    # One string per line (0x1f never occurs in this format), so line numbers are row indices + 1.
+    lines = pl.read_csv(
+        source, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String}
+    ).with_row_index("lineno", offset=1)
+    lines = lines.filter(pl.col("line").str.strip_chars().str.len_bytes() > 0)
+    nfields = lines.select(pl.col("line").str.count_matches(",", literal=True) + 1).to_series()
+    bad = lines.filter(nfields != len(LOG_COLUMNS)).head(1)
+    if bad.height:
+        lineno, text = bad.row(0)
+        raise PrepareError(
+            f"{path}:{lineno}: expected {len(LOG_COLUMNS)} comma-separated fields ({','.join(LOG_COLUMNS)}), "
+            f"found {text.count(',') + 1}: {text[:120]!r}"
+        )
+    fields = lines.with_columns(pl.col("line").str.split_exact(",", len(LOG_COLUMNS) - 1).alias("f")).unnest("f")
+    names = [f"field_{i}" for i in range(len(LOG_COLUMNS))]
+    for i, column in enumerate(LOG_COLUMNS):
+        value = pl.col(names[i]).str.strip_chars()
+        if column == "behavior_type":
+            invalid = ~value.is_in(BEHAVIOR_TYPES)
+            expected = "one of " + ", ".join(BEHAVIOR_TYPES)
+        else:
+            invalid = value.cast(pl.Int64, strict=False).is_null()
+            expected = "an integer"
+        bad = fields.filter(invalid).head(1)
+        if bad.height:
+            lineno, text = bad["lineno"][0], bad[names[i]][0]
+            hint = " (the file must have no header line)" if lineno == 1 else ""
+            raise PrepareError(f"{path}:{lineno}: {column} {text!r} is not {expected}{hint}")
+
+
+def read_log(path: Path, stages: StageProgress) -> RawLog:
+    """Parse a Taobao-format log into typed columns, applying the quirk rules in the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise PrepareError(f"{path}: no such file")
+    if not path.is_file():
+        raise PrepareError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise PrepareError(f"{path}: the file is empty")
+    with stages.stage("hash input (sha256)", total=path.stat().st_size) as advance:
+        sha, size = _sha256_and_size(path, advance)
+
+    source: Path | io.BytesIO
+    truncated = 0
+    if _is_gzip(path):
+        with stages.stage("decompress", total=size) as advance:
+            source = _decompress(path, advance)
+        truncated = _drop_truncated_tail(source)
+    else:
+        with path.open("rb") as fh:
+            fh.seek(max(0, size - 4096))
+            tail = fh.read()
+        if tail.endswith(b"\n") or _parse_line(tail[tail.rfind(b"\n") + 1 :]):
+            source = path  # the common case: polars memory-maps the file itself
+        else:
+            truncated = 1
+            keep = size - (len(tail) - (tail.rfind(b"\n") + 1))
+            with path.open("rb") as fh:
+                source = io.BytesIO(fh.read(keep))
+    if isinstance(source, io.BytesIO):
+        if source.getbuffer().nbytes == 0 and not truncated:
+            raise PrepareError(f"{path}: the file is empty (after decompression)")
+        source.seek(0)
+
+    with stages.stage("parse csv"):
+        try:
+            frame = pl.read_csv(
+                source,
+                has_header=False,
+                schema=_SCHEMA,
+                quote_char=None,
+            )
+        except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError, pl.exceptions.NoDataError) as exc:
+            _diagnose(source, path)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PrepareError(f"{path}: cannot parse as {','.join(LOG_COLUMNS)}: {first}") from None
+        # A line with fewer than 5 fields or an empty field parses with nulls; a blank line is all nulls.
+        nulls = frame.select(
+            pl.sum_horizontal(pl.all().is_null()).alias("n")
+        ).to_series()
+        blank = int((nulls == len(_SCHEMA)).sum())
+        partial = (nulls > 0) & (nulls < len(_SCHEMA))
+        if partial.any():
+            lineno = int(partial.arg_true()[0]) + 1
+            raise PrepareError(
+                f"{path}:{lineno}: fewer than {len(LOG_COLUMNS)} fields or an empty field "
+                f"(expected {','.join(LOG_COLUMNS)})"
+            )
+        if blank:
+            frame = frame.filter(nulls == 0)
+    if frame.height == 0:
+        raise PrepareError(f"{path}: no complete rows (expected {','.join(LOG_COLUMNS)} per line, no header)")
+    return RawLog(frame, frame.height, truncated, blank, sha, size)
+
+
+# --------------------------------------------------------------------------------------------------- build the data
+
+
+@dataclass
+class Events:
+    """Kept events sorted by (user row, timestamp); the per-user sequences are contiguous slices."""
+
+    user: np.ndarray  # int64 [E] user row 0..U-1
+    item: np.ndarray  # int64 [E] item row >= 2
+    cate: np.ndarray  # int64 [E] category row >= 2
+    start: np.ndarray  # int64 [U] index of each user's first event
+    length: np.ndarray  # int64 [U] events per user
+    item_raw: np.ndarray  # int64 [I] sorted raw item ids ...
+    item_index: np.ndarray  # int64 [I] ... and their rows
+    cate_raw: np.ndarray
+    cate_index: np.ndarray
+    item_cate: np.ndarray  # int64 [item_rows] category row of each item row
+    counts: dict[str, object] = field(default_factory=dict)
+
+
+def _first_appearance_rows(column: pl.Series, first_row: int) -> tuple[pl.Series, np.ndarray, np.ndarray]:
+    """Rows in order of first appearance: (row per element, sorted raw ids, their rows)."""
+    uniques = column.unique(maintain_order=True)  # raw ids, order of first appearance
+    rows = np.arange(first_row, first_row + len(uniques), dtype=np.int64)
+    mapped = column.replace_strict(uniques, pl.Series(rows), return_dtype=pl.Int64)
+    raw = uniques.to_numpy().astype(np.int64)
+    order = np.argsort(raw, kind="stable")
+    return mapped, raw[order], rows[order]
+
+
+def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Events:
+    """Filter, resolve item categories, assign vocabulary rows and sort; every step vectorised."""
+    counts: dict[str, object] = {"rows_read": raw.rows_read}
+    dropped: dict[str, int] = {"truncated_last_line": raw.truncated_last_line, "blank_line": raw.blank_lines}
+    with stages.stage("filter rows and users"):
+        df = raw.frame
+        n = df.height
+        df = df.filter(pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left"))
+        dropped["timestamp_out_of_range"] = n - df.height
+        n = df.height
+        df = df.filter(pl.col("behavior").is_in(list(cfg.behaviors)))
+        dropped["behavior_not_kept"] = n - df.height
+        n = df.height
+        df = df.filter(pl.len().over("user") >= cfg.min_events)
+        dropped["user_below_min_events"] = n - df.height
+        counts["dropped"] = dropped
+        counts["rows_kept"] = df.height
+        if df.height == 0:
+            raise PrepareError(
+                f"no rows left after filtering ({dropped}); check --behaviors, the timestamp range "
+                f"[{cfg.min_timestamp}, {cfg.max_timestamp}) and --min-events {cfg.min_events}"
+            )
+
+    with stages.stage("item categories"):
+        df = df.select("user", "item", "cate", "ts").with_row_index("row")
+        pairs = df.group_by("item", "cate").agg(n=pl.len(), first=pl.col("row").min())
+        multi = pairs.filter(pl.len().over("item") > 1)
+        examples: list[dict[str, object]] = []
+        rewritten = 0
+        if multi.height:
+            ranked = multi.sort(["item", "n", "first"], descending=[False, True, False])
+            chosen = ranked.group_by("item", maintain_order=True).first()
+            rewritten = int(multi["n"].sum() - chosen["n"].sum())
+            df = df.with_columns(
+                pl.col("item").replace_strict(chosen["item"], chosen["cate"], default=pl.col("cate")).alias("cate")
+            )
+            for item, cats, ns, pick in (
+                ranked.group_by("item", maintain_order=True)
+                .agg(pl.col("cate"), pl.col("n"), pl.col("cate").first().alias("chosen"))
+                .head(20)
+                .iter_rows()
+            ):
+                examples.append({"item": item, "categories": cats, "rows": ns, "chosen": pick})
+        counts["items_with_multiple_categories"] = multi["item"].n_unique() if multi.height else 0
+        counts["rows_category_rewritten"] = rewritten
+        counts["multiple_category_examples"] = examples
+
+    with stages.stage("vocabularies"):
+        user_row, _, _ = _first_appearance_rows(df["user"], 0)
+        item_row, item_raw, item_index = _first_appearance_rows(df["item"], FIRST_ID_ROW)
+        cate_row, cate_raw, cate_index = _first_appearance_rows(df["cate"], FIRST_ID_ROW)
+        user = user_row.to_numpy()
+        item = item_row.to_numpy()
+        cate = cate_row.to_numpy()
+        ts = df["ts"].to_numpy()
+        del df
+        item_rows = FIRST_ID_ROW + len(item_raw)
+        item_cate = np.empty(item_rows, dtype=np.int64)  # (item_rows,)
+        item_cate[PAD_INDEX], item_cate[OOV_INDEX] = PAD_INDEX, OOV_INDEX
+        item_cate[item] = cate  # each item now has exactly one category, so the scatter is unambiguous
+
+    with stages.stage("sort by user, time"):
+        # One stable int64 key when it fits (timsort is near-linear on the already-ordered real file).
+        span = cfg.max_timestamp - cfg.min_timestamp
+        if span < (1 << 32) and int(user.max()) < (1 << 30):
+            key = (user << 32) | (ts - cfg.min_timestamp)
+            if not bool(np.all(key[1:] >= key[:-1])):
+                order = np.argsort(key, kind="stable")
+                user, item, cate = user[order], item[order], cate[order]
+        else:
+            order = np.lexsort((ts, user))  # lexsort is stable
+            user, item, cate = user[order], item[order], cate[order]
+        length = np.bincount(user).astype(np.int64)  # (U,)
+        start = np.cumsum(length) - length  # (U,)
+
+    counts["users"] = int(len(length))
+    counts["items"] = int(len(item_raw))
+    counts["categories"] = int(len(cate_raw))
+    counts["events_per_user"] = {
+        "min": int(length.min()),
+        "median": float(np.median(length)),
+        "mean": round(float(length.mean()), 2),
+        "max": int(length.max()),
+    }
+    return Events(user, item, cate, start, length, item_raw, item_index, cate_raw, cate_index, item_cate, counts)
+
+
+def split_targets(ev: Events, cfg: PrepareConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(user row [S], global event index of the target [S]) for one split, user-major, chronological."""
+    users = np.arange(len(ev.length), dtype=np.int64)
+    if split == "test":
+        return users, ev.start + ev.length - 1
+    if split == "val":
+        return users, ev.start + ev.length - 2
+    # Training targets n-3, n-3-stride, ...; kept while the target has at least one earlier event.
+    steps = np.arange(cfg.positives_per_user - 1, -1, -1, dtype=np.int64) * cfg.positive_stride  # (P,) oldest first
+    local = ev.length[:, None] - 3 - steps[None, :]  # (U, P) index within the user's sequence
+    valid = local >= 1
+    rows = np.broadcast_to(users[:, None], local.shape)[valid]  # row-major: user-major, chronological
+    return rows, (ev.start[:, None] + local)[valid]
+
+
+class NegativeSampler:
+    """Items drawn by frequency, redrawn while they occur anywhere in that user's kept sequence."""
+
+    def __init__(self, ev: Events, seed: int) -> None:
+        self.item_rows = len(ev.item_cate)
+        freq = np.bincount(ev.item, minlength=self.item_rows)  # (item_rows,) rows 0, 1 never drawn
+        self.cdf = np.cumsum(freq)
+        self.seen = np.unique(ev.user * self.item_rows + ev.item)  # sorted (user, item) keys
+        self.rng = np.random.default_rng(seed)
+
+    def _draw(self, n: int) -> np.ndarray:
+        return np.searchsorted(self.cdf, self.rng.integers(0, self.cdf[-1], n), side="right")
+
+    def sample(self, users: np.ndarray, m: int) -> np.ndarray:
+        """int64 [S, m] negative item rows for the users of S samples."""
+        owner = np.repeat(users, m)  # (S*m,)
+        neg = self._draw(len(owner))
+        pending = np.arange(len(owner))
+        for _ in range(MAX_NEGATIVE_ROUNDS):
+            keys = owner[pending] * self.item_rows + neg[pending]
+            pos = np.minimum(np.searchsorted(self.seen, keys), len(self.seen) - 1)
+            pending = pending[self.seen[pos] == keys]
+            if len(pending) == 0:
+                return neg.reshape(len(users), m)
+            neg[pending] = self._draw(len(pending))
+        raise PrepareError(
+            f"could not draw negatives for {len(np.unique(owner[pending]))} user(s) in {MAX_NEGATIVE_ROUNDS} rounds: "
+            "they have seen nearly every frequent item (too few distinct items in the log?)"
+        )
+
+
+class NpzStreamWriter:
+    """Writes an uncompressed .npz (what np.savez writes) one array at a time, large arrays chunk by chunk."""
+
+    def __init__(self, path: Path) -> None:
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def __enter__(self) -> NpzStreamWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._zip.close()
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+    def add_chunked(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        written = 0
+        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_2_0(fh, header)
+            for chunk in chunks:
+                fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                written += chunk.shape[0]
+        if written != shape[0]:
+            raise AssertionError(f"{name}: wrote {written} rows, header says {shape[0]}")
+
+
+def _history_chunks(
+    values: np.ndarray, target: np.ndarray, user_start: np.ndarray, length: int, advance: Callable[[int], None]
+) -> Iterator[np.ndarray]:
+    """Yield [s, L] blocks of `values` at the L events before each target, left-padded with 0 (PAD_INDEX)."""
+    offsets = np.arange(-length, 0, dtype=np.int64)  # (L,) oldest first; column L-1 is the event just before
+    step = max(1, CHUNK_CELLS // length)
+    for a in range(0, len(target), step):
+        idx = target[a : a + step, None] + offsets[None, :]  # (s, L) global event index of each slot
+        inside = idx >= user_start[a : a + step, None]  # (s, L) False where the user's sequence has not begun
+        yield np.where(inside, values[np.maximum(idx, 0)], PAD_INDEX)  # (s, L)
+        advance(len(idx))
+
+
+def write_split(
+    out: Path, split: str, ev: Events, cfg: PrepareConfig, sampler: NegativeSampler, stages: StageProgress
+) -> int:
+    users, target = split_targets(ev, cfg, split)
+    m = cfg.negatives_per_positive
+    with stages.stage(f"{split}: negatives"):
+        neg = sampler.sample(users, m)  # (S, M)
+    cand_item = np.concatenate([ev.item[target, None], neg], axis=1)  # (S, 1+M) column 0 the positive
+    cand_cate = ev.item_cate[cand_item]  # (S, 1+M) a negative's category is its item's category
+    label = np.zeros(cand_item.shape, dtype=np.float32)  # (S, 1+M)
+    label[:, 0] = 1.0
+    user_start = ev.start[users]  # (S,)
+    shape = (len(target), cfg.history_len)
+    with stages.stage(f"{split}: write {split}.npz", total=2 * len(target)) as advance:
+        with NpzStreamWriter(out / f"{split}.npz") as npz:
+            npz.add("user", users.astype(np.int64))
+            npz.add_chunked("hist_item", shape, np.int64, _history_chunks(ev.item, target, user_start, cfg.history_len, advance))
+            npz.add_chunked("hist_cate", shape, np.int64, _history_chunks(ev.cate, target, user_start, cfg.history_len, advance))
+            npz.add("cand_item", cand_item.astype(np.int64))
+            npz.add("cand_cate", cand_cate.astype(np.int64))
+            npz.add("label", label)
+    return len(target)
+
+
+def remap_truth(truth_file: Path, ev: Events) -> dict[str, np.ndarray]:
+    """The synthetic truth with relation indices turned into category rows (rows 0/1 and unseen categories: 0)."""
+    try:
+        with np.load(truth_file, allow_pickle=False) as z:
+            truth = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise PrepareError(f"{truth_file}: not a readable truth file ({exc})") from None
+    missing = [k for k in ("cate_raw", "relation", "decay") if k not in truth]
+    if missing:
+        raise PrepareError(f"{truth_file}: missing arrays {missing} (was it written by `dare synth`?)")
+    cate_raw, relation = truth["cate_raw"].astype(np.int64), truth["relation"]
+    if relation.shape != (len(cate_raw), len(cate_raw)):
+        raise PrepareError(f"{truth_file}: relation has shape {relation.shape}, expected {(len(cate_raw),) * 2}")
+    pos = np.minimum(np.searchsorted(ev.cate_raw, cate_raw), len(ev.cate_raw) - 1)
+    present = ev.cate_raw[pos] == cate_raw  # (C,) truth categories that made it into the vocabulary
+    rows = ev.cate_index[pos[present]]  # (C',) their category rows
+    cate_rows = FIRST_ID_ROW + len(ev.cate_raw)
+    remapped = np.zeros((cate_rows, cate_rows), dtype=np.float64)  # [target cate row, history cate row]
+    remapped[np.ix_(rows, rows)] = relation[np.ix_(present, present)]
+    return {
+        "synthetic": np.array("SYNTHETIC ground truth from `dare synth`, remapped to category rows by `dare prepare`"),
+        "relation": remapped,
+        "decay": truth["decay"].astype(np.float64),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    meta: dict[str, object]
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.meta["synthetic"])
+
+
+def _fingerprint(input_sha256: str, cfg: PrepareConfig) -> str:
+    payload = orjson.dumps({"input_sha256": input_sha256, "config": cfg.to_dict()}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def prepare(cfg: PrepareConfig, input_path: Path | None, out: Path, *, progress: bool = True) -> PrepareResult:
+    """Run every stage and write the prepared-data folder `out`; returns its meta.json content."""
+    check_config(cfg)
+    if input_path is None:
+        input_path = default_sample_path()
+        if not input_path.is_file():
+            raise PrepareError(f"{input_path}: the bundled sample is missing from this install; pass --input FILE")
+    input_path = Path(input_path)
+    truth_file = truth_path_for(input_path)
+    synthetic = truth_file.is_file()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # meta.json last: its presence marks a complete folder
+
+    started = time.perf_counter()
+    with StageProgress(progress) as stages:
+        raw = read_log(input_path, stages)
+        ev = build_events(raw, cfg, stages)
+        input_sha256, input_bytes = raw.input_sha256, raw.input_bytes
+        del raw  # the parsed frame is no longer needed; free it before the sample arrays
+        with stages.stage("vocab.npz, item_cate.npy"):
+            np.savez(
+                out / VOCAB_FILE,
+                **dict(zip(VOCAB_ARRAYS, (ev.item_raw, ev.item_index, ev.cate_raw, ev.cate_index), strict=True)),
+            )
+            np.save(out / ITEM_CATE_FILE, ev.item_cate)
+        with stages.stage("index (user, item) pairs"):
+            sampler = NegativeSampler(ev, cfg.seed)
+        samples = {split: write_split(out, split, ev, cfg, sampler, stages) for split in SPLITS}
+        if synthetic:
+            with stages.stage("truth.npz"):
+                np.savez(out / TRUTH_FILE, **remap_truth(truth_file, ev))
+        else:
+            (out / TRUTH_FILE).unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+
+    counts = dict(ev.counts)
+    counts["samples"] = samples
+    meta: dict[str, object] = {
+        "format_version": FORMAT_VERSION,
+        "synthetic": synthetic,
+        "note": (
+            "SYNTHETIC data written by `dare synth`: planted structure, not real user behaviour"
+            if synthetic
+            else "real behaviour log"
+        ),
+        "input": {"path": str(input_path.resolve()), "bytes": input_bytes, "sha256": input_sha256},
+        "data_fingerprint": _fingerprint(input_sha256, cfg),
+        "config": cfg.to_dict(),
+        "item_rows": FIRST_ID_ROW + len(ev.item_raw),
+        "cate_rows": FIRST_ID_ROW + len(ev.cate_raw),
+        "users": len(ev.length),
+        "history_len": cfg.history_len,
+        "counts": counts,
+        "multi_category_rule": "an item seen with several categories keeps its most frequent one (ties: first seen)",
+        "truth": TRUTH_FILE if synthetic else None,
+        "seconds": {**{k: round(v, 3) for k, v in stages.seconds.items()}, "total": round(seconds, 3)},
+        "rows_per_second": round(counts["rows_read"] / seconds, 1) if seconds > 0 else None,  # type: ignore[operator]
+    }
+    (out / META_FILE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    return PrepareResult(out, meta)
