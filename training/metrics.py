@@ -92,7 +92,7 @@ def grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> t
         total += (e - s) * roc_auc_score(y, scores[s:e])
         weight += e - s
         used += 1
-    return (total / weight if weight else float("nan")), used
+    return (float(total / weight) if weight else float("nan")), used
 
 
 def user_gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:

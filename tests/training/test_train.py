@@ -1,0 +1,211 @@
+"""`dare train`: metrics.json contents, best-checkpoint selection, learning on planted data, reproducibility, errors.
+
+The tests build tiny prepared-data folders in the documented format (training/config.py) with a planted rule:
+a user's positive target shares its category with one of the user's most recent behaviours, negatives are random.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dare.errors import DareError
+from training.run import load_run
+from training.train import (
+    BestCheckpoint,
+    TrainOptions,
+    eval_steps,
+    evaluate_clicks,
+    load_prepared,
+    train,
+)
+
+
+def make_prepared(
+    folder: Path,
+    *,
+    users: int = 160,
+    train_per_user: int = 6,
+    history_len: int = 30,
+    categories: int = 12,
+    items_per_category: int = 8,
+    negatives: int = 2,
+    planted_truth: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny prepared-data folder with planted structure (category rows 2.., item rows 2..; 0 pad, 1 OOV)."""
+    rng = np.random.default_rng(seed)
+    cate_rows = categories + 2
+    item_rows = categories * items_per_category + 2
+    item_cate = np.zeros(item_rows, np.int64)
+    item_cate[1] = 1
+    item_cate[2:] = 2 + np.repeat(np.arange(categories), items_per_category)
+
+    def items_of(cate: np.ndarray) -> np.ndarray:
+        return 2 + (cate - 2) * items_per_category + rng.integers(0, items_per_category, size=cate.shape)
+
+    def sample(user: int, interests: np.ndarray) -> tuple[np.ndarray, ...]:
+        n = int(rng.integers(history_len // 3, history_len + 1))  # some histories are shorter: left padding
+        cates = np.where(rng.random(n) < 0.7, rng.choice(interests, n), rng.integers(2, cate_rows, n))
+        hist_item = np.zeros(history_len, np.int64)
+        hist_cate = np.zeros(history_len, np.int64)
+        hist_cate[-n:] = cates
+        hist_item[-n:] = items_of(cates)
+        pos_cate = hist_cate[-1 - int(rng.integers(0, 3))]  # one of the 3 most recent behaviours' categories
+        neg_cate = rng.integers(2, cate_rows, negatives)
+        cand_cate = np.r_[pos_cate, neg_cate]
+        cand_item = items_of(cand_cate)
+        label = np.r_[1.0, np.zeros(negatives)].astype(np.float32)
+        return np.int64(user), hist_item, hist_cate, cand_item, cand_cate, label
+
+    per_split: dict[str, list[tuple[np.ndarray, ...]]] = {"train": [], "val": [], "test": []}
+    for user in range(users):
+        interests = rng.choice(np.arange(2, cate_rows), 2, replace=False)
+        per_split["train"] += [sample(user, interests) for _ in range(train_per_user)]
+        per_split["val"].append(sample(user, interests))
+        per_split["test"].append(sample(user, interests))
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ("user", "hist_item", "hist_cate", "cand_item", "cand_cate", "label")
+    for split, rows in per_split.items():
+        np.savez(folder / f"{split}.npz", **{name: np.stack([r[i] for r in rows]) for i, name in enumerate(names)})
+    np.savez(
+        folder / "vocab.npz",
+        item_raw=np.arange(1000, 1000 + item_rows - 2, dtype=np.int64),
+        item_index=np.arange(2, item_rows, dtype=np.int64),
+        cate_raw=np.arange(50, 50 + categories, dtype=np.int64),
+        cate_index=np.arange(2, cate_rows, dtype=np.int64),
+    )
+    np.save(folder / "item_cate.npy", item_cate)
+    if planted_truth:
+        relation = np.eye(cate_rows)
+        relation[:2] = 0
+        decay = np.r_[0.0, 0.8 ** np.arange(history_len)]  # decay[p] for position p = 1..L
+        np.savez(folder / "truth.npz", relation=relation, decay=decay)
+    meta = {"data_fingerprint": f"test-{seed}-{users}", "synthetic": planted_truth}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("planted") / "data")
+
+
+@pytest.fixture(scope="module")
+def dare_run(planted: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "dare"
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=3)
+    result = train(planted, options, out, progress=False)
+    return out, result.metrics
+
+
+def test_train_writes_every_metric_with_sane_values(dare_run: tuple[Path, dict]) -> None:
+    out, metrics = dare_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["test_auc"] == pytest.approx(metrics["test_auc"])
+    for key in ("test_auc", "test_gauc", "test_category_gauc", "val_auc", "val_gauc", "test_ndcg_at_k"):
+        assert 0.0 <= on_disk[key] <= 1.0, key
+    assert on_disk["test_logloss"] > 0 and math.isfinite(on_disk["test_logloss"])
+    assert on_disk["train_seconds"] > 0
+    assert on_disk["steps"] == 2 * math.ceil(160 * 6 / 64)
+    assert 1 <= on_disk["best_step"] <= on_disk["steps"]
+    assert on_disk["data_fingerprint"] == "test-0-160"
+    assert on_disk["config"]["model"]["kind"] == "dare"
+    assert on_disk["config"]["model"]["att_dim"] == 8 and on_disk["config"]["model"]["repr_dim"] == 16
+    assert on_disk["config"]["lr"] == 0.01 and on_disk["config"]["l2"] == 1e-6
+    assert on_disk["ndcg_truth"] == "planted" and on_disk["ndcg_k"] == 5 and on_disk["ndcg_impressions"] > 0
+    assert on_disk["test_gauc_users"] > 0
+    assert len(on_disk["evals"]) == 6  # 3 per epoch
+    for name in ("config.json", "model.pt", "vocab.npz", "data.json"):
+        assert (out / name).is_file(), name
+
+
+def test_train_beats_chance_on_planted_data(dare_run: tuple[Path, dict]) -> None:
+    _, metrics = dare_run
+    assert metrics["test_auc"] > 0.6
+    # The search should prefer recent same-category behaviours: well above a random top-5 of up to 30 positions.
+    assert metrics["test_ndcg_at_k"] > 0.3
+
+
+def test_saved_checkpoint_is_the_best_validation_step(dare_run: tuple[Path, dict], planted: Path) -> None:
+    out, metrics = dare_run
+    evals = metrics["evals"]
+    best = max(evals, key=lambda e: e["val_auc"])
+    assert metrics["best_step"] == best["step"]
+    # The weights on disk reproduce the best validation AUC, not the last one.
+    loaded = load_run(out)
+    val = evaluate_clicks(loaded.model, load_prepared(planted).val, 1024, torch.device("cpu"))
+    assert val.auc == pytest.approx(best["val_auc"], abs=1e-6)
+    assert metrics["val_auc"] == pytest.approx(best["val_auc"], abs=1e-6)
+
+
+def test_best_checkpoint_keeps_the_highest_auc_state() -> None:
+    model = torch.nn.Linear(2, 1)
+    tracker = BestCheckpoint()
+    for step, auc in ((1, 0.6), (2, 0.8), (3, 0.7), (4, float("nan"))):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        tracker.offer(model, auc, step)
+    assert tracker.step == 2 and tracker.auc == 0.8
+    tracker.restore(model)
+    assert torch.all(model.weight == 2)
+
+
+def test_eval_steps_spread_over_each_epoch() -> None:
+    assert eval_steps(10, 2, 4) == {2, 5, 8, 10, 12, 15, 18, 20}
+    assert eval_steps(2, 1, 5) == {1, 2}  # never more evaluations than steps
+
+
+def test_twin_runs_with_aux_loss_and_seeds_reproduce(planted: Path, tmp_path: Path) -> None:
+    options = TrainOptions(model="twin", att_dim=8, top_k=5, epochs=1, batch_size=128, evals_per_epoch=1, aux_loss=True)
+    first = train(planted, options, tmp_path / "a", progress=False).metrics
+    second = train(planted, options, tmp_path / "b", progress=False).metrics
+    assert first["test_auc"] == second["test_auc"] and first["test_logloss"] == second["test_logloss"]
+    other = train(planted, TrainOptions(**{**options.__dict__, "seed": 1}), tmp_path / "c", progress=False).metrics
+    assert other["test_logloss"] != first["test_logloss"]
+
+
+def test_real_data_uses_mutual_information_truth(tmp_path: Path) -> None:
+    data = make_prepared(tmp_path / "real", users=60, train_per_user=4, planted_truth=False)
+    options = TrainOptions(model="twin-proj", att_dim=4, top_k=5, epochs=1, batch_size=128, evals_per_epoch=1)
+    metrics = train(data, options, tmp_path / "run", progress=False).metrics
+    assert metrics["ndcg_truth"] == "mutual_information"
+    assert metrics["synthetic_data"] is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "din"}, "unknown model 'din'"),
+        ({"model": "twin", "att_dim": 16, "repr_dim": 64}, "must be equal"),
+        ({"model": "twin-proj", "att_dim": 8, "repr_dim": 4}, "must be equal"),
+        ({"att_dim": 0}, "--att-dim must be >= 1"),
+        ({"batch_size": 0}, "--batch-size must be >= 1"),
+        ({"lr": -1.0}, "--lr must be a positive number"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(DareError, match=message):
+        TrainOptions(**kwargs)
+
+
+def test_bad_data_folders_are_clear_errors(tmp_path: Path, planted: Path) -> None:
+    with pytest.raises(DareError, match="does not exist"):
+        load_prepared(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DareError, match="missing train.npz"):
+        load_prepared(empty)
+    broken = make_prepared(tmp_path / "broken", users=10, train_per_user=1)
+    np.savez(broken / "val.npz", user=np.zeros(2, np.int64))
+    with pytest.raises(DareError, match="val.npz lacks arrays"):
+        load_prepared(broken)
+    with pytest.raises(DareError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        train(planted, TrainOptions(device="cuda", epochs=1), tmp_path / "run", progress=False)
