@@ -1,0 +1,1 @@
+"""The HTTP boundary: typed dependencies and one router per resource."""

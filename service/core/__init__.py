@@ -1,0 +1,1 @@
+"""Service-wide configuration (one pydantic-settings `Settings`)."""

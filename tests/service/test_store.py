@@ -1,0 +1,270 @@
+"""The sequence store against a real redis-server: format, atomic appends, trim, corruption, outages, URLs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from service.errors import CorruptSequenceError, InvalidSequenceInput, StoreUnavailableError
+from service.metrics import ServiceMetrics
+from service.store import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_CATEGORY_ID,
+    MAX_ITEM_ID,
+    RECORD_SIZE,
+    EmbeddedRedis,
+    SequenceStore,
+    decode,
+    encode,
+    make_events,
+    user_key,
+)
+
+
+def events(items: list[int], start_ts: int = 1_511_600_000) -> np.ndarray:
+    return make_events(items, [i % 1000 for i in items], [start_ts + k for k in range(len(items))])
+
+
+def sample(metrics: ServiceMetrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+# --- format -------------------------------------------------------------------------------------------------------
+def test_encoding_is_the_documented_layout() -> None:
+    ev = make_events([7, MAX_ITEM_ID], [3, MAX_CATEGORY_ID], [1_511_544_070, 0])
+    value = encode(ev)
+    assert value[:4] == b"DSEQ" and value[4] == 1 and value[5] == RECORD_SIZE == 16 and value[6:8] == b"\0\0"
+    assert len(value) == HEADER_SIZE + 2 * RECORD_SIZE
+    # record 0: item int64 LE, category uint32 LE, timestamp uint32 LE
+    assert value[8:16] == (7).to_bytes(8, "little")
+    assert value[16:20] == (3).to_bytes(4, "little")
+    assert value[20:24] == (1_511_544_070).to_bytes(4, "little")
+    back = decode(value)
+    assert back["item_id"].tolist() == [7, MAX_ITEM_ID]
+    assert back["category_id"].tolist() == [3, MAX_CATEGORY_ID]
+    assert back["timestamp"].tolist() == [1_511_544_070, 0]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (b"DSE", "shorter than"),
+        (b"JSON" + HEADER[4:], "magic"),
+        (b"DSEQ\x02\x10\x00\x00", "version 2"),
+        (b"DSEQ\x01\x18\x00\x00", "record size 24"),
+        (HEADER + b"\x01" * 5, "multiple"),
+        (HEADER + (-1).to_bytes(8, "little", signed=True) + bytes(8), "negative item_id"),
+    ],
+)
+def test_decode_names_the_problem(value: bytes, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        decode(value)
+
+
+@pytest.mark.parametrize(
+    ("items", "cates", "stamps", "problem"),
+    [
+        ([-1], [1], [1], "item_id must be within"),
+        ([1], [2**32], [1], "category_id must be within"),
+        ([1], [1], [2**32], "timestamp must be within"),
+        ([1.5], [1], [1], "item_id must be integers"),
+        ([1, 2], [1], [1], "differ in length"),
+    ],
+)
+def test_make_events_rejects_bad_input(items: list, cates: list, stamps: list, problem: str) -> None:
+    with pytest.raises(InvalidSequenceInput, match=problem):
+        make_events(items, cates, stamps)
+
+
+def test_key_has_a_cluster_hash_tag() -> None:
+    assert user_key("dare", "u42") == "dare:{u42}:seq"
+
+
+# --- operations on a real Redis -------------------------------------------------------------------------------------
+@pytest.fixture
+def store(redis_url: str) -> SequenceStore:
+    s = SequenceStore.from_url(redis_url, lifelong_max_events=1000, metrics=ServiceMetrics())
+    yield s
+    s.close()
+
+
+def test_append_then_read_most_recent(store: SequenceStore) -> None:
+    assert store.append("u1", events([1, 2, 3])) == 3
+    assert store.append("u1", events([4, 5])) == 5
+    hist = store.read("u1", 3)
+    assert hist.exists and hist.stored_length == 5
+    assert hist.events["item_id"].tolist() == [3, 4, 5]
+    assert store.read("u1", 100).events["item_id"].tolist() == [1, 2, 3, 4, 5]
+    none = store.read("u1", 0)
+    assert none.exists and none.stored_length == 5 and len(none.events) == 0
+
+
+def test_unknown_user_is_empty_not_an_error(store: SequenceStore) -> None:
+    hist = store.read("nobody", 10)
+    assert not hist.exists and hist.stored_length == 0 and len(hist.events) == 0
+
+
+def test_unicode_user_ids_are_separate_keys(store: SequenceStore) -> None:
+    store.append("ü-用户", events([1]))
+    store.append("u-user", events([2]))
+    assert store.read("ü-用户", 10).events["item_id"].tolist() == [1]
+    assert store.client.exists("dare:{ü-用户}:seq")
+
+
+def test_replace_overwrites_and_trims(store: SequenceStore) -> None:
+    store.append("u", events([9, 9]))
+    assert store.replace("u", events(list(range(1500)))) == 1000
+    hist = store.read("u", 5000)
+    assert hist.stored_length == 1000
+    assert hist.events["item_id"].tolist() == list(range(500, 1500))
+
+
+def test_trim_keeps_the_most_recent_lifelong_maximum(redis_url: str) -> None:
+    store = SequenceStore.from_url(redis_url, lifelong_max_events=10)
+    for start in range(0, 25, 3):
+        store.append("u", events(list(range(start, min(start + 3, 25)))))
+    hist = store.read("u", 100)
+    assert hist.stored_length == 10
+    assert hist.events["item_id"].tolist() == list(range(15, 25))
+    # one batch longer than the maximum keeps its own tail
+    assert store.append("v", events(list(range(30)))) == 10
+    assert store.read("v", 100).events["item_id"].tolist() == list(range(20, 30))
+    raw = store.client.get("dare:{u}:seq")
+    assert len(raw) == HEADER_SIZE + 10 * RECORD_SIZE
+    store.close()
+
+
+def test_concurrent_appends_to_one_user_lose_nothing(redis_url: str) -> None:
+    store = SequenceStore.from_url(redis_url, lifelong_max_events=100_000)
+    threads, batches, per_batch = 8, 40, 3
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def client(t: int) -> None:
+        try:
+            barrier.wait()
+            for b in range(batches):
+                base = (t * batches + b) * per_batch
+                store.append("hot", events(list(range(base, base + per_batch))))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    items = store.read("hot", 100_000).events["item_id"]
+    total = threads * batches * per_batch
+    assert len(items) == total
+    assert sorted(items.tolist()) == list(range(total))  # nothing lost, nothing duplicated
+    # each batch stays contiguous and in order; batches of one thread keep their order
+    batch_ids = items.reshape(-1, per_batch)
+    assert (np.diff(batch_ids, axis=1) == 1).all()
+    for t in range(threads):
+        own = [int(b[0]) for b in batch_ids if t * batches * per_batch <= b[0] < (t + 1) * batches * per_batch]
+        assert own == sorted(own)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"not a sequence", b"DSEQ\x01\x10\x00\x00" + b"x" * 7, b"DSEQ\x09\x10\x00\x00", b""],
+)
+def test_corrupt_value_is_a_specific_error_and_never_overwritten(store: SequenceStore, bad: bytes) -> None:
+    store.client.set("dare:{broken}:seq", bad)
+    store.append("fine", events([1, 2]))
+    with pytest.raises(CorruptSequenceError, match="broken"):
+        store.read("broken", 10)
+    with pytest.raises(CorruptSequenceError):
+        store.append("broken", events([5]))
+    assert store.client.get("dare:{broken}:seq") == bad  # untouched
+    assert store.read("fine", 10).events["item_id"].tolist() == [1, 2]
+    assert sample(store.metrics, "dare_corrupt_sequences_total") == 2
+
+
+def test_wrong_redis_type_is_corrupt(store: SequenceStore) -> None:
+    store.client.rpush("dare:{listy}:seq", b"a")
+    with pytest.raises(CorruptSequenceError, match="list"):
+        store.read("listy", 10)
+    with pytest.raises(CorruptSequenceError, match="list"):
+        store.append("listy", events([1]))
+    assert store.client.lrange("dare:{listy}:seq", 0, -1) == [b"a"]
+
+
+# --- outages, timeouts, URLs --------------------------------------------------------------------------------------
+def test_store_down_raises_unavailable_then_recovers(make_redis_server) -> None:
+    server = make_redis_server()
+    metrics = ServiceMetrics()
+    store = SequenceStore.from_url(server.url, metrics=metrics, connect_timeout_s=0.2, socket_timeout_s=0.2)
+    store.append("u", events([1]))
+    server.stop()
+    with pytest.raises(StoreUnavailableError):
+        store.read("u", 10)
+    with pytest.raises(StoreUnavailableError):
+        store.ping()
+    assert sample(metrics, "dare_store_errors_total", {"operation": "read", "kind": "ConnectionError"}) == 1
+    server.start()  # same port, empty data (no persistence in tests)
+    store.ping()
+    assert not store.read("u", 10).exists
+    store.close()
+
+
+def test_slow_store_times_out(make_redis_server) -> None:
+    server = make_redis_server("--enable-debug-command", "yes")
+    store = SequenceStore.from_url(server.url, socket_timeout_s=0.2)
+    store.append("u", events([1]))
+    sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.0"))
+    sleeper.start()
+    time.sleep(0.1)
+    with pytest.raises(StoreUnavailableError, match="timed out") as info:
+        store.read("u", 10)
+    assert info.value.code == "store_timeout"
+    sleeper.join()
+    assert store.read("u", 10).events["item_id"].tolist() == [1]  # recovers by itself
+    store.close()
+
+
+def test_password_in_url_and_unix_socket(make_redis_server) -> None:
+    server = make_redis_server(password="s3cret")
+    for url in (server.url, server.unix_url):
+        store = SequenceStore.from_url(url)
+        store.append("u", events([1]))
+        assert store.read("u", 10).stored_length >= 1
+        store.close()
+    wrong = SequenceStore.from_url(f"redis://:nope@127.0.0.1:{server.port}/0")
+    with pytest.raises(StoreUnavailableError):
+        wrong.read("u", 10)
+    wrong.close()
+
+
+def test_bad_url_scheme_is_a_clear_error() -> None:
+    from dare.errors import DareError
+
+    with pytest.raises(DareError, match="must start with redis://"):
+        SequenceStore.from_url("http://localhost:6379")
+
+
+def test_embedded_redis_keeps_data_in_the_data_dir(tmp_path: Path) -> None:
+    store = SequenceStore.from_url(None, data_dir=tmp_path)
+    store.append("u", events([1, 2, 3]))
+    store.close()
+    assert (tmp_path / "redis").is_dir()
+    again = SequenceStore.from_url(None, data_dir=tmp_path)
+    assert again.read("u", 10).events["item_id"].tolist() == [1, 2, 3]
+    again.close()
+
+
+def test_store_uses_hiredis() -> None:
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
+    assert redis.__version__
