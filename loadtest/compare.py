@@ -1,0 +1,455 @@
+"""`dare loadtest`: Locust, headless, against each attention dim in turn; a markdown table and a PNG chart.
+
+For each workload (the real bundled sample; long synthetic sequences of 10k events per user) it
+
+    1. loads the workload's users into a private redis-server (FLUSHALL first; never the machine's shared Redis),
+    2. starts `dare serve` pinned to the service's cores, the load generator pinned to the others,
+    3. for each model (att dims 16, 32, 64, 128 by default) and each load — `fixed` (the same request rate for every
+       model, so latencies compare) and `rising` (closed-loop users ramping up, so throughput compares) — runs
+       `locust --headless --csv` with loadtest/locustfile.py, which validates every answer,
+    4. takes exact latency percentiles from the raw latencies the locustfile writes (Locust's CSV rounds them),
+       requests/s and failures from Locust's CSV.
+
+It writes `<out>/loadtest.json` (one record per run), `<out>/loadtest.md` (the table) and `<out>/loadtest.png`.
+Every Locust run is bounded by `--duration`; the whole command by roughly workloads x models x 2 x duration.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dare.errors import DareError
+from loadtest.redis_server import start_redis_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+WORKLOADS = ("real", "long")
+LOADS = ("fixed", "rising")
+
+
+class LoadtestError(DareError):
+    """A load test cannot run: models missing, the service would not start, Locust produced no statistics."""
+
+
+@dataclass(frozen=True)
+class LoadtestConfig:
+    models: Path
+    att_dims: tuple[int, ...] = (16, 32, 64, 128)
+    workloads: tuple[str, ...] = WORKLOADS
+    duration_s: int = 20
+    fixed_users: int = 4
+    fixed_rate: float = 5.0  # requests/s per user: 4 users x 5/s = 20 requests/s, the same for every model
+    ramp_users: int = 16
+    real_candidates: int = 100
+    long_candidates: int = 200
+    long_users: int = 40
+    long_events: int = 10_000
+    workers: int = 1
+    service_cpus: tuple[int, ...] = (0,)
+    locust_cpus: tuple[int, ...] = (1,)
+    out: Path = Path("docs/loadtest")
+    work: Path = Path("var/loadtest")
+    sample: Path = SAMPLE
+    port: int = 0  # 0 = a free port
+
+    def __post_init__(self) -> None:
+        unknown = [w for w in self.workloads if w not in WORKLOADS]
+        if unknown:
+            raise LoadtestError(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+        if self.duration_s < 5:
+            raise LoadtestError(f"--duration must be at least 5 s, got {self.duration_s}")
+        if not self.models.is_dir():
+            raise LoadtestError(f"--models {self.models}: no such folder (build models with `dare demo --no-serve "
+                                f"--att-dims 16,32,64,128`)")
+        available = set(os.sched_getaffinity(0))
+        for option, cpus in (("--service-cpus", self.service_cpus), ("--locust-cpus", self.locust_cpus)):
+            if not cpus or not set(cpus) <= available:
+                raise LoadtestError(f"{option}: cores {list(cpus)} not all available (this process may use "
+                                    f"{sorted(available)})")
+
+
+@dataclass
+class RunResult:
+    workload: str
+    load: str
+    model: str
+    att_dim: int
+    candidates: int
+    users: int
+    duration_s: float
+    requests: int
+    failures: int
+    rps: float
+    peak_rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    failure_reasons: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Models, workloads, processes
+# -------------------------------------------------------------------------------------------------------------
+
+
+def find_models(folder: Path, att_dims: tuple[int, ...]) -> dict[int, str]:
+    """att_dim -> model name for the DARE model folders under `folder` (validated against their manifests)."""
+    from service.contract import ModelFolderError, load_manifest
+
+    found: dict[int, str] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            manifest = load_manifest(sub, verify_hashes=False)
+        except ModelFolderError:
+            continue
+        if manifest.model_kind == "dare":
+            found.setdefault(manifest.att_dim, manifest.name)
+    missing = [d for d in att_dims if d not in found]
+    if missing:
+        raise LoadtestError(
+            f"{folder}: no DARE model with attention dim {missing} (found {sorted(found) or 'none'}); build them with "
+            f"`dare demo --no-serve --att-dims {','.join(map(str, att_dims))} --models {folder}`"
+        )
+    return {d: found[d] for d in att_dims}
+
+
+def pinned(cpus: tuple[int, ...]):
+    """A preexec_fn that pins the child to `cpus`, so service and load generator do not fight over one core."""
+
+    def pin() -> None:
+        os.sched_setaffinity(0, set(cpus))
+
+    return pin
+
+
+def dare_args(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dare.cli", *args]
+
+
+def run_checked(command: list[str], what: str, timeout_s: float, **kwargs: object) -> None:
+    try:
+        result = subprocess.run(command, cwd=REPO_ROOT, timeout=timeout_s, check=False, **kwargs)  # type: ignore[call-overload]
+    except subprocess.TimeoutExpired:
+        raise LoadtestError(f"{what} did not finish within {timeout_s:.0f} s") from None
+    if result.returncode != 0:
+        raise LoadtestError(f"{what} failed with exit code {result.returncode}")
+
+
+def workload_file(cfg: LoadtestConfig, workload: str) -> Path:
+    """The Taobao-format file a workload loads and draws its payloads from (synthesised once, then reused)."""
+    if workload == "real":
+        return cfg.sample
+    path = cfg.work / f"synthetic-{cfg.long_users}u-{cfg.long_events}e.csv"
+    if not path.is_file():
+        cfg.work.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.csv")
+        run_checked(
+            dare_args("synth", "--users", str(cfg.long_users), "--events-per-user", str(cfg.long_events),
+                      "--out", str(partial)),
+            "dare synth", timeout_s=600,
+        )  # fmt: skip
+        partial.rename(path)
+    return path
+
+
+def http_get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def start_service(cfg: LoadtestConfig, redis_url: str, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning"}
+    command = dare_args("serve", "--models", str(cfg.models), "--host", "127.0.0.1", "--port", str(port),
+                        "--workers", str(cfg.workers))  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               preexec_fn=pinned(cfg.service_cpus))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LoadtestError(f"`dare serve` exited with code {process.returncode}; see {log}")
+        try:
+            if http_get(f"http://127.0.0.1:{port}/readyz") == 200:
+                return process
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    stop(process)
+    raise LoadtestError(f"`dare serve` was not ready within 120 s; see {log}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# One Locust run
+# -------------------------------------------------------------------------------------------------------------
+
+
+def locust_env(cfg: LoadtestConfig, data: Path, model: str, candidates: int, load: str, raw: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DARE_LOADTEST_DATA": str(data),
+        "DARE_LOADTEST_MODEL": model,
+        "DARE_LOADTEST_CANDIDATES": str(candidates),
+        "DARE_LOADTEST_RAW": str(raw),
+        "DARE_LOADTEST_RATE": str(cfg.fixed_rate if load == "fixed" else 0),
+    }
+    if load == "rising":
+        env |= {"DARE_LOADTEST_SHAPE": "ramp", "DARE_LOADTEST_RAMP_USERS": str(cfg.ramp_users),
+                "DARE_LOADTEST_RAMP_SECONDS": str(cfg.duration_s)}  # fmt: skip
+    else:
+        env.pop("DARE_LOADTEST_SHAPE", None)
+    return env
+
+
+def read_locust_stats(prefix: Path) -> tuple[int, int, float, float, list[str]]:
+    """(requests, failures, average rps, peak rps, failure reasons) of /score from Locust's CSV files."""
+    stats_file = Path(f"{prefix}_stats.csv")
+    if not stats_file.is_file():
+        raise LoadtestError(f"Locust wrote no statistics ({stats_file} is missing); see {prefix}.log")
+    with stats_file.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["Name"] == "/score"]
+    if not rows:
+        raise LoadtestError(f"{stats_file}: no /score requests were made; see {prefix}.log")
+    row = rows[0]
+    peak = 0.0
+    history = Path(f"{prefix}_stats_history.csv")
+    if history.is_file():
+        with history.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r.get("Name") == "Aggregated":
+                    try:
+                        peak = max(peak, float(r["Requests/s"]))
+                    except (KeyError, ValueError):
+                        pass
+    reasons: list[str] = []
+    failures_file = Path(f"{prefix}_failures.csv")
+    if failures_file.is_file():
+        with failures_file.open(newline="") as fh:
+            reasons = [f"{r['Occurrences']}x {r['Error']}" for r in csv.DictReader(fh)][:5]
+    return int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]), peak, reasons
+
+
+def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, load: str, dim: int, model: str) -> RunResult:
+    candidates = cfg.real_candidates if workload == "real" else cfg.long_candidates
+    prefix = cfg.work / "locust" / f"{workload}-{load}-{model}"
+    raw = Path(f"{prefix}_latencies.txt")
+    for stale in prefix.parent.glob(f"{prefix.name}_*"):
+        stale.unlink()
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", base_url,
+        "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "5",
+        "--run-time", f"{cfg.duration_s}s",
+    ]  # fmt: skip
+    if load == "fixed":
+        command += ["--users", str(cfg.fixed_users), "--spawn-rate", str(cfg.fixed_users)]
+    env = locust_env(cfg, data, model, candidates, load, raw)
+    started = time.perf_counter()
+    with Path(f"{prefix}.log").open("wb") as log:
+        try:
+            subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
+                           timeout=cfg.duration_s + 60, preexec_fn=pinned(cfg.locust_cpus))  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise LoadtestError(f"Locust did not stop within {cfg.duration_s + 60} s; see {prefix}.log") from None
+    elapsed = time.perf_counter() - started
+    # Locust exits 1 when any request failed; failures are a result here, counted below, not an error.
+    requests, failures, rps, peak, reasons = read_locust_stats(prefix)
+    latencies = np.loadtxt(raw, ndmin=1) if raw.is_file() and raw.stat().st_size else np.zeros(0)
+    p50, p95, p99 = (np.percentile(latencies, [50, 95, 99]) if latencies.size else (float("nan"),) * 3)
+    return RunResult(
+        workload=workload, load=load, model=model, att_dim=dim, candidates=candidates,
+        users=cfg.fixed_users if load == "fixed" else cfg.ramp_users, duration_s=round(elapsed, 1),
+        requests=requests, failures=failures, rps=round(rps, 2), peak_rps=round(peak, 2),
+        p50_ms=round(float(p50), 3), p95_ms=round(float(p95), 3), p99_ms=round(float(p99), 3),
+        failure_reasons=reasons,
+    )  # fmt: skip
+
+
+def first_rows(data: Path, max_users: int, max_items: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """Some user ids and (item, category) pairs from the head of a Taobao-format file (for the warm-up)."""
+    import gzip
+
+    opener = gzip.open if data.suffix == ".gz" else open
+    users: dict[str, None] = {}
+    items: list[tuple[int, int]] = []
+    with opener(data, "rt", encoding="utf-8", newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) == 5 and row[1].isdigit() and row[2].isdigit():
+                users.setdefault(row[0], None)
+                items.append((int(row[1]), int(row[2])))
+                if len(users) >= max_users and len(items) >= max_items:
+                    break
+    if not users:
+        raise LoadtestError(f"{data}: no complete rows")
+    return list(users), items
+
+
+def warm_up(base_url: str, model: str, data: Path, candidates: int, requests: int = 20) -> None:
+    """A few requests per model before measuring, so onnxruntime's first-call allocations are not in the figures."""
+    users, items = first_rows(data, requests, candidates)
+    for i in range(requests):
+        body = {
+            "user_id": users[i % len(users)],
+            "candidates": [{"item_id": it, "category_id": c} for it, c in items[:candidates]],
+            "model": model,
+        }
+        request = urllib.request.Request(f"{base_url}/score", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            urllib.request.urlopen(request, timeout=30).read()
+        except urllib.error.HTTPError as exc:
+            raise LoadtestError(f"warm-up /score for {model} answered {exc.code}: {exc.read()[:300]!r}") from None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The whole comparison, the table, the chart
+# -------------------------------------------------------------------------------------------------------------
+
+
+def machine_facts(cfg: LoadtestConfig) -> dict[str, object]:
+    return {
+        "cpus_total": os.cpu_count(),
+        "service_cpus": list(cfg.service_cpus),
+        "locust_cpus": list(cfg.locust_cpus),
+        "service_workers": cfg.workers,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult]:
+    from tqdm.auto import tqdm
+
+    models = find_models(cfg.models, cfg.att_dims)
+    results: list[RunResult] = []
+    total = len(cfg.workloads) * len(models) * len(LOADS)
+    bar = tqdm(total=total, desc="locust runs", unit="run", disable=not progress)
+    with start_redis_server(cfg.work / "redis") as redis:
+        import redis as redis_client
+
+        for workload in cfg.workloads:
+            data = workload_file(cfg, workload)
+            redis_client.Redis.from_url(redis.url).flushall()
+            bar.set_postfix_str(f"loading {workload} into redis")
+            run_checked(dare_args("load", "--input", str(data), "--redis", redis.url), f"dare load {data}",
+                        timeout_s=900)  # fmt: skip
+            port = cfg.port or _free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            service = start_service(cfg, redis.url, port, cfg.work / f"serve-{workload}.log")
+            try:
+                for dim, model in models.items():
+                    candidates = cfg.real_candidates if workload == "real" else cfg.long_candidates
+                    warm_up(base_url, model, data, candidates)
+                    for load in LOADS:
+                        bar.set_postfix_str(f"{workload} {load} {model}")
+                        results.append(run_locust(cfg, base_url, data, workload, load, dim, model))
+                        bar.update()
+            finally:
+                stop(service)
+    bar.close()
+    return results
+
+
+def _free_port() -> int:
+    from loadtest.redis_server import free_port
+
+    return free_port()
+
+
+def markdown_table(results: list[RunResult]) -> str:
+    lines = [
+        "| workload | load | model | att dim | candidates | requests | failures | rps (mean) | rps (peak) "
+        "| p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.workload} | {r.load} | {r.model} | {r.att_dim} | {r.candidates} | {r.requests} | {r.failures} "
+            f"| {r.rps:.1f} | {r.peak_rps:.1f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def draw_chart(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(w, ld) for w in dict.fromkeys(r.workload for r in results) for ld in LOADS]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+    for col, (workload, load) in enumerate(panels):
+        runs = sorted((r for r in results if r.workload == workload and r.load == load), key=lambda r: r.att_dim)
+        dims = [r.att_dim for r in runs]
+        top, bottom = axes[0][col], axes[1][col]
+        for attr, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+            top.plot(dims, [getattr(r, attr) for r in runs], marker="o", label=label)
+        top.set_title(f"{workload} / {load} load")
+        top.set_xscale("log", base=2)
+        top.set_xticks(dims, [str(d) for d in dims])
+        top.set_ylabel("latency (ms)")
+        top.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        bottom.bar([str(d) for d in dims], [r.peak_rps if load == "rising" else r.rps for r in runs], color="tab:gray")
+        bottom.set_ylabel("peak rps" if load == "rising" else "mean rps")
+        bottom.set_xlabel("attention dim")
+        for x, r in enumerate(runs):
+            if r.failures:
+                bottom.annotate(f"{r.failures} failed", (x, 0), ha="center", va="bottom", color="tab:red", fontsize=8)
+    fig.suptitle("POST /score under Locust: latency and throughput by attention dim (DARE)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(cfg: LoadtestConfig, results: list[RunResult], command: str) -> tuple[Path, Path, Path]:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts(cfg)
+    json_path, md_path, png_path = cfg.out / "loadtest.json", cfg.out / "loadtest.md", cfg.out / "loadtest.png"
+    json_path.write_text(
+        json.dumps({"command": command, "machine": facts, "config": _config_dict(cfg),
+                    "runs": [asdict(r) for r in results]}, indent=2) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    header = (
+        f"Command: `{command}`\n\n"
+        f"Machine: {facts['cpus_total']} cores; service pinned to cores {facts['service_cpus']} "
+        f"({cfg.workers} worker(s)), Locust pinned to cores {facts['locust_cpus']}. "
+        f"Fixed load: {cfg.fixed_users} users x {cfg.fixed_rate:g} requests/s; rising load: 1 -> {cfg.ramp_users} "
+        f"closed-loop users over {cfg.duration_s} s. Latencies are exact percentiles of every successful request "
+        f"as seen by the load generator.\n\n"
+    )
+    md_path.write_text(header + markdown_table(results), encoding="utf-8")
+    draw_chart(results, png_path)
+    return json_path, md_path, png_path
+
+
+def _config_dict(cfg: LoadtestConfig) -> dict[str, object]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
