@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean ci-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# DEMO_ARGS passes options through, e.g. `make demo DEMO_ARGS=--exit-after-score` (stop after the first score).
 demo: $(STAMP)
-	$(BIN)/dare demo
+	$(BIN)/dare demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# promtool (Debian package `prometheus`) lets tests/shipping check deploy/prometheus/prometheus.yml. Only in CI
+# (CI=true, as root, with apt-get) is it installed here; a failed install is not an error: that check then skips.
+ci-tools:
+	@if [ -n "$$CI" ] && ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus) >/dev/null 2>&1 || echo "promtool could not be installed; its check will be skipped"; \
+	fi
+
+test: $(STAMP) ci-tools
 	$(BIN)/python -m pytest -q
 
 clean:
