@@ -115,9 +115,29 @@ class RedisCluster:
                 process.wait()
 
 
+def free_cluster_port(taken: set[int]) -> int:
+    """A port for a cluster node: it and its cluster bus port (port + 10000, so port <= 55535) must both be free."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20_000, 45_000)
+        if port in taken or port + 10_000 in taken:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Redis Cluster node")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    from loadtest.redis_server import free_port, redis_cli_binary, start_redis_server
+    from loadtest.redis_server import redis_cli_binary, start_redis_server
 
     cli = redis_cli_binary()
     if cli is None:
@@ -126,7 +146,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     servers = []
     try:
         for index in range(3):
-            port = free_port()
+            port = free_cluster_port({s.port for s in servers})
             servers.append(
                 start_redis_server(
                     base / f"node-{index}", "--cluster-enabled", "yes",
