@@ -4,32 +4,129 @@ so that `dare --help` and the serving commands never pay for torch."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+
+from training.config import PrepareConfig
 
 
 def register(app: typer.Typer) -> None:
     app.command("prepare")(prepare)
     app.command("synth")(synth)
+    app.command("bench-prepare")(bench_prepare)
     app.command("train")(train)
     app.command("compare")(compare)
     app.command("export")(export)
 
 
+_PREP = PrepareConfig()
+
+
 def prepare(
-    input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header")],
     out: Annotated[Path, typer.Option("--out", help="folder for samples, vocabularies and meta.json")],
+    input: Annotated[
+        Optional[Path],
+        typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header [default: the bundled sample]"),
+    ] = None,
+    behaviors: Annotated[str, typer.Option(help="behaviour types to keep, comma-separated (pv,cart,fav,buy)")] = ",".join(
+        _PREP.behaviors
+    ),
+    min_events: Annotated[int, typer.Option(help="drop users with fewer kept events")] = _PREP.min_events,
+    history_len: Annotated[int, typer.Option(help="behaviours before each target, left-padded")] = _PREP.history_len,
+    positives_per_user: Annotated[int, typer.Option(help="training targets per user (fewer if short)")] = _PREP.positives_per_user,
+    positive_stride: Annotated[int, typer.Option(help="events between training targets")] = _PREP.positive_stride,
+    negatives: Annotated[int, typer.Option(help="sampled negatives per positive")] = _PREP.negatives_per_positive,
+    min_timestamp: Annotated[int, typer.Option(help="drop rows before this Unix time")] = _PREP.min_timestamp,
+    max_timestamp: Annotated[int, typer.Option(help="drop rows at or after this Unix time")] = _PREP.max_timestamp,
+    seed: Annotated[int, typer.Option(help="seed for negative sampling")] = _PREP.seed,
+    progress: Annotated[bool, typer.Option(help="show progress on stderr")] = True,
 ) -> None:
     """Build training/validation/test samples from a Taobao-format behaviour log."""
-    raise NotImplementedError("owned by the data work package")
+    from training.prepare import prepare as run_prepare
+
+    cfg = PrepareConfig(
+        behaviors=tuple(b.strip() for b in behaviors.split(",") if b.strip()),
+        min_events=min_events,
+        history_len=history_len,
+        positives_per_user=positives_per_user,
+        positive_stride=positive_stride,
+        negatives_per_positive=negatives,
+        min_timestamp=min_timestamp,
+        max_timestamp=max_timestamp,
+        seed=seed,
+    )
+    result = run_prepare(cfg, input, out, progress=progress)
+    meta = result.meta
+    counts: dict = meta["counts"]  # type: ignore[assignment]
+    if result.synthetic:
+        typer.secho("SYNTHETIC data (planted structure, not real behaviour): truth.npz written", fg=typer.colors.YELLOW)
+    typer.echo(f"input     {meta['input']['path']}")  # type: ignore[index]
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v)
+    typer.echo(f"rows      {counts['rows_read']} read, {counts['rows_kept']} kept; dropped: {dropped or 'none'}")
+    typer.echo(
+        f"vocab     {counts['users']} users, {counts['items']} items, {counts['categories']} categories "
+        f"({counts['items_with_multiple_categories']} item(s) with several categories -> most frequent kept)"
+    )
+    typer.echo("samples   " + ", ".join(f"{k} {v}" for k, v in counts["samples"].items()))
+    typer.echo(f"time      {meta['seconds']['total']} s ({meta['rows_per_second']:,.0f} rows/s)")  # type: ignore[index]
+    typer.echo(f"wrote     {out}/{{train,val,test}}.npz, vocab.npz, item_cate.npy, meta.json")
 
 
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="CSV file to write (.csv or .csv.gz)")],
+    out: Annotated[Path, typer.Option("--out", help="CSV file to write (.csv or .csv.gz); truth goes to FILE.truth.npz")],
+    users: Annotated[int, typer.Option(help="number of users")] = 1000,
+    events_per_user: Annotated[int, typer.Option(help="events per user (10k-50k for lifelong sequences)")] = 200,
+    categories: Annotated[int, typer.Option(help="number of categories")] = 100,
+    items: Annotated[int, typer.Option(help="number of items (Zipf popularity, one category each)")] = 20000,
+    interests: Annotated[int, typer.Option(help="interest categories per user")] = 4,
+    related: Annotated[int, typer.Option(help="related categories per category in the relation matrix")] = 3,
+    decay: Annotated[float, typer.Option(help="relevance decay per position: decay[p] = DECAY**(p-1)")] = 0.9,
+    explore: Annotated[float, typer.Option(help="share of events drawn from the user's interests")] = 0.2,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of item popularity")] = 1.1,
+    seed: Annotated[int, typer.Option(help="random seed: the same seed gives the same log")] = 0,
+    progress: Annotated[bool, typer.Option(help="show progress on stderr")] = True,
 ) -> None:
     """Write a SYNTHETIC Taobao-format log with planted structure and its ground-truth relevance table."""
-    raise NotImplementedError("owned by the data work package")
+    from training.synth import SynthConfig, write_log
+
+    cfg = SynthConfig(
+        users=users,
+        events_per_user=events_per_user,
+        categories=categories,
+        items=items,
+        interests_per_user=interests,
+        related_per_category=related,
+        decay=decay,
+        explore=explore,
+        zipf=zipf,
+        seed=seed,
+    )
+    result = write_log(cfg, out, progress=progress)
+    typer.secho(
+        f"SYNTHETIC log (planted structure, not real behaviour): {result.rows} rows -> {result.log}",
+        fg=typer.colors.YELLOW,
+    )
+    typer.echo(f"ground truth -> {result.truth}  ({result.seconds:.1f} s)")
+
+
+def bench_prepare(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the figures (a PNG of the stages goes beside it)")],
+    rows: Annotated[int, typer.Option(help="rows of the generated synthetic log")] = 10_000_000,
+    events_per_user: Annotated[int, typer.Option(help="events per synthetic user")] = 500,
+    work_dir: Annotated[
+        Optional[Path], typer.Option(help="where the log and prepared data go [default: a temporary folder]")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show progress on stderr")] = True,
+) -> None:
+    """Measure `dare prepare` throughput (rows/s) on a generated SYNTHETIC log; write JSON + PNG."""
+    from training.prepare import benchmark
+
+    report = benchmark(rows, events_per_user, out, work_dir=work_dir, progress=progress)
+    typer.echo(
+        f"prepare: {report['rows']:,} rows in {report['prepare_seconds']:.1f} s = {report['rows_per_second']:,.0f} rows/s "
+        f"(synthetic log, {report['events_per_user']} events/user) -> {out}"
+    )
 
 
 def train(
