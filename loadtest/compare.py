@@ -153,15 +153,15 @@ def workload_file(cfg: LoadtestConfig, workload: str) -> Path:
     if workload == "real":
         return cfg.sample
     path = cfg.work / f"synthetic-{cfg.long_users}u-{cfg.long_events}e.csv"
-    if not path.is_file():
+    done = path.with_name(path.name + ".done")  # written last: a synth run interrupted half way is redone
+    if not (path.is_file() and done.is_file()):
         cfg.work.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.csv")
         run_checked(
             dare_args("synth", "--users", str(cfg.long_users), "--events-per-user", str(cfg.long_events),
-                      "--out", str(partial)),
+                      "--out", str(path)),
             "dare synth", timeout_s=600,
         )  # fmt: skip
-        partial.rename(path)
+        done.write_text("ok\n", encoding="utf-8")
     return path
 
 
