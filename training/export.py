@@ -1,0 +1,488 @@
+"""`dare export`: a run folder -> a model folder the service can load (see service/contract.py).
+
+Writes model.onnx (search + score), search.onnx (the GSU), score.onnx (the ESU + head), vocab.npz and
+manifest.json, then verifies itself: onnxruntime against the PyTorch model on random users, for every graph,
+N in {0, 5, 200, 5000} x C in {1, 100}; the worst difference goes into manifest.parity and export fails above
+1e-5.
+
+The graphs work on ONE user with 1-D inputs, so they are shaped for serving rather than traced from the batched
+training forward. What keeps them fast (numbers in docs/performance.md, section "Graph shape"):
+
+- The search is one MatMul [C, w] x [w, N'] (ORT fuses the transpose). For DARE and TWIN the position part of
+  <e_i, v_t> is <E_pos[p_i], v_tpos>, which does not depend on the candidate: it is precomputed per position
+  (constant folding) and rides along as one extra column, so w = 2*d_att + 1 instead of 3*d_att and no
+  [N, d] position embeddings are gathered. TWIN-proj's W_q/W_k are folded into one [3d, 3d] matrix applied to
+  the C candidates (its position part does depend on the candidate, so it keeps w = 3*d + 1).
+- Padding costs nothing: K..K+31 padding tokens (embedding row 0 = zeros) are prepended in-graph, and their
+  extra column holds PAD_SCORE, so they score PAD_SCORE through the same MatMul, with no [C, N] mask pass.
+  That also makes N = 0 and N < K ordinary cases; their indices map back to -1 with weight 0.
+- Top-K in two steps, because onnxruntime's TopK costs ~1 ns per element plus ~2.5 us per row: ReduceMax over
+  blocks of 32 scores (cheap, vectorised), TopK of the block maxima, then TopK over the K best blocks' 32*K
+  scores. Exact: a block holding one of the K best scores has a maximum among the K largest block maxima.
+- The score graph gathers only the K retrieved behaviours per candidate and folds the eval-mode BatchNorm
+  into the first linear layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import dare
+from dare.errors import DareError
+from service.contract import (
+    GRAPH_FILES,
+    GRAPH_IO,
+    VOCAB_FILE,
+    GraphSpec,
+    Manifest,
+    ModelFolderError,
+    ParityCheck,
+    VocabSpec,
+    io_specs,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from training.model import PAD_SCORE, CTRModel, TokenEmbedding, history_positions
+from training.run import load_run
+
+DEFAULT_OPSET = 17
+PARITY_TOLERANCE = 1e-5
+PARITY_HISTORY_LENGTHS = (0, 5, 200, 5000)
+PARITY_CANDIDATES = (1, 100)
+TOPK_BLOCK = 32  # scores per block in the two-step top-K; 32 measured fastest of {16, 32, 64}
+
+
+class ExportError(DareError):
+    """Export could not produce a model folder that matches the PyTorch model."""
+
+
+def _history_length(hist_item: Tensor) -> Tensor:
+    # A 0-d tensor (not a Python int) so the length stays symbolic when traced to ONNX (Shape -> Gather).
+    return torch._shape_as_tensor(hist_item)[0]
+
+
+def _frozen(tensor: Tensor) -> Tensor:
+    return tensor.detach().clone().contiguous()
+
+
+class UserSearchGraph(nn.Module):
+    """The GSU for one user: hist [N], candidates [C] -> topk_index [C, K] (-1 = padding), topk_weight [C, K]."""
+
+    def __init__(self, model: CTRModel, block: int = TOPK_BLOCK) -> None:
+        super().__init__()
+        att: TokenEmbedding = model.tables.attention
+        stage = model.search_stage
+        self.top_k, self.block, self.max_position = stage.top_k, block, model.cfg.max_position
+        self.scale = stage.scale
+        self.register_buffer("item", _frozen(att.item.weight))  # [item_rows, d]
+        self.register_buffer("cate", _frozen(att.cate.weight))  # [cate_rows, d]
+        self.register_buffer("zero_rows", torch.zeros(self.top_k * block, dtype=torch.int64))  # pads <= K*block
+        self.register_buffer("block_offsets", torch.arange(block, dtype=torch.int64))
+        self.fold_position = stage.query is None
+        if self.fold_position:
+            # <E_pos[p], v_tpos> / sqrt(3d) for every position p: a constant per position. Row 0 (padding) holds
+            # PAD_SCORE, so padding tokens score PAD_SCORE through the MatMul itself.
+            bias = (att.position.weight.detach() @ att.target_position.detach()) * self.scale  # [P+1]
+        else:
+            # TWIN-proj: <W_q v, W_k e> = <v W_q^T W_k, e>; fold the two projections into one [3d, 3d] matrix.
+            assert stage.query is not None and stage.key is not None
+            self.register_buffer("query_key", _frozen(stage.query.weight.t() @ stage.key.weight))
+            self.register_buffer("position", _frozen(att.position.weight))  # [P+1, d]
+            self.register_buffer("target_position", _frozen(att.target_position))  # [d]
+            bias = torch.zeros(att.position.num_embeddings)
+        bias[0] = PAD_SCORE
+        self.register_buffer("position_column", bias.unsqueeze(1).contiguous())  # [P+1, 1]
+
+    def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor]:
+        k, b = self.top_k, self.block
+        n = _history_length(hist_item)
+        # Prepend padding so that the length T is a multiple of the block and holds at least K blocks.
+        total = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="floor") * b, min=k * b)
+        pads = total - n
+        pad = self.zero_rows[:pads]
+        item = torch.cat([pad, hist_item])  # [T]
+        cate = torch.cat([pad, hist_cate])  # [T]
+        position = torch.cat([pad, torch.clamp(n - torch.arange(n), max=self.max_position)])  # [T], 0 = padding
+        cands = cand_item.shape[0]
+        ones = torch.ones(cands, 1)  # [C, 1] multiplies the history's position/padding column
+        if self.fold_position:
+            hist = torch.cat([self.item[item], self.cate[cate], self.position_column[position]], 1)  # [T, 2d+1]
+            query = torch.cat([self.item[cand_item] * self.scale, self.cate[cand_cate] * self.scale, ones], 1)  # [C, 2d+1]
+        else:
+            hist = torch.cat(
+                [self.item[item], self.cate[cate], self.position[position], self.position_column[position]], 1
+            )  # [T, 3d+1]
+            target = torch.cat(
+                [self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1
+            )  # [C, 3d]
+            query = torch.cat([torch.matmul(target, self.query_key) * self.scale, ones], 1)  # [C, 3d+1]
+        scores = torch.matmul(query, hist.t())  # [C, T]
+        # Two-step exact top-K: best K blocks by their maximum, then the best K scores inside those blocks.
+        blocks = scores.reshape(cands, -1, b)  # [C, T/b, b]
+        n_blocks = blocks.shape[1]
+        _, top_block = blocks.amax(dim=2).topk(k, dim=1, sorted=False)  # [C, K]
+        flat_block = top_block + (torch.arange(cands) * n_blocks).unsqueeze(1)  # [C, K] rows of [C*T/b, b]
+        picked = scores.reshape(-1, b)[flat_block].reshape(cands, k * b)  # [C, K*b]
+        top_score, slot = picked.topk(k, dim=1)  # [C, K], sorted
+        column = torch.gather((top_block.unsqueeze(2) * b + self.block_offsets).reshape(cands, k * b), 1, slot)
+        real = column >= pads  # [C, K]
+        weight = torch.exp(top_score - top_score[:, :1]) * real.to(top_score.dtype)  # [C, K]
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        index = torch.where(real, column - pads, torch.full_like(column, -1))
+        return index, weight
+
+
+class UserScoreGraph(nn.Module):
+    """The ESU + head for one user: hist [N], candidates [C], topk_index/topk_weight [C, K] -> prob [C]."""
+
+    def __init__(self, model: CTRModel) -> None:
+        super().__init__()
+        rep: TokenEmbedding = model.tables.representation
+        self.max_position = model.cfg.max_position
+        self.register_buffer("item", _frozen(rep.item.weight))
+        self.register_buffer("cate", _frozen(rep.cate.weight))
+        self.register_buffer("position", _frozen(rep.position.weight))  # row 0 = padding = zeros
+        self.register_buffer("target_position", _frozen(rep.target_position))
+        self.register_buffer("pad", torch.zeros(1, dtype=torch.int64))
+        value = model.representation_stage.value
+        self.register_buffer("value_t", _frozen(value.weight.t()) if value is not None else torch.empty(0))
+        self.has_value = value is not None
+        self.mlp = _fold_batchnorm(model.head.mlp)
+
+    def forward(
+        self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor, topk_index: Tensor, topk_weight: Tensor
+    ) -> Tensor:
+        n = _history_length(hist_item)
+        # Slot 0 is a padding token so that index -1 (shifted to 0) reads zero embeddings, even when N = 0.
+        slot = topk_index + 1  # [C, K]
+        item = torch.cat([self.pad, hist_item])[slot]  # [C, K]
+        cate = torch.cat([self.pad, hist_cate])[slot]  # [C, K]
+        position = torch.where(topk_index >= 0, torch.clamp(n - topk_index, max=self.max_position), 0)  # [C, K]
+        retrieved = torch.cat([self.item[item], self.cate[cate], self.position[position]], 2)  # [C, K, 3r]
+        pooled = torch.matmul(topk_weight.unsqueeze(1), retrieved).squeeze(1)  # [C, 3r]
+        if self.has_value:
+            pooled = torch.matmul(pooled, self.value_t)
+        cands = cand_item.shape[0]
+        target = torch.cat([self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1)  # [C, 3r]
+        h = pooled * target
+        logit = self.mlp(torch.cat([target, h, target * h], 1))  # [C, 1]
+        return torch.sigmoid(logit).squeeze(1)  # [C]
+
+
+class UserFullGraph(nn.Module):
+    """Search then score: hist [N], candidates [C] -> prob [C], topk_index [C, K], topk_weight [C, K]."""
+
+    def __init__(self, model: CTRModel) -> None:
+        super().__init__()
+        self.search = UserSearchGraph(model)
+        self.score = UserScoreGraph(model)
+
+    def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        index, weight = self.search(hist_item, hist_cate, cand_item, cand_cate)
+        return self.score(hist_item, hist_cate, cand_item, cand_cate, index, weight), index, weight
+
+
+def _fold_batchnorm(mlp: nn.Sequential) -> nn.Sequential:
+    """Eval-mode BatchNorm followed by Linear == one Linear with rescaled weights (one op less per request)."""
+    norm, first, *rest = list(mlp)
+    if not isinstance(norm, nn.BatchNorm1d) or not isinstance(first, nn.Linear):
+        raise ExportError(f"prediction head must start with BatchNorm1d then Linear, found {type(norm).__name__}, {type(first).__name__}")
+    assert norm.running_mean is not None and norm.running_var is not None
+    with torch.no_grad():
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # [F]
+        shift = norm.bias - norm.running_mean * scale  # [F]
+        folded = nn.Linear(first.in_features, first.out_features)
+        folded.weight.copy_(first.weight * scale.unsqueeze(0))
+        folded.bias.copy_(first.bias + first.weight @ shift)
+    return nn.Sequential(folded, *copy.deepcopy(rest)).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX export
+
+
+_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "hist_item": {0: "N"}, "hist_cate": {0: "N"}, "cand_item": {0: "C"}, "cand_cate": {0: "C"},
+    "topk_index": {0: "C"}, "topk_weight": {0: "C"}, "prob": {0: "C"},
+}  # fmt: skip
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The legacy exporter warns about every traced shape computation; those are intended here."""
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _example_inputs(model: CTRModel, n: int, c: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """A random user: rows 1.. (OOV included, never padding) for n behaviours and c candidates."""
+    cfg = model.cfg
+    return {
+        "hist_item": torch.randint(1, cfg.item_rows, (n,), generator=generator),
+        "hist_cate": torch.randint(1, cfg.cate_rows, (n,), generator=generator),
+        "cand_item": torch.randint(1, cfg.item_rows, (c,), generator=generator),
+        "cand_cate": torch.randint(1, cfg.cate_rows, (c,), generator=generator),
+    }
+
+
+def graph_modules(model: CTRModel) -> dict[str, nn.Module]:
+    model.eval()
+    return {"full": UserFullGraph(model).eval(), "search": UserSearchGraph(model).eval(), "score": UserScoreGraph(model).eval()}
+
+
+def export_graph(module: nn.Module, role: str, path: Path, model: CTRModel, opset: int) -> None:
+    """Trace one per-user graph to ONNX with symbolic N and C and check it with the ONNX checker."""
+    import onnx
+
+    inputs, outputs = GRAPH_IO[role]
+    generator = torch.Generator().manual_seed(0)
+    # Trace on a length that is not a multiple of anything the graph uses, so no size gets baked in.
+    example = _example_inputs(model, 53, 3, generator)
+    if role == "score":
+        with torch.no_grad():
+            example["topk_index"], example["topk_weight"] = UserSearchGraph(model)(*example.values())
+    args = tuple(example[name] for name in inputs)
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                module, args, str(path), input_names=list(inputs), output_names=list(outputs),
+                dynamic_axes={name: _DYNAMIC_AXES[name] for name in inputs + outputs},
+                opset_version=opset, do_constant_folding=True, dynamo=False,
+            )  # fmt: skip
+        onnx.checker.check_model(str(path))
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ExportError(f"exporting the {role} graph at opset {opset} failed: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------- parity
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def compare_with_torch(model: CTRModel, sessions: dict[str, Any], n: int, c: int, seed: int) -> dict[str, float]:
+    """Max abs difference, onnxruntime vs PyTorch, for each graph on one random user (n behaviours, c candidates).
+
+    prob and topk_weight are compared directly. Ties (or near-ties within float rounding) can make the two
+    runtimes retrieve different but equally scored behaviours, so indices are compared through their scores:
+    the PyTorch scores of the behaviours onnxruntime retrieved must equal PyTorch's own top-K scores, and the
+    full graph's prob is compared with PyTorch scoring onnxruntime's retrieved set.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    feed_t = _example_inputs(model, n, c, generator)
+    batched = {name: t.unsqueeze(0) for name, t in feed_t.items()}  # [1, N] / [1, C]
+    feed = {name: t.numpy() for name, t in feed_t.items()}
+    model.eval()
+    with torch.no_grad():
+        index_t, weight_t = model.search(**batched)  # [1, C, K]
+        att = model.tables.attention
+        positions = history_positions(batched["hist_item"], model.cfg.max_position)
+        all_scores = model.search_stage.scores(
+            att.history(batched["hist_item"], batched["hist_cate"], positions),
+            att.target(batched["cand_item"], batched["cand_cate"]),
+            batched["hist_item"] != 0,
+        )[0]  # [C, N]
+
+        def retrieved_scores(index: np.ndarray) -> np.ndarray:
+            idx = torch.from_numpy(index)
+            if n == 0:
+                return np.full(index.shape, PAD_SCORE, dtype=np.float32)
+            picked = torch.gather(all_scores, 1, idx.clamp_min(0))
+            return torch.where(idx >= 0, picked, torch.full_like(picked, PAD_SCORE)).numpy()
+
+        def reference_prob(index: np.ndarray) -> np.ndarray:
+            logits = model.score(**batched, topk_index=torch.from_numpy(index).unsqueeze(0), topk_weight=weight_t)
+            return torch.sigmoid(logits)[0].numpy()
+
+        torch_index, torch_weight = index_t[0].numpy(), weight_t[0].numpy()
+        torch_top_scores = retrieved_scores(torch_index)
+        diffs: dict[str, float] = {}
+        if "search" in sessions:
+            index_o, weight_o = sessions["search"].run(None, feed)
+            diffs["search"] = _search_diff(index_o, weight_o, torch_index, torch_weight, torch_top_scores, retrieved_scores, n)
+        if "full" in sessions:
+            prob_o, index_o, weight_o = sessions["full"].run(None, feed)
+            search_diff = _search_diff(index_o, weight_o, torch_index, torch_weight, torch_top_scores, retrieved_scores, n)
+            diffs["full"] = max(search_diff, float(np.abs(prob_o - reference_prob(index_o)).max()))
+        if "score" in sessions:
+            (prob_o,) = sessions["score"].run(None, {**feed, "topk_index": torch_index, "topk_weight": torch_weight})
+            diffs["score"] = float(np.abs(prob_o - reference_prob(torch_index)).max())
+    return diffs
+
+
+def _search_diff(index_o, weight_o, torch_index, torch_weight, torch_top_scores, retrieved_scores, n: int) -> float:  # type: ignore[no-untyped-def]
+    if index_o.shape != torch_index.shape or index_o.dtype != np.int64:
+        return math.inf
+    if ((index_o < -1) | (index_o >= max(n, 0))).any() or ((index_o == -1) != (torch_index == -1)).any():
+        return math.inf  # out of range, or padding where PyTorch found a behaviour (or the reverse)
+    score_diff = np.abs(retrieved_scores(index_o) - torch_top_scores).max()
+    return float(max(np.abs(weight_o - torch_weight).max(), score_diff))
+
+
+def verify_parity(
+    model: CTRModel,
+    folder: Path,
+    history_lengths: tuple[int, ...] = PARITY_HISTORY_LENGTHS,
+    candidate_counts: tuple[int, ...] = PARITY_CANDIDATES,
+    progress: bool = True,
+) -> list[ParityCheck]:
+    """Run every graph in `folder` against PyTorch on each (N, C); return the checks (not yet enforced)."""
+    sessions = {role: _session(folder / GRAPH_FILES[role]) for role in GRAPH_IO}
+    cases = [(n, c) for n in history_lengths for c in candidate_counts]
+    checks: list[ParityCheck] = []
+    for seed, (n, c) in enumerate(tqdm(cases, desc="parity onnxruntime vs torch", disable=not progress, leave=False)):
+        for role, diff in compare_with_torch(model, sessions, n, c, seed).items():
+            checks.append(ParityCheck(graph=role, n=n, c=c, max_abs_diff=diff))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def _numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float | int | None]:
+    """Flatten nested metric dicts to "a.b" keys, keeping numbers (and nulls) only."""
+    flat: dict[str, float | int | None] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_numeric_metrics(value, prefix=f"{name}."))
+        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            flat[name] = None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+    return flat
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when the code runs from a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{dare.__version__}+g{commit}" if commit else dare.__version__
+
+
+def default_name(model: CTRModel) -> str:
+    cfg = model.cfg
+    return f"{cfg.kind}-att{cfg.att_dim}" if cfg.kind != "dare" or cfg.att_dim == cfg.repr_dim else f"{cfg.kind}-att{cfg.att_dim}-repr{cfg.repr_dim}"
+
+
+def export_model(
+    model: CTRModel,
+    out_dir: Path,
+    *,
+    vocab_path: Path,
+    name: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    metrics: dict[str, Any] | None = None,
+    data_fingerprint: str,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write a verified model folder for `model` to `out_dir` (replacing it only once everything checks out)."""
+    out_dir = Path(out_dir)
+    model.eval()
+    name = name or default_name(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        modules = graph_modules(model)
+        steps = tqdm(list(GRAPH_IO), desc="export onnx graphs", disable=not progress, leave=False)
+        for role in steps:
+            export_graph(modules[role], role, staging / GRAPH_FILES[role], model, opset)
+        shutil.copyfile(vocab_path, staging / VOCAB_FILE)
+        parity = verify_parity(model, staging, progress=progress)
+        worst = max(parity, key=lambda p: p.max_abs_diff)
+        if not worst.max_abs_diff <= PARITY_TOLERANCE:
+            raise ExportError(
+                f"onnxruntime does not match PyTorch: {worst.graph} graph at N={worst.n}, C={worst.c} differs by "
+                f"{worst.max_abs_diff:g} > {PARITY_TOLERANCE:g}; nothing was written to {out_dir}"
+            )
+        graphs = {}
+        for role in GRAPH_IO:
+            inputs, outputs = io_specs(role)
+            file = GRAPH_FILES[role]
+            graphs[role] = GraphSpec(file=file, sha256=sha256_file(staging / file), inputs=inputs, outputs=outputs)
+        cfg = model.cfg
+        manifest = Manifest(
+            name=name,
+            version=graphs["full"].sha256[:12],  # content-addressed: the same weights give the same version
+            model_kind=cfg.kind,
+            att_dim=cfg.att_dim,
+            repr_dim=cfg.repr_dim,
+            top_k=cfg.top_k,
+            max_position=cfg.max_position,
+            opset=opset,
+            graphs=graphs,  # type: ignore[arg-type]
+            vocab=VocabSpec(sha256=sha256_file(staging / VOCAB_FILE), item_rows=cfg.item_rows, cate_rows=cfg.cate_rows),
+            metrics=_numeric_metrics(metrics or {}),
+            parity=parity,
+            parity_tolerance=PARITY_TOLERANCE,
+            data_fingerprint=data_fingerprint,
+            code_version=code_version(),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            config=json.loads(json.dumps(config or {"model": cfg.to_dict()})),
+        )
+        write_manifest(staging, manifest)
+        load_manifest(staging)  # the service's own check, before the folder becomes visible
+        _swap_into_place(staging, out_dir)
+        return manifest
+    except ModelFolderError as exc:
+        raise ExportError(f"the exported folder fails the service's contract: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place, so a service watching `out_dir` never sees half a folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise ExportError(f"{out_dir}: exists, is not empty and is not a model folder; refusing to replace it")
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{datetime.now(UTC).strftime('%Y%m%d%H%M%S%f')}")
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = DEFAULT_OPSET, progress: bool = True) -> Manifest:
+    """`dare export`: load the run folder, export and verify its model, write the model folder."""
+    if not 13 <= opset <= 20:
+        raise ExportError(f"--opset {opset} is not supported: use 13..20 (17 is the tested default)")
+    run = load_run(run_dir)
+    return export_model(
+        run.model,
+        out_dir,
+        vocab_path=run.vocab_path,
+        name=name,
+        opset=opset,
+        metrics=run.metrics,
+        data_fingerprint=run.data_fingerprint,
+        config=run.train_cfg.to_dict(),
+        progress=progress,
+    )
