@@ -148,6 +148,16 @@ def compare(
 def export(
     run: Annotated[Path, typer.Option("--run", help="run folder written by `dare train`")],
     out: Annotated[Path, typer.Option("--out", help="model folder to write (manifest.json, *.onnx, vocab.npz)")],
+    name: Annotated[Optional[str], typer.Option("--name", help="model name in the manifest [default: <kind>-att<d>]")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (13..20)")] = 17,
 ) -> None:
     """Export a trained run to ONNX + manifest.json, verified against PyTorch."""
-    raise NotImplementedError("owned by the model/export work package")
+    from training.export import export_run
+
+    manifest = export_run(run, out, name=name, opset=opset)
+    worst = max(p.max_abs_diff for p in manifest.parity)
+    typer.echo(
+        f"wrote {out}: {manifest.name} version {manifest.version} ({manifest.model_kind}, att {manifest.att_dim}, "
+        f"repr {manifest.repr_dim}, top-{manifest.top_k}); parity onnxruntime vs torch max abs diff {worst:.2g} "
+        f"over {len(manifest.parity)} checks"
+    )
