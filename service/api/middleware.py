@@ -1,0 +1,107 @@
+"""Pure-ASGI middleware: the request body size limit (413) and the request-duration histogram."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import ServiceMetrics
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
+    payload = orjson.dumps(body)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+    })
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodySizeLimit:
+    """Answers 413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually received
+    (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        too_large = {"error": "body_too_large", "detail": f"request body exceeds {self.max_bytes} bytes (DARE_MAX_BODY_BYTES)"}
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await _send_json(send, 400, {"error": "bad_request", "detail": "Content-Length is not an integer"})
+                return
+            if length > self.max_bytes:
+                await _send_json(send, 413, too_large)
+                return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await _send_json(send, 413, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """Observes dare_http_request_duration_seconds{endpoint, method, model, status} for every HTTP request.
+
+    endpoint is the matched route's template (bounded cardinality); model is what the route put in
+    `request.state.model` (empty for endpoints that use none)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            model = str(scope.get("state", {}).get("model", ""))
+            self.metrics.request_duration.labels(
+                endpoint=endpoint, method=scope["method"], model=model, status=str(status)
+            ).observe(time.perf_counter() - started)

@@ -1,0 +1,44 @@
+"""JSON responses rendered with orjson (numpy arrays serialised directly) and the error bodies' OpenAPI entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import JSONResponse
+
+from service.schemas import ErrorBody
+
+
+class OrjsonResponse(JSONResponse):
+    """application/json via orjson: several times faster than the stdlib and takes float32 arrays as they are."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def error_body(code: str, detail: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": code, "detail": detail}
+    if fields is not None:
+        body["fields"] = fields
+    return body
+
+
+def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
+                   headers: dict[str, str] | None = None) -> OrjsonResponse:
+    return OrjsonResponse(error_body(code, detail, fields), status_code=status, headers=headers)
+
+
+_DESCRIPTIONS = {
+    401: "Missing or wrong bearer token (only when DARE_API_TOKEN / DARE_ADMIN_TOKEN is set)",
+    404: "Unknown model",
+    413: "Request body larger than DARE_MAX_BODY_BYTES",
+    422: "Invalid request: `fields` names each offending field",
+    500: "A stored sequence of this user is corrupt (error `corrupt_sequence`)",
+    503: "Store unavailable or slow (store_unavailable, store_timeout), request timeout, or no model loaded",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these error statuses, all with the ErrorBody schema."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}

@@ -1,0 +1,48 @@
+"""GET /healthz (the process answers), GET /readyz (store reachable and a model loaded), GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from service.api.concurrency import run_blocking
+from service.api.deps import ServicesDep
+from service.api.responses import OrjsonResponse
+from service.errors import ServiceError
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready: store unreachable or no model loaded"}},
+    summary="Readiness: the store answers and at least one model is loaded",
+)
+async def readyz(services: ServicesDep) -> OrjsonResponse:
+    try:
+        await run_blocking(services, services.store.ping, what="store ping")
+        store = "ok"
+    except ServiceError as exc:
+        store = str(exc)
+    models = len(services.registry.current.models)
+    ready = store == "ok" and models > 0
+    body = Readiness(ready=ready, store=store, models=models).model_dump()
+    return OrjsonResponse(body, status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,94 @@
+"""POST /score."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import onnxruntime as ort
+from fastapi import APIRouter, Request
+
+from service.api.concurrency import run_blocking
+from service.api.deps import ApiAuth, ServicesDep
+from service.api.responses import OrjsonResponse, errors
+from service.engine import ScoreResult
+from service.errors import LimitExceededError
+from service.schemas import ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["scoring"])
+
+
+def check_user_id(user_id: str, max_length: int) -> None:
+    if len(user_id) > max_length:
+        raise LimitExceededError("user_id", f"at most {max_length} characters (DARE_MAX_USER_ID_LENGTH), got {len(user_id)}")
+
+
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    responses=errors(401, 404, 413, 422, 500, 503),
+    dependencies=[ApiAuth],
+    summary="Click probabilities of candidates for one user",
+)
+async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> OrjsonResponse:
+    settings = services.settings
+    check_user_id(body.user_id, settings.max_user_id_length)
+    n = len(body.candidates)
+    if n > settings.max_candidates:
+        raise LimitExceededError(
+            "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
+        )
+    model = services.registry.current.get(body.model)  # 404 / 503 before any work
+    request.state.model = model.name
+    items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    run_options = ort.RunOptions()
+    result = await run_blocking(
+        services,
+        partial(services.engine.score, body.user_id, items, cates, model=model, run_options=run_options),
+        what="scoring",
+        run_options=run_options,
+    )
+    return OrjsonResponse(score_body(body.user_id, result, explain=body.explain))
+
+
+def score_body(user_id: str, result: ScoreResult, *, explain: bool) -> dict[str, object]:
+    body: dict[str, object] = {
+        "user_id": user_id,
+        "model": result.model.name,
+        "version": result.model.manifest.version,
+        "scores": result.probs,  # float32 [C], serialised by orjson as is
+        "history_length": len(result.history),
+        "stored_length": result.stored_length,
+        "cold_start": result.cold_start,
+        "degraded": result.degraded,
+        "timings_ms": {k: round(v * 1000.0, 4) for k, v in result.timings.items()},
+        "explain": explain_behaviours(result) if explain else None,
+    }
+    return body
+
+
+def explain_behaviours(result: ScoreResult) -> list[list[dict[str, object]]]:
+    """Per candidate, the retrieved history behaviours with raw ids, timestamps, positions and weights."""
+    assert result.topk_index is not None and result.topk_weight is not None
+    history = result.history
+    n = len(history)
+    index = result.topk_index  # [C, K], -1 = padding
+    valid = index >= 0  # [C, K]
+    if n == 0:
+        return [[] for _ in range(len(index))]
+    safe = np.where(valid, index, 0)  # [C, K]
+    items = history["item_id"][safe].tolist()
+    cates = history["category_id"][safe].tolist()
+    stamps = history["timestamp"][safe].tolist()
+    positions = (n - safe).tolist()  # most recent = 1
+    weights = result.topk_weight.tolist()
+    keep = valid.tolist()
+    return [
+        [
+            {"item_id": it, "category_id": ca, "timestamp": ts, "position": po, "weight": we}
+            for it, ca, ts, po, we, ok in zip(items[c], cates[c], stamps[c], positions[c], weights[c], keep[c])
+            if ok
+        ]
+        for c in range(len(index))
+    ]

@@ -1,0 +1,72 @@
+"""POST /events and GET /users/{user_id}/history: writing to and reading the sequence store."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Path, Query
+
+from service.api.concurrency import run_blocking
+from service.api.deps import ApiAuth, ServicesDep
+from service.api.responses import errors
+from service.api.routes.scoring import check_user_id
+from service.errors import LimitExceededError
+from service.schemas import USER_ID_MAX_CHARS, EventsRequest, EventsResponse, HistoryResponse, StoredEvent
+from service.store import make_events
+
+router = APIRouter(tags=["sequences"])
+
+
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=errors(401, 413, 422, 500, 503),
+    dependencies=[ApiAuth],
+    summary="Append behaviours to a user's sequence (atomic; trimmed to the lifelong maximum)",
+)
+async def append_events(body: EventsRequest, services: ServicesDep) -> EventsResponse:
+    settings = services.settings
+    check_user_id(body.user_id, settings.max_user_id_length)
+    n = len(body.events)
+    if n > settings.max_events_per_request:
+        raise LimitExceededError(
+            "events", f"at most {settings.max_events_per_request} events per request (DARE_MAX_EVENTS_PER_REQUEST), got {n}"
+        )
+    now = int(time.time())
+    events = make_events(
+        np.fromiter((e.item_id for e in body.events), dtype=np.int64, count=n),
+        np.fromiter((e.category_id for e in body.events), dtype=np.int64, count=n),
+        np.fromiter((now if e.timestamp is None else e.timestamp for e in body.events), dtype=np.int64, count=n),
+    )
+    length = await run_blocking(services, partial(services.store.append, body.user_id, events), what="append")
+    services.metrics.events_appended.inc(n)
+    return EventsResponse(user_id=body.user_id, appended=n, length=length)
+
+
+@router.get(
+    "/users/{user_id}/history",
+    response_model=HistoryResponse,
+    responses=errors(401, 422, 500, 503),
+    dependencies=[ApiAuth],
+    summary="A user's stored sequence length and most recent events (for debugging and checks)",
+)
+async def history(
+    services: ServicesDep,
+    user_id: Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_CHARS)],
+    limit: Annotated[int, Query(ge=0, description="most recent events to return (at most DARE_MAX_HISTORY)")] = 100,
+) -> HistoryResponse:
+    settings = services.settings
+    check_user_id(user_id, settings.max_user_id_length)
+    if limit > settings.max_history:
+        raise LimitExceededError("limit", f"at most {settings.max_history} (DARE_MAX_HISTORY), got {limit}")
+    hist = await run_blocking(services, partial(services.store.read, user_id, limit), what="history read")
+    events = [
+        StoredEvent(item_id=i, category_id=c, timestamp=t)
+        for i, c, t in zip(
+            hist.events["item_id"].tolist(), hist.events["category_id"].tolist(), hist.events["timestamp"].tolist()
+        )
+    ]
+    return HistoryResponse(user_id=user_id, exists=hist.exists, length=hist.stored_length, events=events)

@@ -1,0 +1,227 @@
+"""`create_app(settings)`: the FastAPI scoring service.
+
+The lifespan connects the sequence store (or starts the embedded one), loads every model folder, and wires the
+reload triggers (POST /admin/reload, SIGHUP, and the optional polling watcher). Errors become JSON responses in one
+place (`_install_error_handlers`): every service exception carries its status and code, validation errors name
+their fields.
+
+Run it with `dare serve`, or `uvicorn --factory service.main:create_app` (settings from DARE_* variables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import dare
+from service.api.deps import Services
+from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.responses import OrjsonResponse, error_response
+from service.api.routes import health, models, scoring, users
+from service.core.config import Settings, get_settings
+from service.engine import ScoringEngine
+from service.errors import InvalidSequenceInput, LimitExceededError, ServiceError
+from service.metrics import ServiceMetrics, multiprocess_dir
+from service.registry import InferenceOptions, ModelRegistry, ModelSet
+
+log = logging.getLogger("service")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.CapacityLimiter) -> Services:
+    """Connect the store and load the models (blocking; called from the lifespan in a thread)."""
+    from service.store import SequenceStore
+
+    store = SequenceStore.from_url(
+        settings.redis_url,
+        data_dir=settings.data_dir,
+        key_prefix=settings.key_prefix,
+        lifelong_max_events=settings.lifelong_max_events,
+        connect_timeout_s=settings.redis_connect_timeout_s,
+        socket_timeout_s=settings.redis_socket_timeout_s,
+        max_connections=settings.redis_max_connections,
+        metrics=metrics,
+    )
+
+    def publish(models: ModelSet) -> None:
+        metrics.set_models([
+            (m.name, m.manifest.version, m.manifest.model_kind, str(m.manifest.att_dim), str(m.manifest.repr_dim),
+             str(m.manifest.top_k), str(m.name == models.default).lower())
+            for m in models.models.values()
+        ])  # fmt: skip
+
+    registry = ModelRegistry(
+        settings.models_dir,
+        InferenceOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_graph_optimization),
+        default_model=settings.default_model,
+        verify_hashes=settings.verify_model_hashes,
+        on_change=publish,
+    )
+    if not settings.models_dir.is_dir():
+        log.warning("models dir %s does not exist: no model loaded, /readyz is false", settings.models_dir)
+    report = registry.reload()
+    engine = ScoringEngine(
+        store,
+        registry,
+        max_history=settings.max_history,
+        degraded_on_store_error=settings.degraded_on_store_error,
+        metrics=metrics,
+    )
+    log.info(
+        "store: %s; models loaded: %s (default %s), rejected: %s; auth: %s",
+        store.description,
+        ", ".join(report.loaded) or "none",
+        report.default,
+        ", ".join(report.rejected) or "none",
+        "bearer token required" if settings.api_token else "open (DARE_API_TOKEN not set)",
+    )
+    return Services(settings=settings, store=store, registry=registry, engine=engine, metrics=metrics, limiter=limiter)
+
+
+async def _reload(services: Services, why: str) -> None:
+    log.info("reloading models (%s)", why)
+    report = await anyio.to_thread.run_sync(services.registry.reload)
+    log.info("reload done: loaded %s, unchanged %s, removed %s, rejected %s",
+             report.loaded, report.unchanged, report.removed, list(report.rejected))
+
+
+async def _watch(services: Services, interval: float) -> None:
+    """Polling watcher (DARE_RELOAD_INTERVAL_S > 0): reload when a folder is added, removed or its manifest changes."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if await anyio.to_thread.run_sync(services.registry.changed):
+                await _reload(services, "models dir changed")
+        except Exception:  # keep watching whatever one round did
+            log.exception("model watcher round failed")
+
+
+def _install_sighup(services: Services) -> bool:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(services, "SIGHUP")))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return False  # not the main thread (e.g. TestClient) or no SIGHUP on this platform
+    return True
+
+
+def _field(loc: tuple[object, ...] | list[object]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts[:1]
+    return ".".join(parts) or "body"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> OrjsonResponse:
+        if isinstance(exc, LimitExceededError):
+            return error_response(exc.status, exc.code, str(exc), fields=[{"field": exc.field, "message": exc.detail}])
+        if exc.status >= 500:
+            log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc)
+        return error_response(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(InvalidSequenceInput)
+    async def invalid_sequence(request: Request, exc: InvalidSequenceInput) -> OrjsonResponse:
+        return error_response(422, "invalid_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> OrjsonResponse:
+        fields = []
+        for err in exc.errors():
+            kind = err.get("type")
+            name = "body" if kind == "json_invalid" else _field(err.get("loc", ()))
+            msg = str(err.get("msg", "invalid"))
+            if kind == "missing" and name == "body":
+                msg = "a JSON body is required"
+            elif kind == "json_invalid":
+                msg = f"not valid JSON ({msg.lower()} at character {err.get('ctx', {}).get('error', '?')})"
+            elif kind in ("model_attributes_type", "dict_type") and name == "body":
+                msg = f"{msg} (send a JSON object with Content-Type: application/json)"
+            fields.append({"field": name, "message": msg})
+        detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+        return error_response(422, "invalid_request", detail, fields=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> OrjsonResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> OrjsonResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error (see the service log)")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; `settings` default to the DARE_* environment (read now, not at import)."""
+    settings = settings if settings is not None else get_settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limiter = anyio.CapacityLimiter(settings.scoring_threads)
+        services = await anyio.to_thread.run_sync(build_services, settings, metrics, limiter)
+        app.state.services = services
+        sighup = _install_sighup(services)
+        watcher = None
+        if settings.reload_interval_s > 0:
+            watcher = asyncio.get_running_loop().create_task(_watch(services, settings.reload_interval_s))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            services.store.close()
+            if multiprocess_dir():
+                # Drop this worker's live gauges (dare_model_info) from the aggregated /metrics.
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())
+
+    app = FastAPI(
+        title="DARE scoring service",
+        summary="CTR scores over lifelong behaviour sequences (DARE: decoupled attention and representation embeddings)",
+        version=dare.__version__,
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    for router in (scoring.router, users.router, models.router, health.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    # Added last = outermost: the duration histogram also sees the 413s of the body limit.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)

@@ -1,0 +1,166 @@
+"""Request and response bodies of the HTTP API (pydantic v2). These models are also the OpenAPI document.
+
+Ids are strict JSON integers (no strings, floats or booleans) in the ranges the store can hold:
+item_id 0..2**63-1, category_id 0..2**32-1, timestamp 0..2**32-1 (Unix seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
+
+# The hard ceiling of the schema; the configured limit (DARE_MAX_USER_ID_LENGTH) is checked by the routes.
+USER_ID_MAX_CHARS = 1024
+
+ItemId = Annotated[StrictInt, Field(ge=0, le=MAX_ITEM_ID, description="raw item id, 0..2**63-1")]
+CategoryId = Annotated[StrictInt, Field(ge=0, le=MAX_CATEGORY_ID, description="raw category id, 0..2**32-1")]
+Timestamp = Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP, description="Unix seconds, 0..2**32-1")]
+UserId = Annotated[StrictStr, Field(min_length=1, max_length=USER_ID_MAX_CHARS, description="any non-empty string")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Candidate(_Strict):
+    item_id: ItemId
+    category_id: CategoryId
+
+
+class ScoreRequest(_Strict):
+    user_id: UserId
+    candidates: list[Candidate] = Field(
+        min_length=1, description="at least one; at most DARE_MAX_CANDIDATES (default 1,000); duplicates are scored"
+    )
+    model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="a loaded model's name (GET /models); default: the service's default model"
+    )
+    explain: StrictBool = Field(False, description="also return the top-K retrieved behaviours per candidate")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "1",
+                    "candidates": [
+                        {"item_id": 2268318, "category_id": 2520377},
+                        {"item_id": 2333346, "category_id": 2520771},
+                    ],
+                }
+            ]
+        },
+    )
+
+
+class RetrievedBehaviour(BaseModel):
+    item_id: int
+    category_id: int
+    timestamp: int
+    position: int = Field(description="1 = the most recent behaviour used")
+    weight: float = Field(description="softmax weight over the retrieved top-K")
+
+
+class ScoreResponse(BaseModel):
+    user_id: str
+    model: str
+    version: str
+    scores: list[float] = Field(description="click probability per candidate, in request order")
+    history_length: int = Field(description="events of the user's history used (at most DARE_MAX_HISTORY)")
+    stored_length: int = Field(description="events stored for the user")
+    cold_start: bool = Field(description="the user has no stored history (scored from an empty one)")
+    degraded: bool = Field(description="the store failed and the scores come from an empty history")
+    timings_ms: dict[str, float] = Field(description="store_fetch, id_mapping, search, scoring")
+    explain: list[list[RetrievedBehaviour]] | None = Field(
+        None, description="with explain=true: per candidate, the retrieved behaviours (padding left out)"
+    )
+
+
+class Event(_Strict):
+    item_id: ItemId
+    category_id: CategoryId
+    timestamp: Timestamp | None = Field(None, description="default: the time the service receives the request")
+
+
+class EventsRequest(_Strict):
+    user_id: UserId
+    events: list[Event] = Field(
+        min_length=1, description="oldest first; at most DARE_MAX_EVENTS_PER_REQUEST (default 10,000)"
+    )
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    appended: int
+    length: int = Field(description="events stored for the user after the append and the trim")
+
+
+class StoredEvent(BaseModel):
+    item_id: int
+    category_id: int
+    timestamp: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    exists: bool
+    length: int = Field(description="events stored for the user")
+    events: list[StoredEvent] = Field(description="the most recent `limit` events, oldest first")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    kind: str
+    att_dim: int
+    repr_dim: int
+    top_k: int
+    max_position: int
+    item_rows: int
+    cate_rows: int
+    opset: int
+    metrics: dict[str, float | int | None]
+    data_fingerprint: str
+    code_version: str
+    created_at: str
+    loaded_at: str
+    default: bool
+
+
+class ModelsResponse(BaseModel):
+    default: str | None
+    models: list[ModelInfo]
+
+
+class ReloadResponse(BaseModel):
+    loaded: list[str]
+    unchanged: list[str]
+    removed: list[str]
+    rejected: dict[str, str] = Field(description="folder name -> why it was rejected (the old version, if any, serves)")
+    default: str | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    store: str = Field(description='"ok" or why the store is not reachable')
+    models: int = Field(description="models loaded")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable machine-readable `error` code and a human `detail`."""
+
+    error: str = Field(description="e.g. invalid_request, limit_exceeded, unauthorized, unknown_model, store_unavailable")
+    detail: str
+    fields: list[FieldError] | None = Field(None, description="for 422: each offending field and what is wrong")
