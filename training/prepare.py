@@ -369,12 +369,13 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
     dropped: dict[str, int] = {"truncated_last_line": raw.truncated_last_line, "blank_line": raw.blank_lines}
     with stages.stage("filter rows and users"):
         df = raw.frame
-        n = df.height
-        df = df.filter(pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left"))
-        dropped["timestamp_out_of_range"] = n - df.height
-        n = df.height
-        df = df.filter(pl.col("behavior").is_in(list(cfg.behaviors)))
-        dropped["behavior_not_kept"] = n - df.height
+        raw.frame = pl.DataFrame()  # drop the caller's reference so the unfiltered frame is freed below
+        in_range = pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left")
+        wanted = pl.col("behavior").is_in(list(cfg.behaviors))
+        bad_ts, bad_behavior = df.select((~in_range).sum(), (in_range & ~wanted).sum()).row(0)
+        dropped["timestamp_out_of_range"] = int(bad_ts)
+        dropped["behavior_not_kept"] = int(bad_behavior)
+        df = df.filter(in_range & wanted).select("user", "item", "cate", "ts")
         n = df.height
         df = df.filter(pl.len().over("user") >= cfg.min_events)
         dropped["user_below_min_events"] = n - df.height
@@ -387,7 +388,6 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
             )
 
     with stages.stage("vocabularies, item categories"):
-        df = df.select("user", "item", "cate", "ts")
         item_row, item_raw, item_index = _first_appearance_rows(df["item"], FIRST_ID_ROW)
         item = item_row.to_numpy()
         cate_raw_rows = df["cate"].to_numpy()
@@ -529,7 +529,7 @@ class NpzStreamWriter:
         with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array_header_2_0(fh, header)
             for chunk in chunks:
-                fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+                fh.write(memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B"))
                 written += chunk.shape[0]
         if written != shape[0]:
             raise AssertionError(f"{name}: wrote {written} rows, header says {shape[0]}")
@@ -539,13 +539,18 @@ def _history_chunks(
     values: np.ndarray, target: np.ndarray, user_start: np.ndarray, length: int, advance: Callable[[int], None]
 ) -> Iterator[np.ndarray]:
     """Yield [s, L] blocks of `values` at the L events before each target, left-padded with 0 (PAD_INDEX)."""
-    offsets = np.arange(-length, 0, dtype=np.int64)  # (L,) oldest first; column L-1 is the event just before
+    # Row g of the window view is values[g-L:g] (L zeros in front cover g < L); it may reach into the previous
+    # user's events, which the mask below turns into padding. Gathering whole rows is ~7x faster than per cell.
+    padded = np.concatenate([np.full(length, PAD_INDEX, dtype=values.dtype), values])  # (L + E,)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, length)  # (E + 1, L) view, no copy
+    column = np.arange(length, dtype=np.int64)  # (L,)
     step = max(1, CHUNK_CELLS // length)
     for a in range(0, len(target), step):
-        idx = target[a : a + step, None] + offsets[None, :]  # (s, L) global event index of each slot
-        inside = idx >= user_start[a : a + step, None]  # (s, L) False where the user's sequence has not begun
-        yield np.where(inside, values[np.maximum(idx, 0)], PAD_INDEX)  # (s, L)
-        advance(len(idx))
+        block = windows[target[a : a + step]]  # (s, L) copy: the L events before each target, oldest first
+        n_pad = length - (target[a : a + step] - user_start[a : a + step])  # (s,) slots before the user's start
+        block[column[None, :] < n_pad[:, None]] = PAD_INDEX
+        yield block
+        advance(len(block))
 
 
 def write_split(
