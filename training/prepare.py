@@ -372,7 +372,7 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
         raw.frame = pl.DataFrame()  # drop the caller's reference so the unfiltered frame is freed below
         in_range = pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left")
         wanted = pl.col("behavior").is_in(list(cfg.behaviors))
-        bad_ts, bad_behavior = df.select((~in_range).sum(), (in_range & ~wanted).sum()).row(0)
+        bad_ts, bad_behavior = df.select((~in_range).sum().alias("ts"), (in_range & ~wanted).sum().alias("b")).row(0)
         dropped["timestamp_out_of_range"] = int(bad_ts)
         dropped["behavior_not_kept"] = int(bad_behavior)
         df = df.filter(in_range & wanted).select("user", "item", "cate", "ts")
