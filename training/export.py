@@ -86,7 +86,9 @@ def _frozen(tensor: Tensor) -> Tensor:
 class UserSearchGraph(nn.Module):
     """The GSU for one user: hist [N], candidates [C] -> topk_index [C, K] (-1 = padding), topk_weight [C, K]."""
 
-    def __init__(self, model: CTRModel, block: int = TOPK_BLOCK) -> None:
+    def __init__(self, model: CTRModel, block: int | None = TOPK_BLOCK, fold_position: bool = True) -> None:
+        """`block=None` (one plain TopK) and `fold_position=False` (gather position embeddings and multiply them
+        in the MatMul) are the slower shapes, kept for the graph-shape benchmark."""
         super().__init__()
         att: TokenEmbedding = model.tables.attention
         stage = model.search_stage
@@ -94,29 +96,35 @@ class UserSearchGraph(nn.Module):
         self.scale = stage.scale
         self.register_buffer("item", _frozen(att.item.weight))  # [item_rows, d]
         self.register_buffer("cate", _frozen(att.cate.weight))  # [cate_rows, d]
-        self.register_buffer("zero_rows", torch.zeros(self.top_k * block, dtype=torch.int64))  # pads <= K*block
-        self.register_buffer("block_offsets", torch.arange(block, dtype=torch.int64))
-        self.fold_position = stage.query is None
+        self.register_buffer("zero_rows", torch.zeros(self.top_k * (block or 1), dtype=torch.int64))  # >= pads
+        self.register_buffer("block_offsets", torch.arange(block or 1, dtype=torch.int64))
+        # TWIN-proj's position part depends on the candidate (through W_q, W_k), so it cannot be folded.
+        self.fold_position = fold_position and stage.query is None
         if self.fold_position:
             # <E_pos[p], v_tpos> / sqrt(3d) for every position p: a constant per position. Row 0 (padding) holds
             # PAD_SCORE, so padding tokens score PAD_SCORE through the MatMul itself.
             bias = (att.position.weight.detach() @ att.target_position.detach()) * self.scale  # [P+1]
         else:
-            # TWIN-proj: <W_q v, W_k e> = <v W_q^T W_k, e>; fold the two projections into one [3d, 3d] matrix.
-            assert stage.query is not None and stage.key is not None
-            self.register_buffer("query_key", _frozen(stage.query.weight.t() @ stage.key.weight))
             self.register_buffer("position", _frozen(att.position.weight))  # [P+1, d]
             self.register_buffer("target_position", _frozen(att.target_position))  # [d]
             bias = torch.zeros(att.position.num_embeddings)
+        if stage.query is not None and stage.key is not None:
+            # TWIN-proj: <W_q v, W_k e> = <v W_q^T W_k, e>; fold the two projections into one [3d, 3d] matrix.
+            self.register_buffer("query_key", _frozen(stage.query.weight.t() @ stage.key.weight))
+        else:
+            self.query_key = None
         bias[0] = PAD_SCORE
         self.register_buffer("position_column", bias.unsqueeze(1).contiguous())  # [P+1, 1]
 
     def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor]:
-        k, b = self.top_k, self.block
+        k = self.top_k
         n = _history_length(hist_item)
-        # Prepend padding so that the length T is a multiple of the block and holds at least K blocks.
-        total = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="floor") * b, min=k * b)
-        pads = total - n
+        if self.block is None:
+            pads = torch.full_like(n, k)
+        else:
+            # Prepend padding so that the length T is a multiple of the block and holds at least K blocks.
+            b = self.block
+            pads = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="floor") * b, min=k * b) - n
         pad = self.zero_rows[:pads]
         item = torch.cat([pad, hist_item])  # [T]
         cate = torch.cat([pad, hist_cate])  # [T]
@@ -133,9 +141,24 @@ class UserSearchGraph(nn.Module):
             target = torch.cat(
                 [self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1
             )  # [C, 3d]
-            query = torch.cat([torch.matmul(target, self.query_key) * self.scale, ones], 1)  # [C, 3d+1]
+            if self.query_key is not None:
+                target = torch.matmul(target, self.query_key)
+            query = torch.cat([target * self.scale, ones], 1)  # [C, 3d+1]
         scores = torch.matmul(query, hist.t())  # [C, T]
-        # Two-step exact top-K: best K blocks by their maximum, then the best K scores inside those blocks.
+        if self.block is None:
+            top_score, column = scores.topk(k, dim=1)  # [C, K]
+        else:
+            top_score, column = self._two_step_topk(scores, cands)
+        real = column >= pads  # [C, K]
+        weight = torch.exp(top_score - top_score[:, :1]) * real.to(top_score.dtype)  # [C, K]
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        index = torch.where(real, column - pads, torch.full_like(column, -1))
+        return index, weight
+
+    def _two_step_topk(self, scores: Tensor, cands: int) -> tuple[Tensor, Tensor]:
+        """Exact top-K of [C, T] scores: the K blocks with the largest maxima, then the best K inside them."""
+        k, b = self.top_k, self.block
+        assert b is not None
         blocks = scores.reshape(cands, -1, b)  # [C, T/b, b]
         n_blocks = blocks.shape[1]
         _, top_block = blocks.amax(dim=2).topk(k, dim=1, sorted=False)  # [C, K]
@@ -143,11 +166,7 @@ class UserSearchGraph(nn.Module):
         picked = scores.reshape(-1, b)[flat_block].reshape(cands, k * b)  # [C, K*b]
         top_score, slot = picked.topk(k, dim=1)  # [C, K], sorted
         column = torch.gather((top_block.unsqueeze(2) * b + self.block_offsets).reshape(cands, k * b), 1, slot)
-        real = column >= pads  # [C, K]
-        weight = torch.exp(top_score - top_score[:, :1]) * real.to(top_score.dtype)  # [C, K]
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        index = torch.where(real, column - pads, torch.full_like(column, -1))
-        return index, weight
+        return top_score, column
 
 
 class UserScoreGraph(nn.Module):
