@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -44,7 +45,7 @@ def serve(
     import uvicorn
 
     from service.core.config import load_settings
-    from service.store import EmbeddedRedis
+    from service.store import EmbeddedRedis, check_url
 
     for name, value in (("models_dir", models), ("host", host), ("port", port), ("workers", workers),
                         ("redis_url", redis), ("default_model", default_model)):  # fmt: skip
@@ -54,6 +55,8 @@ def serve(
         raise DareError(f"models dir {settings.models_dir} does not exist (pass --models DIR or set DARE_MODELS_DIR)")
     if settings.default_model and not (settings.models_dir / settings.default_model).is_dir():
         raise DareError(f"default model {settings.default_model!r} has no folder in {settings.models_dir}")
+    if settings.redis_url is not None:
+        check_url(settings.redis_url)
 
     embedded = None
     multiproc_dir = None
@@ -67,6 +70,9 @@ def serve(
             # prometheus-client multiprocess mode: workers write their values to files that /metrics aggregates.
             multiproc_dir = tempfile.mkdtemp(prefix="dare-prometheus-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        # uvicorn shuts down gracefully on SIGTERM and then re-raises it; with this handler in place the re-raised
+        # signal ends the process through the `finally` below (stopping the embedded Redis) with exit code 0.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(
             "service.main:create_app_from_env",
             factory=True,
@@ -81,6 +87,10 @@ def serve(
             embedded.stop()
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def load(

