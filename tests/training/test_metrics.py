@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import mutual_info_score
+from sklearn.metrics import mutual_info_score, roc_auc_score
 
 from dare.errors import DareError
 from training.metrics import (
@@ -30,6 +30,23 @@ def test_user_gauc_weights_by_impressions_and_skips_one_class_users() -> None:
     assert user_gauc(users, labels, scores) == pytest.approx((3 * 0.5 + 2 * 1.0) / 5)
     gauc, used = grouped_auc(users, labels, scores)
     assert used == 2 and gauc != pytest.approx(0.75)  # not the unweighted mean
+
+
+def test_grouped_auc_matches_sklearn_per_group_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 40, 2000)
+    labels = (rng.random(2000) < 0.3).astype(int)
+    scores = np.round(rng.random(2000) + 0.3 * labels, 1)  # coarse scores: many ties
+    expected_total, expected_weight, expected_used = 0.0, 0, 0
+    for g in np.unique(groups):
+        y, p = labels[groups == g], scores[groups == g]
+        if y.min() != y.max():
+            expected_total += len(y) * roc_auc_score(y, p)
+            expected_weight += len(y)
+            expected_used += 1
+    value, used = grouped_auc(groups, labels, scores)
+    assert used == expected_used
+    assert value == pytest.approx(expected_total / expected_weight, abs=1e-12)
 
 
 def test_gauc_with_no_usable_group_is_nan() -> None:

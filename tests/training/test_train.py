@@ -199,6 +199,9 @@ def test_bad_data_folders_are_clear_errors(tmp_path: Path, planted: Path) -> Non
         load_prepared(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(DareError, match="no meta.json"):
+        load_prepared(empty)
+    (empty / "meta.json").write_text('{"data_fingerprint": "x"}')
     with pytest.raises(DareError, match="missing train.npz"):
         load_prepared(empty)
     broken = make_prepared(tmp_path / "broken", users=10, train_per_user=1)
