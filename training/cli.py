@@ -132,17 +132,75 @@ def bench_prepare(
 def train(
     data: Annotated[Path, typer.Option("--data", help="folder written by `dare prepare`")],
     out: Annotated[Path, typer.Option("--out", help="run folder: checkpoint, config.json, metrics.json")],
+    model: Annotated[str, typer.Option("--model", help="dare, twin or twin-proj")] = "dare",
+    att_dim: Annotated[int, typer.Option("--att-dim", help="per-field attention embedding dim")] = 16,
+    repr_dim: Annotated[Optional[int], typer.Option("--repr-dim", help="per-field representation dim, dare only (default: the att dim)")] = None,
+    topk: Annotated[int, typer.Option("--topk", help="behaviours retrieved by the search stage")] = 20,
+    epochs: Annotated[int, typer.Option("--epochs")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate")] = 0.01,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss", help="add the auxiliary loss over all positions")] = False,
+    evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="validation passes per epoch")] = 4,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Train DARE, TWIN or TWIN-proj; keep the best checkpoint by validation AUC; write metrics.json."""
-    raise NotImplementedError("owned by the training work package")
+    from training.train import TrainOptions, train as run_train
+
+    options = TrainOptions(
+        model=model, att_dim=att_dim, repr_dim=repr_dim, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch,
+    )  # fmt: skip
+    m = run_train(data, options, out, progress=not quiet).metrics
+    ndcg = m["test_ndcg_at_k"]
+    typer.echo(
+        f"{out}: test AUC {m['test_auc']:.4f}, GAUC {m['test_gauc']:.4f}, logloss {m['test_logloss']:.4f}, "
+        f"NDCG@{m['ndcg_k']} {'n/a' if ndcg is None else f'{ndcg:.4f}'} ({m['ndcg_truth']}); "
+        f"best val AUC {m['val_auc']:.4f} at step {m['best_step']}/{m['steps']}; {m['train_seconds']:.0f} s"
+    )
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    from dare.errors import DareError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DareError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def compare(
     data: Annotated[Path, typer.Option("--data", help="folder written by `dare prepare`")],
     out: Annotated[Path, typer.Option("--out", help="folder for runs, results.md and results.png")],
+    seeds: Annotated[int, typer.Option("--seeds", help="seeds per (model, dim): 0..N-1")] = 3,
+    att_dims: Annotated[str, typer.Option("--att-dims", help="comma-separated attention dims")] = "16,32,64",
+    repr_dim: Annotated[int, typer.Option("--repr-dim", help="DARE's representation dim")] = 64,
+    models: Annotated[str, typer.Option("--models", help="comma-separated: dare,twin,twin-proj")] = "dare,twin,twin-proj",
+    topk: Annotated[int, typer.Option("--topk")] = 20,
+    epochs: Annotated[int, typer.Option("--epochs")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option("--lr")] = 0.01,
+    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss")] = False,
+    evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch")] = 4,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Train DARE, TWIN and TWIN-proj over seeds and attention dims; write a table and a chart."""
-    raise NotImplementedError("owned by the training work package")
+    import shlex
+    import sys
+
+    from training.compare import CompareOptions, compare as run_compare
+
+    options = CompareOptions(
+        models=tuple(m.strip() for m in models.split(",") if m.strip()), att_dims=_int_list("--att-dims", att_dims),
+        repr_dim=repr_dim, seeds=seeds, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr, aux_loss=aux_loss,
+        device=device, evals_per_epoch=evals_per_epoch,
+    )  # fmt: skip
+    command = shlex.join(["dare", *sys.argv[1:]])
+    result = run_compare(data, options, out, command=command, progress=not quiet)
+    typer.echo(result.markdown)
+    typer.echo(f"wrote {out}/results.md, results.json, results.png ({len(result.runs)} runs)")
 
 
 def export(
