@@ -268,3 +268,51 @@ def test_store_uses_hiredis() -> None:
 
     assert HIREDIS_AVAILABLE
     assert redis.__version__
+
+
+def test_tls_with_password_via_rediss_url(tmp_path: Path) -> None:
+    """rediss:// with a password against a real TLS-only redis-server (self-signed certificate made here)."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port, redis_server_binary
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--requirepass", "pw", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"rediss://:pw@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        deadline = time.monotonic() + 10
+        while True:
+            if server.poll() is not None:
+                pytest.skip(f"this redis-server has no TLS support: {server.stderr.read().decode()[-300:]}")
+            try:
+                store = SequenceStore.from_url(url, connect_timeout_s=1, socket_timeout_s=1)
+                store.ping()
+                break
+            except StoreUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        store.append("tls-user", events([4, 5]))
+        assert store.read("tls-user", 10).events["item_id"].tolist() == [4, 5]
+        store.close()
+        plain = SequenceStore.from_url(f"redis://:pw@127.0.0.1:{port}/0", connect_timeout_s=1, socket_timeout_s=1)
+        with pytest.raises(StoreUnavailableError):  # the server speaks TLS only
+            plain.ping()
+        plain.close()
+    finally:
+        server.kill()
+        server.wait(timeout=10)
