@@ -114,9 +114,11 @@ def check_config(cfg: PrepareConfig) -> None:
     # n >= 4 events leave a test, a validation and at least one training target that has a history.
     if cfg.min_events < 4:
         raise PrepareError(f"--min-events must be >= 4 (test, validation and one training target), got {cfg.min_events}")
-    for name in ("history_len", "positives_per_user", "positive_stride", "negatives_per_positive"):
+    options = {"history_len": "--history-len", "positives_per_user": "--positives-per-user",
+               "positive_stride": "--positive-stride", "negatives_per_positive": "--negatives"}  # fmt: skip
+    for name, option in options.items():
         if getattr(cfg, name) < 1:
-            raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise PrepareError(f"{option} must be >= 1, got {getattr(cfg, name)}")
     if cfg.min_timestamp >= cfg.max_timestamp:
         raise PrepareError(f"--min-timestamp ({cfg.min_timestamp}) must be < --max-timestamp ({cfg.max_timestamp})")
 
@@ -239,9 +241,12 @@ def _diagnose(source: Path | io.BytesIO, path: Path) -> None:
     if isinstance(source, io.BytesIO):
         source.seek(0)
     # One string per line (0x1f never occurs in this format), so line numbers are row indices + 1.
-    lines = pl.read_csv(
-        source, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String}
-    ).with_row_index("lineno", offset=1)
+    try:
+        lines = pl.read_csv(
+            source, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String}
+        ).with_row_index("lineno", offset=1)
+    except pl.exceptions.PolarsError:
+        return  # not even readable as text lines (binary, invalid UTF-8): the caller reports the parser's message
     lines = lines.filter(pl.col("line").str.strip_chars().str.len_bytes() > 0)
     nfields = lines.select(pl.col("line").str.count_matches(",", literal=True) + 1).to_series()
     bad = lines.filter(nfields != len(LOG_COLUMNS)).head(1)
@@ -310,14 +315,12 @@ def read_log(path: Path, stages: StageProgress) -> RawLog:
                 schema=_SCHEMA,
                 quote_char=None,
             )
-        except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError, pl.exceptions.NoDataError) as exc:
+        except pl.exceptions.PolarsError as exc:
             _diagnose(source, path)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PrepareError(f"{path}: cannot parse as {','.join(LOG_COLUMNS)}: {first}") from None
         # A line with fewer than 5 fields or an empty field parses with nulls; a blank line is all nulls.
-        nulls = frame.select(
-            pl.sum_horizontal(pl.all().is_null()).alias("n")
-        ).to_series()
+        nulls = frame.select(pl.sum_horizontal(pl.all().is_null()).alias("n")).to_series()
         blank = int((nulls == len(_SCHEMA)).sum())
         partial = (nulls > 0) & (nulls < len(_SCHEMA))
         if partial.any():

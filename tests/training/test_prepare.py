@@ -289,6 +289,9 @@ def test_out_of_order_events_are_sorted_by_time_stably(tmp_path: Path) -> None:
         (_user_log(2) + "1,10,100,click,1511544070\n" + GOOD, r"log\.csv:3: behavior_type 'click' is not one of pv"),
         ("user_id,item_id,category_id,behavior_type,timestamp\n" + GOOD, r"log\.csv:1: user_id 'user_id' .* no header"),
         (_user_log(5, user=1) + _user_log(3, user=2), r"no rows left after filtering"),
+        ("1,10,100,pv\n" + GOOD, r"log\.csv:1: expected 5 comma-separated fields .* found 4"),
+        ("\x00\x01abc,\x02\n", r"log\.csv: cannot parse as user_id,item_id"),
+        ("1,10,10", r"log\.csv: no complete rows"),
         # Only a last line cut mid-line (no newline after it) is forgiven; a short line ending in a newline is not.
         (_user_log(2) + "\n" + "1,10\n", r"log\.csv:4: fewer than 5 fields"),
     ],
@@ -319,7 +322,7 @@ def test_missing_empty_and_corrupt_files_are_named(tmp_path: Path) -> None:
         ({"behaviors": ()}, "at least one"),
         ({"min_events": 3}, "--min-events must be >= 4"),
         ({"history_len": 0}, "--history-len must be >= 1"),
-        ({"negatives_per_positive": 0}, "--negatives-per-positive must be >= 1"),
+        ({"negatives_per_positive": 0}, "--negatives must be >= 1"),
         ({"min_timestamp": 5, "max_timestamp": 5}, "--min-timestamp"),
     ],
 )
