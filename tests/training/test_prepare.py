@@ -290,7 +290,7 @@ def test_out_of_order_events_are_sorted_by_time_stably(tmp_path: Path) -> None:
         ("user_id,item_id,category_id,behavior_type,timestamp\n" + GOOD, r"log\.csv:1: user_id 'user_id' .* no header"),
         (_user_log(5, user=1) + _user_log(3, user=2), r"no rows left after filtering"),
         ("1,10,100,pv\n" + GOOD, r"log\.csv:1: expected 5 comma-separated fields .* found 4"),
-        ("\x00\x01abc,\x02\n", r"log\.csv: cannot parse as user_id,item_id"),
+        ("\x00\x01abc,\x02\n", r"log\.csv:1: expected 5 comma-separated fields .* found 2"),
         ("1,10,10", r"log\.csv: no complete rows"),
         # Only a last line cut mid-line (no newline after it) is forgiven; a short line ending in a newline is not.
         (_user_log(2) + "\n" + "1,10\n", r"log\.csv:4: fewer than 5 fields"),
@@ -310,6 +310,9 @@ def test_missing_empty_and_corrupt_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty.csv.gz").write_bytes(gzip.compress(b""))
     with pytest.raises(DareError, match="empty"):
         prepare(CFG, tmp_path / "empty.csv.gz", tmp_path / "out", progress=False)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81,\x80\n")
+    with pytest.raises(DareError, match="binary.csv: cannot parse as user_id,item_id"):
+        prepare(CFG, tmp_path / "binary.csv", tmp_path / "out", progress=False)
     (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(_user_log().encode())[:-12])
     with pytest.raises(DareError, match="not a readable gzip file"):
         prepare(CFG, tmp_path / "cut.csv.gz", tmp_path / "out", progress=False)
