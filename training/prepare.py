@@ -572,8 +572,9 @@ def write_split(
     with stages.stage(f"{split}: write {split}.npz", total=2 * len(target)) as advance:
         with NpzStreamWriter(out / f"{split}.npz") as npz:
             npz.add("user", users.astype(np.int64))
-            npz.add_chunked("hist_item", shape, np.int64, _history_chunks(ev.item, target, user_start, cfg.history_len, advance))
-            npz.add_chunked("hist_cate", shape, np.int64, _history_chunks(ev.cate, target, user_start, cfg.history_len, advance))
+            for name, values in (("hist_item", ev.item), ("hist_cate", ev.cate)):
+                blocks = _history_chunks(values, target, user_start, cfg.history_len, advance)
+                npz.add_chunked(name, shape, np.int64, blocks)
             npz.add("cand_item", cand_item.astype(np.int64))
             npz.add("cand_cate", cand_cate.astype(np.int64))
             npz.add("label", label)
@@ -595,6 +596,11 @@ def remap_truth(truth_file: Path, ev: Events) -> dict[str, np.ndarray]:
         raise PrepareError(f"{truth_file}: relation has shape {relation.shape}, expected {(len(cate_raw),) * 2}")
     pos = np.minimum(np.searchsorted(ev.cate_raw, cate_raw), len(ev.cate_raw) - 1)
     present = ev.cate_raw[pos] == cate_raw  # (C,) truth categories that made it into the vocabulary
+    if present.sum() != len(ev.cate_raw):
+        raise PrepareError(
+            f"{truth_file}: names {present.sum()} of the log's {len(ev.cate_raw)} categories; "
+            "it belongs to another log (remove it, or regenerate both with `dare synth`)"
+        )
     rows = ev.cate_index[pos[present]]  # (C',) their category rows
     cate_rows = FIRST_ID_ROW + len(ev.cate_raw)
     remapped = np.zeros((cate_rows, cate_rows), dtype=np.float64)  # [target cate row, history cate row]

@@ -137,6 +137,15 @@ def test_prepare_copies_the_truth_remapped_to_category_rows(small_log: Path, tmp
     np.testing.assert_array_equal(copied["decay"], source["decay"])
 
 
+def test_a_truth_file_of_another_log_is_refused(small_log: Path, tmp_path: Path) -> None:
+    (tmp_path / "real.csv").write_text(
+        "".join(f"{u},{1000 * u + i},{77 + i % 3},pv,{1511544070 + i}\n" for u in (1, 2) for i in range(6))
+    )
+    (tmp_path / "real.truth.npz").write_bytes(small_log.with_name("small.truth.npz").read_bytes())
+    with pytest.raises(DareError, match="belongs to another log"):
+        prepare(PrepareConfig(min_events=4), tmp_path / "real.csv", tmp_path / "out", progress=False)
+
+
 def test_bad_options_are_named(tmp_path: Path) -> None:
     cases = [
         ({"users": 0}, "--users must be >= 1"),
