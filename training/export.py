@@ -379,10 +379,16 @@ def verify_parity(
 # ------------------------------------------------------------------------------------------------- export
 
 
+# metrics.json may repeat the run's settings; the manifest keeps those in `config`, not among the metrics.
+NOT_METRICS = ("config", "options")
+
+
 def _numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float | int | None]:
     """Flatten nested metric dicts to "a.b" keys, keeping numbers (and nulls) only."""
     flat: dict[str, float | int | None] = {}
     for key, value in metrics.items():
+        if not prefix and key in NOT_METRICS:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_numeric_metrics(value, prefix=f"{name}."))

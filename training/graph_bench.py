@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def run(out: Path, n: int, c: int, dims: list[int], repr_dim: int, reps: int, th
     batched = [feed_t[k][None] for k in ("hist_item", "hist_cate", "cand_item", "cand_cate")]
 
     calls: dict[tuple[str, str, int], object] = {}  # (graph, variant, dim) -> zero-argument callable
+    profiles: dict[int, list[tuple[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dim in tqdm(dims, desc="export variants"):
             torch.manual_seed(dim)
@@ -98,6 +100,8 @@ def run(out: Path, n: int, c: int, dims: list[int], repr_dim: int, reps: int, th
                 # Same weights from every shape (ties aside, weights do not depend on which tied index won).
                 assert np.abs(weight - reference).max() <= 1e-5, f"{variant} disagrees at dim {dim}"
                 calls[("search", variant, dim)] = lambda s=session: s.run(None, feed)
+                if variant == "shipped" and dim in (dims[0], dims[-1]):
+                    profiles[dim] = _op_profile(path, feed, threads)
             full_path = Path(tmp) / f"full-{dim}.onnx"
             _export(UserFullGraph(model).eval(), full_path, ["prob", "topk_index", "topk_weight"], 53)
             full = ort.InferenceSession(str(full_path), options, providers=["CPUExecutionProvider"])
@@ -122,6 +126,7 @@ def run(out: Path, n: int, c: int, dims: list[int], repr_dim: int, reps: int, th
 
         for fn in calls.values():  # warm-up
             fn()  # type: ignore[operator]
+        load_before = os.getloadavg()[0]
         samples: dict[tuple[str, str, int], list[float]] = {key: [] for key in calls}
         for _ in tqdm(range(reps), desc=f"timing N={n} C={c} threads={threads}"):
             for key, fn in calls.items():
@@ -131,14 +136,36 @@ def run(out: Path, n: int, c: int, dims: list[int], repr_dim: int, reps: int, th
 
     records = [
         {"graph": graph, "variant": variant, "backend": "torch" if variant.startswith("torch") else "onnxruntime",
-         "att_dim": dim, "repr_dim": repr_dim, "n": n, "c": c, "threads": threads, **_percentiles(values)}
+         "att_dim": dim, "repr_dim": repr_dim, "n": n, "c": c, "threads": threads,
+         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], **_percentiles(values)}
         for (graph, variant, dim), values in samples.items()
     ]  # fmt: skip
-    _write(out, records, dims)
+    _write(out, records, dims, profiles)
     return records
 
 
-def _write(out: Path, records: list[dict], dims: list[int]) -> None:
+def _op_profile(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int = 20) -> list[tuple[str, float]]:
+    """onnxruntime's own per-node timings (SessionOptions.enable_profiling): [(op: node, mean ms)], largest first."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    total: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = f"{event['args']['op_name']} {event['name'].removesuffix('_kernel_time')}"
+            total[key] = total.get(key, 0.0) + event["dur"] / 1000 / runs
+    return sorted(total.items(), key=lambda kv: -kv[1])
+
+
+def _write(out: Path, records: list[dict], dims: list[int], profiles: dict[int, list[tuple[str, float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,22 +174,37 @@ def _write(out: Path, records: list[dict], dims: list[int]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
     table = {(r["graph"], r["variant"], r["att_dim"]): r["median_ms"] for r in records}
+    low = {(r["graph"], r["variant"], r["att_dim"]): r["p10_ms"] for r in records}
     rows = [("search", v) for v in (*SEARCH_VARIANTS, "torch", "torch-user")] + [("full", "shipped"), ("full", "torch")]
     first = records[0]
     lines = [
-        f"N={first['n']}, C={first['c']}, repr_dim={first['repr_dim']}, threads={first['threads']}; median ms over the rounds",
+        f"N={first['n']}, C={first['c']}, repr_dim={first['repr_dim']}, threads={first['threads']}; median ms over the rounds "
+        f"(10th percentile in brackets: closest to an idle machine); "
+        f"1-min load average before/after timing {first['load_avg_1min']} on {os.cpu_count()} CPUs",
         "",
         "| graph | variant | " + " | ".join(f"att {d}" for d in dims) + f" | att {dims[-1]} / att {dims[0]} |",
         "|---|---|" + "---:|" * (len(dims) + 1),
     ]
     for graph, variant in rows:
         values = [table[(graph, variant, d)] for d in dims]
-        lines.append(f"| {graph} | {variant} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {values[-1] / values[0]:.2f} |")
+        lows = [low[(graph, variant, d)] for d in dims]
+        lines.append(
+            f"| {graph} | {variant} | " + " | ".join(f"{v:.2f} ({w:.2f})" for v, w in zip(values, lows, strict=True))
+            + f" | {values[-1] / values[0]:.2f} ({lows[-1] / lows[0]:.2f}) |"
+        )
+    lines.append("")
     for d in dims:
         lines.append(
-            f"\natt {d}: torch eager / onnxruntime = {table[('search', 'torch', d)] / table[('search', 'shipped', d)]:.2f}x (search), "
-            f"{table[('full', 'torch', d)] / table[('full', 'shipped', d)]:.2f}x (full model)"
+            f"- att {d}: torch eager / onnxruntime = {table[('search', 'torch', d)] / table[('search', 'shipped', d)]:.2f}x "
+            f"({low[('search', 'torch', d)] / low[('search', 'shipped', d)]:.2f}x) search, "
+            f"{table[('full', 'torch', d)] / table[('full', 'shipped', d)]:.2f}x "
+            f"({low[('full', 'torch', d)] / low[('full', 'shipped', d)]:.2f}x) full model"
         )
+    for dim, ops in profiles.items():
+        total = sum(ms for _, ms in ops)
+        lines += ["", f"onnxruntime profile of the shipped search graph, att {dim}: {total:.2f} ms in kernels", "",
+                  "| op node | ms | share |", "|---|---:|---:|"]  # fmt: skip
+        lines += [f"| {name} | {ms:.3f} | {100 * ms / total:.0f}% |" for name, ms in ops[:8]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

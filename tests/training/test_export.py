@@ -255,3 +255,11 @@ def test_run_folder_errors_name_the_problem(tmp_path: Path) -> None:
     (run_dir / "data.json").unlink()
     with pytest.raises(RunFolderError, match="no data.json"):
         load_run(run_dir)
+
+
+def test_manifest_metrics_are_numbers_only() -> None:
+    from training.export import _numeric_metrics
+
+    raw = {"test_auc": 0.7, "steps": 78, "val": {"auc": 0.6, "best": True, "split": "val"}, "curve": [0.1, 0.2],
+           "broken": float("nan"), "config": {"epochs": 2}, "options": {"lr": 0.01}}  # fmt: skip
+    assert _numeric_metrics(raw) == {"test_auc": 0.7, "steps": 78, "val.auc": 0.6, "broken": None}
