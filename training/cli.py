@@ -27,7 +27,7 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", help="folder for samples, vocabularies and meta.json")],
     input: Annotated[
         Optional[Path],
-        typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header [default: the bundled sample]"),
+        typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header; default: the bundled real sample"),
     ] = None,
     behaviors: Annotated[str, typer.Option(help="behaviour types to keep, comma-separated (pv,cart,fav,buy)")] = ",".join(
         _PREP.behaviors
@@ -115,7 +115,7 @@ def bench_prepare(
     rows: Annotated[int, typer.Option(help="rows of the generated synthetic log")] = 10_000_000,
     events_per_user: Annotated[int, typer.Option(help="events per synthetic user")] = 500,
     work_dir: Annotated[
-        Optional[Path], typer.Option(help="where the log and prepared data go [default: a temporary folder]")
+        Optional[Path], typer.Option(help="where the log and prepared data go (default: a temporary folder, removed after)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show progress on stderr")] = True,
 ) -> None:
