@@ -243,7 +243,9 @@ def execute(steps: list[Step], stamps: Stamps) -> None:
         console.print(f"{label} [green]done[/green] in {time.perf_counter() - started:.1f} s")
 
 
-def build_steps(cfg: DemoConfig, redis_url: str, store_has_users: Callable[[], bool]) -> list[Step]:
+def build_steps(cfg: DemoConfig, redis_url: Callable[[], str], store_has_users: Callable[[], bool]) -> list[Step]:
+    """prepare -> (train, export) per attention dim -> load. `redis_url()` is asked only when the load step runs,
+    so the embedded Redis is not started (and left idle) while the models train."""
     sample_sha = sha256_of(cfg.sample)
     data_dir = cfg.work / "data"
     prepare_key = step_key("prepare", sample_sha)
@@ -288,10 +290,10 @@ def build_steps(cfg: DemoConfig, redis_url: str, store_has_users: Callable[[], b
     steps.append(
         Step(
             name="load",
-            key=step_key("load", sample_sha, redis_url if cfg.redis_url else "embedded"),
+            key=step_key("load", sample_sha, cfg.redis_url or "embedded"),
             output=None,
             is_valid=store_has_users,
-            run=lambda: run_dare("load", "--input", str(cfg.sample), "--redis", redis_url),
+            run=lambda: run_dare("load", "--input", str(cfg.sample), "--redis", redis_url()),
         )
     )
     return steps
@@ -427,12 +429,18 @@ def run_demo(cfg: DemoConfig) -> None:
     stamps = Stamps(cfg.work / STAMP_DIR)
     example = pick_example(cfg.sample)
     with ExitStack() as stack:
-        redis_url = cfg.redis_url or start_embedded_redis(cfg.work, stack)
-        steps = build_steps(cfg, redis_url, lambda: user_has_history(redis_url, example.user_id))
+        urls: list[str] = []
+
+        def redis_url() -> str:
+            if not urls:
+                urls.append(cfg.redis_url or start_embedded_redis(cfg.work, stack))
+            return urls[0]
+
+        steps = build_steps(cfg, redis_url, lambda: user_has_history(redis_url(), example.user_id))
         execute(steps, stamps)
         console.print(f"built in {time.perf_counter() - started:.1f} s")
         if cfg.serve:
-            serve_and_score(cfg, redis_url, example, stack)
+            serve_and_score(cfg, redis_url(), example, stack)
 
 
 def demo(

@@ -174,3 +174,55 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     finally:
         for server in servers:
             server.stop()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# `dare demo` built once per session on a small slice of the real sample (its models feed the load-test test)
+# -------------------------------------------------------------------------------------------------------------
+
+DEMO_USERS = 150
+DEMO_DIMS = (8, 16)
+
+
+@dataclass(frozen=True)
+class DemoBuild:
+    sample: Path
+    work: Path
+    models: Path
+    first_run: subprocess.CompletedProcess
+
+    def args(self, port: int, *extra: str) -> list[str]:
+        dims = ",".join(map(str, DEMO_DIMS))
+        return [sys.executable, "-m", "dare.cli", "demo", "--sample", str(self.sample), "--work", str(self.work),
+                "--att-dims", dims, "--repr-dim", "16", "--port", str(port), *extra]  # fmt: skip
+
+
+def slice_sample(source: Path, target: Path, users: int) -> Path:
+    """The rows of the first `users` users of a Taobao-format .csv.gz (the file is grouped by user)."""
+    import gzip
+
+    seen: list[str] = []
+    with gzip.open(source, "rt", newline="") as src, gzip.open(target, "wt", newline="") as dst:
+        for line in src:
+            user = line.split(",", 1)[0]
+            if not seen or seen[-1] != user:
+                if len(seen) == users:
+                    break
+                seen.append(user)
+            dst.write(line)
+    return target
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
+    from dare.demo import SAMPLE
+    from loadtest.redis_server import free_port
+
+    base = tmp_path_factory.mktemp("demo")
+    sample = slice_sample(SAMPLE, base / "sample.csv.gz", DEMO_USERS)
+    build = DemoBuild(sample=sample, work=base / "var", models=base / "var" / "models", first_run=None)  # type: ignore[arg-type]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
+    result = subprocess.run(build.args(free_port(), "--exit-after-score"), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, f"dare demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return DemoBuild(sample=sample, work=build.work, models=build.models, first_run=result)
