@@ -98,7 +98,7 @@ class ServiceProcess:
 def start_service(log_dir: Path, *, need_model: bool = True, **settings: object) -> ServiceProcess:
     """`dare serve` with every setting given as its DARE_* variable; returns once /readyz (or /healthz) is 200."""
     port = free_port()
-    env = clean_env() | {f"DARE_{name.upper()}": str(value) for name, value in settings.items()}
+    env = clean_env() | {f"DARE_{name.upper()}": str(value) for name, value in settings.items() if value is not None}
     env |= {"DARE_PORT": str(port), "DARE_HOST": "127.0.0.1"}
     env.setdefault("DARE_LOG_LEVEL", "info")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -298,3 +298,12 @@ def delay_proxy() -> Iterator[Callable[[int], DelayProxy]]:
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another RANDOMLY INITIALISED DARE model of the same shape (other weights, other version): a new version."""
+    from tests.conftest import export_random_model
+
+    return export_random_model(tmp_path_factory.mktemp("reliability-dare-v2"), kind="dare", att_dim=8, repr_dim=16,
+                               seed=11)  # fmt: skip
