@@ -122,9 +122,10 @@ class UserSearchGraph(nn.Module):
         if self.block is None:
             pads = torch.full_like(n, k)
         else:
-            # Prepend padding so that the length T is a multiple of the block and holds at least K blocks.
+            # Prepend padding so that the length T is a multiple of the block and holds at least K blocks
+            # (n >= 0, so truncating division is floor division, and exports as one integer Div).
             b = self.block
-            pads = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="floor") * b, min=k * b) - n
+            pads = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="trunc") * b, min=k * b) - n
         pad = self.zero_rows[:pads]
         item = torch.cat([pad, hist_item])  # [T]
         cate = torch.cat([pad, hist_cate])  # [T]
