@@ -202,6 +202,6 @@ def test_bench_prepare_writes_json_and_png(tmp_path: Path) -> None:
     report = benchmark(20000, 200, tmp_path / "bench.json", work_dir=tmp_path / "work", progress=False)
     written = orjson.loads((tmp_path / "bench.json").read_bytes())
     assert written["rows"] == report["rows"] == 20000
-    assert written["rows_per_second"] > 0 and written["samples"]["test"] == 100
+    assert written["rows_per_second"] > 0 and written["rows_per_cpu_second"] > 0 and written["samples"]["test"] == 100
     assert "SYNTHETIC" in written["what"]
     assert (tmp_path / "bench.png").stat().st_size > 0
