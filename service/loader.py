@@ -4,7 +4,8 @@ Input: the 5-column UserBehavior CSV (plain or .gz, no header): user_id,item_id,
 Quirks handled as `dare prepare` handles them: blank lines are skipped; a last line cut mid-row (no newline, too
 few fields) is dropped and counted; any other malformed line, a non-integer id or an unknown behaviour type is a
 DareError naming the file and the line. Only the behaviour types asked for are kept (default `pv`). Rows whose ids
-or timestamp do not fit the stored format (negative, category or timestamp >= 2**32) are dropped and counted.
+or timestamp do not fit the stored format (negative, item >= 2**53, category or timestamp >= 2**32) are dropped and
+counted.
 
 Stages, vectorised (no Python loop per row): stream-parse the CSV with pyarrow in blocks -> keep the wanted rows ->
 one stable sort by (user, timestamp), skipped when the file already has each user's rows together and in time
@@ -30,6 +31,7 @@ from service.store import (
     _APPEND_LUA,
     HEADER,
     MAX_CATEGORY_ID,
+    MAX_ITEM_ID,
     MAX_TIMESTAMP,
     RECORD_DTYPE,
     RECORD_SIZE,
@@ -170,7 +172,8 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
             keep = pc.is_in(behaviour, value_set=wanted).to_numpy(zero_copy_only=False)
             dropped["behavior_not_kept"] += int((~keep).sum())
             cols = _Columns(*(batch.column(c).to_numpy()[keep] for c in ("user_id", "item_id", "category_id", "timestamp")))
-            fits = (cols.item >= 0) & (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID) & (cols.user >= 0)
+            fits = (cols.item >= 0) & (cols.item <= MAX_ITEM_ID) & (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID)
+            fits &= cols.user >= 0
             in_time = (cols.ts >= 0) & (cols.ts <= MAX_TIMESTAMP)
             if cfg.min_timestamp is not None:
                 in_time &= cols.ts >= cfg.min_timestamp

@@ -15,17 +15,21 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dare
-from service.api.deps import Services
+from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.responses import OrjsonResponse, error_response
 from service.api.routes import health, models, scoring, users
@@ -174,6 +178,54 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "internal error (see the service log)")
 
 
+def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
+    """Write the configured limits into the document, so it describes exactly what this service accepts."""
+    components = schema.get("components", {}).get("schemas", {})
+    user_id_max = {"maxLength": settings.max_user_id_length}
+    for name, field, limits in (
+        ("ScoreRequest", "candidates", {"maxItems": settings.max_candidates}),
+        ("ScoreRequest", "user_id", user_id_max),
+        ("EventsRequest", "events", {"maxItems": settings.max_events_per_request}),
+        ("EventsRequest", "user_id", user_id_max),
+    ):
+        prop = components.get(name, {}).get("properties", {}).get(field)
+        if prop is not None:
+            prop.update(limits)
+    history = schema.get("paths", {}).get("/users/{user_id}/history", {}).get("get", {})
+    for param in history.get("parameters", []):
+        if param.get("name") == "user_id":
+            param["schema"].update(user_id_max)
+        elif param.get("name") == "limit":
+            param["schema"]["maximum"] = settings.max_history
+
+
+def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document, declaring bearer auth on exactly the operations that require it under these settings."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        guarded: dict[Callable[..., None], SecretStr | None] = {
+            require_api_token: settings.api_token,
+            require_admin_token: settings.effective_admin_token,
+        }
+        for route in app.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            needs = any(guarded.get(dep.dependency) is not None for dep in route.dependencies)  # type: ignore[call-overload]
+            if needs:
+                for method in route.methods or ():
+                    schema["paths"][route.path_format][method.lower()]["security"] = [{"bearer": []}]
+        _apply_limits(schema, settings)
+        if settings.api_token is not None or settings.effective_admin_token is not None:
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+        return schema
+
+    return build
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; `settings` default to the DARE_* environment (read now, not at import)."""
     settings = settings if settings is not None else get_settings()
@@ -213,6 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in (scoring.router, users.router, models.router, health.router):
         app.include_router(router)
+    app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
     # Added last = outermost: the duration histogram also sees the 413s of the body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -1,23 +1,41 @@
 """Request and response bodies of the HTTP API (pydantic v2). These models are also the OpenAPI document.
 
-Ids are strict JSON integers (no strings, floats or booleans) in the ranges the store can hold:
-item_id 0..2**63-1, category_id 0..2**32-1, timestamp 0..2**32-1 (Unix seconds).
+Ids are JSON integers (whole numbers; 7.0 counts as 7, as in JSON Schema; strings, booleans, fractions, NaN and
+infinities are rejected) in the ranges the store can hold:
+item_id 0..2**53-1 (exact in every JSON parser), category_id 0..2**32-1, timestamp 0..2**32-1 (Unix seconds).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr
 
 from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
 
 # The hard ceiling of the schema; the configured limit (DARE_MAX_USER_ID_LENGTH) is checked by the routes.
 USER_ID_MAX_CHARS = 1024
 
-ItemId = Annotated[StrictInt, Field(ge=0, le=MAX_ITEM_ID, description="raw item id, 0..2**63-1")]
-CategoryId = Annotated[StrictInt, Field(ge=0, le=MAX_CATEGORY_ID, description="raw category id, 0..2**32-1")]
-Timestamp = Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP, description="Unix seconds, 0..2**32-1")]
+def _json_integer(value: object) -> object:
+    """JSON Schema's "integer": a number with no fractional part (so 7.0 is 7); never a string or a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a JSON integer, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not value.is_integer():  # also NaN and infinities
+            raise ValueError(f"must be a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
+ItemId = Annotated[
+    int, Strict(), Field(ge=0, le=MAX_ITEM_ID, description="raw item id, 0..2**53-1"), BeforeValidator(_json_integer)
+]
+CategoryId = Annotated[
+    int, Strict(), Field(ge=0, le=MAX_CATEGORY_ID, description="raw category id, 0..2**32-1"), BeforeValidator(_json_integer)
+]
+Timestamp = Annotated[
+    int, Strict(), Field(ge=0, le=MAX_TIMESTAMP, description="Unix seconds, 0..2**32-1"), BeforeValidator(_json_integer)
+]
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=USER_ID_MAX_CHARS, description="any non-empty string")]
 
 

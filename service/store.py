@@ -10,7 +10,7 @@ Value (binary, little-endian, not JSON):
     offset 5   1 byte    record size in bytes (16)
     offset 6   2 bytes   reserved, zero
     offset 8   N records of 16 bytes each, oldest first (arrival order):
-                 item_id      int64   0 .. 2**63-1
+                 item_id      int64   0 .. 2**53-1 (ids stay exact as JSON numbers in any client)
                  category_id  uint32  0 .. 2**32-1
                  timestamp    uint32  Unix seconds, 0 .. 2**32-1 (until 2106)
 
@@ -63,7 +63,7 @@ RECORD_SIZE = RECORD_DTYPE.itemsize  # 16
 HEADER = MAGIC + struct.pack("<BBH", FORMAT_VERSION, RECORD_SIZE, 0)
 HEADER_SIZE = len(HEADER)  # 8
 
-MAX_ITEM_ID = 2**63 - 1
+MAX_ITEM_ID = 2**53 - 1  # the largest integer every JSON parser (JavaScript, float64) keeps exact
 MAX_CATEGORY_ID = 2**32 - 1
 MAX_TIMESTAMP = 2**32 - 1
 

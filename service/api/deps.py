@@ -1,4 +1,7 @@
-"""Typed dependency aliases for the routes: the app's services, settings, and bearer-token checks."""
+"""Typed dependency aliases for the routes: the app's services, settings, and bearer-token checks.
+
+The token checks read the Authorization header themselves rather than through FastAPI's HTTPBearer, so the
+OpenAPI document declares bearer auth only when a token is configured (see `service.main._openapi`)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from service.core.config import Settings
@@ -41,16 +43,13 @@ def get_settings_dep(request: Request) -> Settings:
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
-_bearer = HTTPBearer(auto_error=False, description="DARE_API_TOKEN (DARE_ADMIN_TOKEN for /admin) when configured")
-CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-
-
-def _check(credentials: HTTPAuthorizationCredentials | None, token: SecretStr | None) -> None:
+def _check(request: Request, token: SecretStr | None) -> None:
     if token is None:
         return
-    given = credentials.credentials.encode() if credentials is not None else b""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    presented = given.strip().encode() if scheme.lower() == "bearer" else b""
     # Constant-time comparison so the answer time does not leak how much of the token matched.
-    if not hmac.compare_digest(given, token.get_secret_value().encode()):
+    if not hmac.compare_digest(presented, token.get_secret_value().encode()):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or wrong bearer token (send `Authorization: Bearer <token>`)",
@@ -58,12 +57,12 @@ def _check(credentials: HTTPAuthorizationCredentials | None, token: SecretStr | 
         )
 
 
-def require_api_token(credentials: CredentialsDep, settings: SettingsDep) -> None:
-    _check(credentials, settings.api_token)
+def require_api_token(request: Request, settings: SettingsDep) -> None:
+    _check(request, settings.api_token)
 
 
-def require_admin_token(credentials: CredentialsDep, settings: SettingsDep) -> None:
-    _check(credentials, settings.effective_admin_token)
+def require_admin_token(request: Request, settings: SettingsDep) -> None:
+    _check(request, settings.effective_admin_token)
 
 
 ApiAuth = Depends(require_api_token)

@@ -30,6 +30,7 @@ def error_response(status: int, code: str, detail: str, *, fields: list[dict[str
 
 
 _DESCRIPTIONS = {
+    400: "The body could not be read at all (not UTF-8, bad Content-Length)",
     401: "Missing or wrong bearer token (only when DARE_API_TOKEN / DARE_ADMIN_TOKEN is set)",
     404: "Unknown model",
     413: "Request body larger than DARE_MAX_BODY_BYTES",

@@ -113,9 +113,13 @@ def test_several_workers_share_store_and_metrics(tmp_path: Path, exported_model_
         counts = [line for line in text.splitlines()
                   if line.startswith('dare_http_request_duration_seconds_count{endpoint="/score"')]  # fmt: skip
         assert len(counts) == 1 and float(counts[0].split()[-1]) == 20.0  # summed over the workers' files
-        info = [line for line in text.splitlines() if line.startswith("dare_model_info{")]
-        pids = {line.split('pid="')[1].split('"')[0] for line in info}
-        assert len(pids) == 2  # one live series per worker process
+
+        def worker_pids() -> set[str]:  # one live dare_model_info series per worker that has finished starting
+            text = call(base, "GET", "/metrics")[1]
+            info = [line for line in text.splitlines() if line.startswith("dare_model_info{")]
+            return {line.split('pid="')[1].split('"')[0] for line in info}
+
+        wait_for(lambda: len(worker_pids()) == 2)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:

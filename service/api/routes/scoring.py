@@ -26,7 +26,7 @@ def check_user_id(user_id: str, max_length: int) -> None:
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses=errors(401, 404, 413, 422, 500, 503),
+    responses=errors(400, 401, 404, 413, 422, 500, 503),
     dependencies=[ApiAuth],
     summary="Click probabilities of candidates for one user",
 )

@@ -23,7 +23,7 @@ router = APIRouter(tags=["sequences"])
 @router.post(
     "/events",
     response_model=EventsResponse,
-    responses=errors(401, 413, 422, 500, 503),
+    responses=errors(400, 401, 413, 422, 500, 503),
     dependencies=[ApiAuth],
     summary="Append behaviours to a user's sequence (atomic; trimmed to the lifelong maximum)",
 )
