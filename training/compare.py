@@ -169,17 +169,20 @@ def render_markdown(summary: list[dict[str, object]], header: dict[str, object])
     return "\n".join(lines) + "\n"
 
 
-def render_chart(summary: list[dict[str, object]], path: Path, title: str) -> None:
+def render_chart(summary: list[dict[str, object]], path: Path, title: str, ndcg_truth: str = "ground") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "test_auc", "test AUC"), (axes[1], "test_ndcg_at_k", "retrieval NDCG@K")):
-        for model in dict.fromkeys(str(r["model"]) for r in summary):
+    for ax, key, label in ((axes[0], "test_auc", "test AUC"), (axes[1], "test_ndcg_at_k", "search NDCG@K")):
+        models = list(dict.fromkeys(str(r["model"]) for r in summary))
+        for i, model in enumerate(models):
             rows = [r for r in summary if r["model"] == model]
-            dims = [int(r["att_dim"]) for r in rows]  # type: ignore[arg-type]
+            # Nudge each model sideways (on the log2 axis) so that overlapping error bars stay readable.
+            nudge = 2 ** (0.05 * (i - (len(models) - 1) / 2))
+            dims = [int(r["att_dim"]) * nudge for r in rows]  # type: ignore[arg-type]
             means = [r[key]["mean"] for r in rows]  # type: ignore[index]
             stds = [r[key]["std"] for r in rows]  # type: ignore[index]
             ax.errorbar(dims, means, yerr=stds, marker="o", capsize=4, label=model)
@@ -191,7 +194,7 @@ def render_chart(summary: list[dict[str, object]], path: Path, title: str) -> No
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_title("test AUC vs attention dim (error bars: std over seeds)", fontsize=10)
-    axes[1].set_title("search quality vs attention dim", fontsize=10)
+    axes[1].set_title(f"search top-K vs the {ndcg_truth} truth", fontsize=10)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -241,11 +244,11 @@ def compare(
     bar.close()
     header["total_train_seconds"] = sum(float(r["metrics"]["train_seconds"]) for r in runs)  # type: ignore[index]
     header["wall_seconds"] = round(time.perf_counter() - started, 1)
-    header["ndcg_truth"] = str(runs[0]["metrics"].get("ndcg_truth", "?"))  # type: ignore[union-attr]
+    header["ndcg_truth"] = str(runs[0]["metrics"].get("ndcg_truth", "?")).replace("_", "-")  # type: ignore[union-attr]
     summary = summarise(runs)
     markdown = render_markdown(summary, header)
     (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
-    render_chart(summary, out_dir / RESULTS_PNG, title=str(header["data_name"]))
+    render_chart(summary, out_dir / RESULTS_PNG, title=str(header["data_name"]), ndcg_truth=str(header["ndcg_truth"]))
     _write_json(out_dir / RESULTS_JSON, header, runs, complete=True, summary=summary)
     return CompareResult(out_dir=out_dir, runs=runs, summary=summary, markdown=markdown)
 

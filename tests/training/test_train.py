@@ -178,6 +178,25 @@ def test_real_data_uses_mutual_information_truth(tmp_path: Path) -> None:
     assert metrics["synthetic_data"] is False
 
 
+def test_planted_truth_from_dare_synth_is_read_as_relation_times_decay(tmp_path: Path) -> None:
+    """The truth written by `dare synth` and remapped by `dare prepare` is what the NDCG is scored against."""
+    from training.config import PrepareConfig
+    from training.prepare import prepare
+    from training.synth import SynthConfig, write_log
+
+    write_log(SynthConfig(users=30, events_per_user=40, categories=6, items=60, seed=0), tmp_path / "log.csv", progress=False)
+    prepare(PrepareConfig(history_len=16, min_events=10), tmp_path / "log.csv", tmp_path / "data", progress=False)
+    data = load_prepared(tmp_path / "data")
+    assert data.synthetic and data.planted is not None
+    with np.load(tmp_path / "data" / "truth.npz") as raw:
+        relation, decay = raw["relation"], raw["decay"]
+    hist, target = data.test.hist_cate[:5], data.test.cand_cate[:5, 0]
+    rel = data.planted.relevance(hist, target)  # [5, 16]
+    row, col = np.argwhere(hist != 0)[0]
+    assert rel[row, col] == pytest.approx(relation[target[row], hist[row, col]] * decay[16 - col])
+    assert (rel[hist == 0] == 0).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
