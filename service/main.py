@@ -33,6 +33,7 @@ from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.responses import OrjsonResponse, error_response
 from service.api.routes import health, models, scoring, users
+from service.api.routes.users import default_history_limit
 from service.core.config import Settings, get_settings
 from service.engine import ScoringEngine
 from service.errors import InvalidSequenceInput, LimitExceededError, ServiceError
@@ -196,7 +197,9 @@ def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
         if param.get("name") == "user_id":
             param["schema"].update(user_id_max)
         elif param.get("name") == "limit":
-            param["schema"]["maximum"] = settings.max_history
+            # An integer (never null: the route takes a missing limit as the default) within the configured maximum.
+            param["schema"] = {"type": "integer", "minimum": 0, "maximum": settings.max_history,
+                               "default": default_history_limit(settings.max_history), "title": "Limit"}  # fmt: skip
 
 
 def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:

@@ -20,6 +20,11 @@ from service.store import make_events
 router = APIRouter(tags=["sequences"])
 
 
+def default_history_limit(max_history: int) -> int:
+    """`limit` of GET /users/{user_id}/history when the request gives none."""
+    return min(100, max_history)
+
+
 @router.post(
     "/events",
     response_model=EventsResponse,
@@ -56,10 +61,16 @@ async def append_events(body: EventsRequest, services: ServicesDep) -> EventsRes
 async def history(
     services: ServicesDep,
     user_id: Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_CHARS)],
-    limit: Annotated[int, Query(ge=0, description="most recent events to return (at most DARE_MAX_HISTORY)")] = 100,
+    limit: Annotated[
+        int | None,
+        Query(ge=0, description="most recent events to return (default 100, at most DARE_MAX_HISTORY)"),
+    ] = None,
 ) -> HistoryResponse:
     settings = services.settings
     check_user_id(user_id, settings.max_user_id_length)
+    if limit is None:
+        # The default must respect the configured maximum, or a request without parameters would be refused.
+        limit = default_history_limit(settings.max_history)
     if limit > settings.max_history:
         raise LimitExceededError("limit", f"at most {settings.max_history} (DARE_MAX_HISTORY), got {limit}")
     hist = await run_blocking(services, partial(services.store.read, user_id, limit), what="history read")
