@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 from tqdm import tqdm
 
 from dare.errors import DareError
+from service.errors import ServiceError
 from service.store import (
     _APPEND_LUA,
     HEADER,
@@ -242,7 +244,10 @@ def load(cfg: LoadConfig, store: SequenceStore) -> LoadReport:
 
     write_started = time.perf_counter()
     cap = store.lifelong_max_events
-    append_sha = store.client.script_load(_APPEND_LUA) if cfg.append else None
+    # Redis Cluster pipelines refuse EVALSHA, so there an append goes one user at a time through the store's script
+    # (each call routed to the user's slot); replacing (SET) pipelines everywhere.
+    in_cluster = isinstance(store.client, RedisCluster)
+    append_sha = store.client.script_load(_APPEND_LUA) if cfg.append and not in_cluster else None
     bar = tqdm(total=len(user_ids), desc="write", unit=" users", unit_scale=True, disable=not cfg.progress)
     try:
         for lo in range(0, len(user_ids), cfg.batch_users):
@@ -253,13 +258,15 @@ def load(cfg: LoadConfig, store: SequenceStore) -> LoadReport:
                 kept_start = max(start, end - cap)
                 report.events += end - kept_start
                 report.events_trimmed += kept_start - start
-                key = store.key(str(user_ids[k]))
-                payload = records[kept_start:end].tobytes()
-                if append_sha is None:
-                    pipe.set(key, HEADER + payload)
+                user = str(user_ids[k])
+                if not cfg.append:
+                    pipe.set(store.key(user), HEADER + records[kept_start:end].tobytes())
+                elif append_sha is not None:
+                    pipe.evalsha(append_sha, 1, store.key(user), HEADER, records[kept_start:end].tobytes(), RECORD_SIZE, cap)
                 else:
-                    pipe.evalsha(append_sha, 1, key, HEADER, payload, RECORD_SIZE, cap)
-            _execute(pipe, store)
+                    _append_one(store, user, records[kept_start:end])
+            if len(pipe):
+                _execute(pipe, store)
             bar.update(hi - lo)
     finally:
         bar.close()
@@ -273,10 +280,17 @@ def load(cfg: LoadConfig, store: SequenceStore) -> LoadReport:
     return report
 
 
+def _append_one(store: SequenceStore, user: str, events: np.ndarray) -> None:
+    try:
+        store.append(user, events)
+    except ServiceError as exc:
+        raise DareError(f"the store failed during the load ({store.description}): {exc}") from None
+
+
 def _execute(pipe: redis.client.Pipeline, store: SequenceStore) -> None:
     try:
         results = pipe.execute(raise_on_error=False)
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise DareError(f"the store failed during the load ({store.description}): {exc}") from None
     for result in results:
         if isinstance(result, Exception):

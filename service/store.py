@@ -409,8 +409,8 @@ class SequenceStore:
         except redis.TimeoutError as exc:
             self._count_error(operation, "timeout")
             raise StoreUnavailableError(f"sequence store timed out during {operation}: {exc}", timeout=True) from None
-        except redis.RedisError as exc:
-            # ConnectionError, BusyLoadingError, ClusterDownError, AuthenticationError, ...
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # ConnectionError, BusyLoadingError, ClusterDownError, AuthenticationError, cluster slot errors, ...
             self._count_error(operation, type(exc).__name__)
             raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
         except OSError as exc:
