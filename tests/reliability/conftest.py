@@ -307,3 +307,24 @@ def second_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return export_random_model(tmp_path_factory.mktemp("reliability-dare-v2"), kind="dare", att_dim=8, repr_dim=16,
                                seed=11)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def module_service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, exported_model_dir: Path,
+    redis_server,
+) -> Iterator[ServiceProcess]:
+    """One `dare serve` for a whole test module (on the session Redis, with one model); settings from the
+    module's `SERVICE_SETTINGS` dict. Tests in the module use their own user ids."""
+    folder = tmp_path_factory.mktemp("module-service")
+    shutil.copytree(exported_model_dir, folder / "models" / "dare-a")
+    settings = {"models_dir": folder / "models", "redis_url": redis_server.start().url, "data_dir": folder / "var",
+                **getattr(request.module, "SERVICE_SETTINGS", {})}  # fmt: skip
+    service = start_service(folder / "logs", **settings)
+    yield service
+    service.stop()
+
+
+def redis_snapshot(client) -> dict[bytes, bytes]:
+    """Every key of a Redis and its serialised value (DUMP), to prove that nothing changed."""
+    return {key: client.dump(key) for key in client.scan_iter(count=1000)}
