@@ -247,12 +247,14 @@ def load(cfg: LoadConfig, store: SequenceStore) -> LoadReport:
     # Redis Cluster pipelines refuse EVALSHA, so there an append goes one user at a time through the store's script
     # (each call routed to the user's slot); replacing (SET) pipelines everywhere.
     in_cluster = isinstance(store.client, RedisCluster)
-    append_sha = store.client.script_load(_APPEND_LUA) if cfg.append and not in_cluster else None
+    # Appends go through the store's retry-free writer: a retried pipeline could append a user's events twice.
+    client = store.writer if cfg.append else store.client
+    append_sha = client.script_load(_APPEND_LUA) if cfg.append and not in_cluster else None
     bar = tqdm(total=len(user_ids), desc="write", unit=" users", unit_scale=True, disable=not cfg.progress)
     try:
         for lo in range(0, len(user_ids), cfg.batch_users):
             hi = min(lo + cfg.batch_users, len(user_ids))
-            pipe = store.client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for k in range(lo, hi):
                 start, end = int(starts[k]), int(ends[k])
                 kept_start = max(start, end - cap)
