@@ -203,6 +203,14 @@ def folder_fingerprint(folder: Path) -> str:
         return "unreadable"
 
 
+def folder_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every file's name, size and mtime: changes whenever anything in the folder is written."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
 def _check_session(session: ort.InferenceSession, role: str, path: Path) -> None:
     inputs, outputs = GRAPH_IO[role]
     got_in = {i.name: i.type for i in session.get_inputs()}
@@ -284,6 +292,7 @@ class ModelRegistry:
         self.on_change = on_change
         self._current = ModelSet()
         self._lock = threading.Lock()
+        self._rejected: dict[str, tuple[tuple[str, int, int], ...]] = {}  # folder -> state when last rejected
 
     @property
     def current(self) -> ModelSet:
@@ -298,9 +307,16 @@ class ModelRegistry:
         """Whether reload() would do anything (for the polling watcher): folders added, removed or changed."""
         current = self._current.models
         seen = {p.name: p for p in self.folders()}
-        if set(seen) != set(current):
+        if set(current) - set(seen):
             return True
-        return any(folder_fingerprint(p) != current[name].fingerprint for name, p in seen.items())
+        for name, folder in seen.items():
+            if name in current and folder_fingerprint(folder) == current[name].fingerprint:
+                continue
+            # New or changed: worth a reload unless this exact state was already rejected (no retry loop on a
+            # folder that stays broken; any file written since then makes it worth another try).
+            if self._rejected.get(name) != folder_state(folder):
+                return True
+        return False
 
     def reload(self) -> ReloadReport:
         with self._lock:
@@ -318,6 +334,7 @@ class ModelRegistry:
                     models[name] = load_model(folder, self.options, verify_hashes=self.verify_hashes)
                 except (ModelFolderError, DareError, OSError) as exc:
                     report.rejected[name] = str(exc)
+                    self._rejected[name] = folder_state(folder)
                     if previous is not None:
                         models[name] = previous
                         log.error("model %s: new version rejected, version %s keeps serving: %s",

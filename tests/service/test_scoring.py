@@ -275,3 +275,35 @@ def test_stage_metrics_by_model(make_client, models_dir: Path) -> None:
     assert 'dare_candidates_per_request_bucket{le="5.0",model="dare-a"} 0.0' in text
     assert 'dare_candidates_per_request_bucket{le="10.0",model="dare-a"} 1.0' in text
     assert 'endpoint="/score",method="POST",model="dare-a",status="200"' in text
+
+
+def test_polling_watcher_loads_new_folders(make_client, models_dir: Path, twin_model_dir: Path) -> None:
+    import time
+
+    with make_client(models_dir=models_dir, reload_interval_s=0.1) as client:
+        assert [m["name"] for m in client.get("/models").json()["models"]] == ["dare-a"]
+        shutil.copytree(twin_model_dir, models_dir / "twin-b")
+        deadline = time.monotonic() + 20
+        while len(client.get("/models").json()["models"]) < 2:
+            assert time.monotonic() < deadline, "the watcher did not pick up the new folder"
+            time.sleep(0.1)
+        cands = [{"item_id": TEST_ITEM_RAW_IDS[0], "category_id": TEST_CATE_RAW_IDS[0]}]
+        assert client.post("/score", json={"user_id": "u", "candidates": cands, "model": "twin-b"}).status_code == 200
+
+
+def test_watcher_does_not_retry_an_unchanged_broken_folder(models_dir: Path, exported_model_dir: Path) -> None:
+    from service.registry import InferenceOptions, ModelRegistry
+
+    registry = ModelRegistry(models_dir, InferenceOptions())
+    registry.reload()
+    assert not registry.changed()
+    broken = models_dir / "broken"
+    shutil.copytree(exported_model_dir, broken)
+    (broken / "score.onnx").write_bytes(b"half-copied")
+    assert registry.changed()
+    assert list(registry.reload().rejected) == ["broken"]
+    assert not registry.changed()  # the same broken state is not retried on every poll
+    shutil.copyfile(exported_model_dir / "score.onnx", broken / "score.onnx")  # the copy completes
+    assert registry.changed()
+    assert registry.reload().loaded == ["broken"]
+    assert not registry.changed()
