@@ -24,7 +24,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -213,13 +213,15 @@ def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
             require_api_token: settings.api_token,
             require_admin_token: settings.effective_admin_token,
         }
-        for route in app.routes:
+        # iter_route_contexts also walks included routers: app.routes holds them as wrappers, not APIRoutes.
+        for context in iter_route_contexts(app.routes):
+            route = context.original_route
             if not isinstance(route, APIRoute):
                 continue
             needs = any(guarded.get(dep.dependency) is not None for dep in route.dependencies)  # type: ignore[call-overload]
             if needs:
                 for method in route.methods or ():
-                    schema["paths"][route.path_format][method.lower()]["security"] = [{"bearer": []}]
+                    schema["paths"][context.path_format][method.lower()]["security"] = [{"bearer": []}]
         _apply_limits(schema, settings)
         if settings.api_token is not None or settings.effective_admin_token is not None:
             schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
