@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import numpy as np
 
 from dare.errors import DareError
 from loadtest.redis_server import start_redis_server
+from loadtest.scenario import Payloads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -226,8 +228,8 @@ def locust_env(cfg: LoadtestConfig, data: Path, model: str, candidates: int, loa
     return env
 
 
-def read_locust_stats(prefix: Path) -> tuple[int, int, float, float, list[str]]:
-    """(requests, failures, average rps, peak rps, failure reasons) of /score from Locust's CSV files."""
+def read_locust_stats(prefix: Path) -> tuple[int, int, float, list[str]]:
+    """(requests, failures, mean requests/s, failure reasons) of /score from Locust's CSV files."""
     stats_file = Path(f"{prefix}_stats.csv")
     if not stats_file.is_file():
         raise LoadtestError(f"Locust wrote no statistics ({stats_file} is missing); see {prefix}.log")
@@ -236,22 +238,12 @@ def read_locust_stats(prefix: Path) -> tuple[int, int, float, float, list[str]]:
     if not rows:
         raise LoadtestError(f"{stats_file}: no /score requests were made; see {prefix}.log")
     row = rows[0]
-    peak = 0.0
-    history = Path(f"{prefix}_stats_history.csv")
-    if history.is_file():
-        with history.open(newline="") as fh:
-            for r in csv.DictReader(fh):
-                if r.get("Name") == "Aggregated":
-                    try:
-                        peak = max(peak, float(r["Requests/s"]))
-                    except (KeyError, ValueError):
-                        pass
     reasons: list[str] = []
     failures_file = Path(f"{prefix}_failures.csv")
     if failures_file.is_file():
         with failures_file.open(newline="") as fh:
             reasons = [f"{r['Occurrences']}x {r['Error']}" for r in csv.DictReader(fh)][:5]
-    return int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]), peak, reasons
+    return int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]), reasons
 
 
 def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, load: str, dim: int, model: str) -> RunResult:
@@ -272,15 +264,19 @@ def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, lo
     started = time.perf_counter()
     with Path(f"{prefix}.log").open("wb") as log:
         try:
-            subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
+            finished = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
                            timeout=cfg.duration_s + 60, preexec_fn=pinned(cfg.locust_cpus))  # fmt: skip
         except subprocess.TimeoutExpired:
             raise LoadtestError(f"Locust did not stop within {cfg.duration_s + 60} s; see {prefix}.log") from None
     elapsed = time.perf_counter() - started
     # Locust exits 1 when any request failed; failures are a result here, counted below, not an error.
-    requests, failures, rps, peak, reasons = read_locust_stats(prefix)
-    latencies = np.loadtxt(raw, ndmin=1) if raw.is_file() and raw.stat().st_size else np.zeros(0)
-    p50, p95, p99 = (np.percentile(latencies, [50, 95, 99]) if latencies.size else (float("nan"),) * 3)
+    if finished.returncode not in (0, 1):
+        tail = Path(f"{prefix}.log").read_text(errors="replace")[-1500:]
+        raise LoadtestError(f"Locust exited with code {finished.returncode} ({workload} {load} {model}):\n{tail}")
+    requests, failures, rps, reasons = read_locust_stats(prefix)
+    completed = np.loadtxt(raw, ndmin=2) if raw.is_file() and raw.stat().st_size else np.zeros((0, 2))
+    p50, p95, p99 = np.percentile(completed[:, 1], [50, 95, 99]) if len(completed) else (float("nan"),) * 3
+    peak = peak_rps(completed[:, 0])
     return RunResult(
         workload=workload, load=load, model=model, att_dim=dim, candidates=candidates,
         users=cfg.fixed_users if load == "fixed" else cfg.ramp_users, duration_s=round(elapsed, 1),
@@ -290,34 +286,20 @@ def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, lo
     )  # fmt: skip
 
 
-def first_rows(data: Path, max_users: int, max_items: int) -> tuple[list[str], list[tuple[int, int]]]:
-    """Some user ids and (item, category) pairs from the head of a Taobao-format file (for the warm-up)."""
-    import gzip
-
-    opener = gzip.open if data.suffix == ".gz" else open
-    users: dict[str, None] = {}
-    items: list[tuple[int, int]] = []
-    with opener(data, "rt", encoding="utf-8", newline="") as fh:
-        for row in csv.reader(fh):
-            if len(row) == 5 and row[1].isdigit() and row[2].isdigit():
-                users.setdefault(row[0], None)
-                items.append((int(row[1]), int(row[2])))
-                if len(users) >= max_users and len(items) >= max_items:
-                    break
-    if not users:
-        raise LoadtestError(f"{data}: no complete rows")
-    return list(users), items
+def peak_rps(finished_at: np.ndarray) -> float:
+    """The most successful answers in any whole second of the run (the last, partial second left out)."""
+    if len(finished_at) < 2:
+        return 0.0
+    seconds = np.floor(finished_at - finished_at.min()).astype(np.int64)  # (R,) second of the run
+    counts = np.bincount(seconds)
+    return float(counts[:-1].max()) if len(counts) > 1 else float(counts[0])
 
 
-def warm_up(base_url: str, model: str, data: Path, candidates: int, requests: int = 20) -> None:
+def warm_up(base_url: str, model: str, payloads: Payloads, candidates: int, requests: int = 20) -> None:
     """A few requests per model before measuring, so onnxruntime's first-call allocations are not in the figures."""
-    users, items = first_rows(data, requests, candidates)
-    for i in range(requests):
-        body = {
-            "user_id": users[i % len(users)],
-            "candidates": [{"item_id": it, "category_id": c} for it, c in items[:candidates]],
-            "model": model,
-        }
+    rng = random.Random(1)
+    for _ in range(requests):
+        body = payloads.request(rng, candidates, model)
         request = urllib.request.Request(f"{base_url}/score", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         try:
@@ -363,9 +345,10 @@ def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult
             base_url = f"http://127.0.0.1:{port}"
             service = start_service(cfg, redis.url, port, cfg.work / f"serve-{workload}.log")
             try:
+                payloads = Payloads.from_csv(data, max_users=100, seed=1)
                 for dim, model in models.items():
                     candidates = cfg.real_candidates if workload == "real" else cfg.long_candidates
-                    warm_up(base_url, model, data, candidates)
+                    warm_up(base_url, model, payloads, candidates)
                     for load in LOADS:
                         bar.set_postfix_str(f"{workload} {load} {model}")
                         results.append(run_locust(cfg, base_url, data, workload, load, dim, model))

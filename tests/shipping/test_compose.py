@@ -83,7 +83,7 @@ def test_trainer_builds_four_attention_dims_and_the_default_model_is_one_of_them
     assert env_of("locust")["DARE_LOADTEST_MODEL"] in built
 
 
-def test_environment_variables_are_real_settings() -> None:
+def test_environment_variables_are_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from service.core.config import Settings
 
     for name in ("trainer", "api"):
@@ -91,9 +91,15 @@ def test_environment_variables_are_real_settings() -> None:
             assert var.startswith("DARE_") and var[5:].lower() in Settings.model_fields, (
                 f"docker-compose.yml {name}: {var} is not a field of service.core.config.Settings"
             )
-    locustfile = (ROOT / "loadtest" / "locustfile.py").read_text(encoding="utf-8")
+    from loadtest.scenario import ScenarioSettings
+
+    scenario = (ROOT / "loadtest" / "scenario.py").read_text(encoding="utf-8")
     for var in env_of("locust"):
-        assert f'"{var}"' in locustfile, f"docker-compose.yml locust: loadtest/locustfile.py never reads {var}"
+        assert f'"{var}"' in scenario, f"docker-compose.yml locust: loadtest/scenario.py never reads {var}"
+        monkeypatch.setenv(var, env_of("locust")[var])
+    settings = ScenarioSettings.from_env()
+    assert settings.model == env_of("locust")["DARE_LOADTEST_MODEL"]
+    assert str(settings.data) == env_of("locust")["DARE_LOADTEST_DATA"]
 
 
 def test_redis_url_points_at_the_redis_service() -> None:
@@ -143,8 +149,9 @@ def test_locust_image_matches_the_pinned_locust() -> None:
     pin = pinned_version(pyproject()["project"]["optional-dependencies"]["dev"], "locust")
     assert image == f"locustio/locust:{pin}"
     mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service("locust")["volumes"]}
-    locustfile = option(service("locust")["command"], "-f")
-    assert mounts[locustfile] == "./loadtest/locustfile.py"
+    locustfile = Path(option(service("locust")["command"], "-f"))
+    host_dir = ROOT / mounts[str(locustfile.parent)]
+    assert (host_dir / locustfile.name).is_file() and (host_dir / "scenario.py").is_file()
     data = env_of("locust")["DARE_LOADTEST_DATA"]
     host_dir = next(src for dst, src in mounts.items() if data.startswith(dst + "/"))
     assert (ROOT / host_dir / Path(data).name).is_file()
