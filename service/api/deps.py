@@ -32,14 +32,16 @@ class Services:
     limiter: anyio.CapacityLimiter  # bounds concurrent blocking work (scoring, store calls) per process
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.services.settings
 
 
+# Every dependency here is `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, one
+# thread hop per dependency per request (~0.1-0.5 ms each on a busy 2-core machine; see docs/performance.md).
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
@@ -57,11 +59,11 @@ def _check(request: Request, token: SecretStr | None) -> None:
         )
 
 
-def require_api_token(request: Request, settings: SettingsDep) -> None:
+async def require_api_token(request: Request, settings: SettingsDep) -> None:
     _check(request, settings.api_token)
 
 
-def require_admin_token(request: Request, settings: SettingsDep) -> None:
+async def require_admin_token(request: Request, settings: SettingsDep) -> None:
     _check(request, settings.effective_admin_token)
 
 
