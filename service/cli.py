@@ -19,7 +19,7 @@ from dare.errors import DareError
 
 
 def register(app: typer.Typer) -> None:
-    """Adds `serve` and `load`; the benchmark work package adds `bench` here."""
+    """Adds `serve` and `load` (`bench` is registered by `dare.bench`)."""
     app.command("serve")(serve)
     app.command("load")(load)
 
