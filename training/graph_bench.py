@@ -215,14 +215,15 @@ def _write(out: Path, records: list[dict], dims: list[int], profiles: dict[int, 
         lines += [f"| {name} | {ms:.3f} | {100 * ms / total:.0f}% |" for name, ms in ops[:8]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
+    plotted, ylabel = (low, "median CPU ms of the calling thread") if "cpu_median_ms" in first else (table, "median latency (ms)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for graph, variant in rows:
-        ax.plot(dims, [table[(graph, variant, d)] for d in dims], marker="o", label=f"{graph}: {variant}",
+        ax.plot(dims, [plotted[(graph, variant, d)] for d in dims], marker="o", label=f"{graph}: {variant}",
                 linestyle="--" if variant.startswith("torch") else "-")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.set_xlabel("attention dim (per field)")
-    ax.set_ylabel("median latency (ms)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"search graph shapes, N={first['n']}, C={first['c']}, {first['threads']} thread(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
