@@ -404,6 +404,72 @@ def to_records(samples: Samples) -> list[dict[str, Any]]:
     return records
 
 
+# The store's read before commit f7bf6e0 (a Lua script that copied the tail through a Lua string), kept here only to
+# measure what the MULTI/EXEC read bought; same reply shape as it had: {1, total bytes, header, tail} or {0}.
+_LUA_READ_BEFORE = """
+local key = KEYS[1]
+local hlen = tonumber(ARGV[1])
+local rsize = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+if redis.call('EXISTS', key) == 0 then
+  return {0}
+end
+local len = redis.call('STRLEN', key)
+local head = redis.call('GETRANGE', key, 0, hlen - 1)
+local start = len - wanted * rsize
+if start < hlen then
+  start = hlen
+end
+local tail = ''
+if wanted > 0 and len > start then
+  tail = redis.call('GETRANGE', key, start, len - 1)
+end
+return {1, len, head, tail}
+"""
+
+
+def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, model: LoadedModel) -> list[dict[str, Any]]:
+    """Before/after of the two data-path changes, interleaved call by call in this run:
+    id mapping (binary search on the sorted raw ids -> dense lookup table) and store fetch (Lua read -> MULTI/EXEC)."""
+    from service.registry import IdMap
+    from service.store import HEADER_SIZE, RECORD_SIZE, decode_records
+
+    before_map = (IdMap(model.vocab.item.raw, model.vocab.item.index), IdMap(model.vocab.cate.raw, model.vocab.cate.index))
+    after_map = (model.vocab.item, model.vocab.cate)
+    lua_read = store.client.register_script(_LUA_READ_BEFORE)
+    rows: list[dict[str, Any]] = []
+    for w in _progress(cfg.workloads, cfg, desc="before/after of the data path"):
+        history = store.read(data.users[w.name][0], w.history).events
+        items, cates = data.candidates[w.name][0]
+
+        def mapping(maps: tuple[IdMap, IdMap]) -> None:
+            maps[0](history["item_id"]), maps[1](history["category_id"].astype(np.int64)), maps[0](items), maps[1](cates)
+
+        def fetch_before(user: str) -> None:
+            reply = lua_read(keys=[store.key(user)], args=[HEADER_SIZE, RECORD_SIZE, w.history])
+            decode_records(reply[3])
+
+        timings: dict[str, list[float]] = {"map_before": [], "map_after": [], "fetch_before": [], "fetch_after": []}
+        for r in range(cfg.warmup + cfg.repeats):
+            user = data.users[w.name][r % cfg.users]
+            calls = {"map_before": lambda: mapping(before_map), "map_after": lambda: mapping(after_map),
+                     "fetch_before": lambda: fetch_before(user), "fetch_after": lambda: store.read(user, w.history)}  # fmt: skip
+            for name in np.random.default_rng(r).permutation(list(calls)):
+                t0 = time.perf_counter()
+                calls[name]()
+                if r >= cfg.warmup:
+                    timings[name].append(time.perf_counter() - t0)
+        for stage, what_before, what_after, key in (
+            ("id_mapping", "binary search (np.searchsorted)", "dense lookup table", "map"),
+            ("store_fetch", "Lua script read", "MULTI/EXEC read", "fetch"),
+        ):
+            before = float(np.median(timings[f"{key}_before"])) * 1000.0
+            after = float(np.median(timings[f"{key}_after"])) * 1000.0
+            rows.append({"stage": stage, "workload": w.name, "before": what_before, "after": what_after,
+                         "before_p50_ms": round(before, 4), "after_p50_ms": round(after, 4), "speedup": round(before / after, 2)})  # fmt: skip
+    return rows
+
+
 def profile_graphs(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], folder: Path) -> list[dict[str, Any]]:
     """onnxruntime's own profiler on search.onnx and score.onnx for every (workload, dim): mean ms per call of
     each operator type, from `repeats` runs on a stored user's history (the bench's first user and candidates)."""
@@ -556,6 +622,11 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             row.append(f"{c['p50_ms']:.3f} ({c['p99_ms']:.3f})" if c else "")
         label = "POST /score (HTTP)" if s == HTTP_STAGE else s
         lines.append(f"| {w} | {b} | {label} | " + " | ".join(row) + " |")
+    if meta.get("changes"):
+        lines += ["", "## Data-path changes, before / after in this run (p50 ms, interleaved call by call)", "",
+                  "| stage | workload | before | after | before p50 | after p50 | speedup |", "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f} | "
+                  f"{c['after_p50_ms']:.3f} | {c['speedup']:.1f}x |" for c in meta["changes"]]  # fmt: skip
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (search.onnx / "
               "CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
               "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), keep-alive connection.", ""]  # fmt: skip
@@ -681,6 +752,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             client = HttpClient(port)
             stack.callback(client.close)
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
+        changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
     records = to_records(samples)
@@ -701,6 +773,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "cate_rows": data.cate_rows,
         "events_stored": data.events_stored,
         "max_prob_diff": samples.max_prob_diff,
+        "changes": changes,
         "random_init": True,
         "synthetic_data": True,
     }
