@@ -209,7 +209,7 @@ def run_dare(*args: str, env: dict[str, str] | None = None) -> None:
     """Run one `dare` subcommand with its own progress bars on the terminal; a failure is a DareError."""
     command = dare_command(*args)
     console.print(f"    [dim]$ dare {' '.join(args)}[/dim]")
-    result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, check=False)
+    result = subprocess.run(command, env={**os.environ, **(env or {})}, check=False)
     if result.returncode != 0:
         raise DareError(f"`dare {' '.join(args)}` failed with exit code {result.returncode} (its output is above)")
 
@@ -397,7 +397,7 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     default = model_name(cfg.att_dims[-1])
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_DEFAULT_MODEL": default}
     command = dare_command("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
+    process = subprocess.Popen(command, env=env)
     stack.callback(stop_process, process)
     wait_until_ready(process, base_url)
 

@@ -143,7 +143,7 @@ def dare_args(*args: str) -> list[str]:
 
 def run_checked(command: list[str], what: str, timeout_s: float, **kwargs: object) -> None:
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, timeout=timeout_s, check=False, **kwargs)  # type: ignore[call-overload]
+        result = subprocess.run(command, timeout=timeout_s, check=False, **kwargs)  # type: ignore[call-overload]
     except subprocess.TimeoutExpired:
         raise LoadtestError(f"{what} did not finish within {timeout_s:.0f} s") from None
     if result.returncode != 0:
@@ -180,7 +180,7 @@ def start_service(cfg: LoadtestConfig, redis_url: str, port: int, log: Path) -> 
     command = dare_args("serve", "--models", str(cfg.models), "--host", "127.0.0.1", "--port", str(port),
                         "--workers", str(cfg.workers))  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                preexec_fn=pinned(cfg.service_cpus))  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -264,7 +264,7 @@ def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, lo
     started = time.perf_counter()
     with Path(f"{prefix}.log").open("wb") as log:
         try:
-            finished = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
+            finished = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False,
                            timeout=cfg.duration_s + 60, preexec_fn=pinned(cfg.locust_cpus))  # fmt: skip
         except subprocess.TimeoutExpired:
             raise LoadtestError(f"Locust did not stop within {cfg.duration_s + 60} s; see {prefix}.log") from None

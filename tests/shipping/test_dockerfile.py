@@ -193,3 +193,20 @@ def test_dockerfile_reader_rejects_garbage(tmp_path: Path) -> None:
     bad.write_text("RUN echo hi\n", encoding="utf-8")
     with pytest.raises(ValueError, match="before the first FROM"):
         dockerfile.parse(bad)
+
+
+def test_files_the_trainer_reads_are_copied_into_the_train_image() -> None:
+    from tests.shipping.conftest import compose
+
+    train = docker().stages["train"]
+    copied = {}  # image path (relative to WORKDIR /app) -> build-context source
+    for ins in train.of("COPY"):
+        *sources, dest = [w for w in ins.words() if not w.startswith("--")]
+        for source in sources:
+            copied[dest.removeprefix("./").rstrip("/")] = source
+    for where, cmd in (("Dockerfile train CMD", train.of("CMD")[-1].words()),
+                       ("docker-compose.yml trainer", compose()["services"]["trainer"]["command"])):  # fmt: skip
+        sample = cmd[cmd.index("--sample") + 1]
+        folder = next((d for d in copied if sample.startswith(d + "/")), None)
+        assert folder is not None, f"{where}: --sample {sample} is not under any COPY destination {sorted(copied)}"
+        assert (ROOT / copied[folder] / sample.removeprefix(folder + "/")).is_file()
