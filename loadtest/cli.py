@@ -56,5 +56,8 @@ def loadtest(
 
 
 def register(app: typer.Typer) -> None:
-    """Owned by the shipping work package: adds `loadtest`."""
+    """Owned by the shipping work package: adds `loadtest` (and `soak`, from the reliability package)."""
     app.command("loadtest")(loadtest)
+    from loadtest.soak import soak
+
+    app.command("soak")(soak)
