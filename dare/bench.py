@@ -470,6 +470,100 @@ def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, mod
     return rows
 
 
+async def _asgi_post(app: Any, path: str, body: bytes) -> int:
+    """One POST through the ASGI app itself (no socket): what the framework costs, without the network."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                                                        (b"content-length", str(len(body)).encode())]}  # fmt: skip
+    delivered = False
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)  # the client never disconnects
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str, model_folder: Path, work: Path) -> list[dict[str, Any]]:
+    """Before/after of making the FastAPI dependencies `async def`: two apps in this process, one with the plain
+    `def` dependencies the service had before (as dependency overrides, which FastAPI runs in its thread pool),
+    POST /score through each in turn (ASGI, no socket). Wall and CPU time of this process per request."""
+    import asyncio
+
+    import orjson
+    from fastapi import Request
+
+    from service.api import deps
+    from service.core.config import Settings
+    from service.main import create_app
+
+    models_dir = work / "one-model"
+    if not (models_dir / model_folder.name).is_dir():
+        shutil.copytree(model_folder, models_dir / model_folder.name)
+    settings = Settings(models_dir=models_dir, redis_url=redis_url, log_level="warning", request_timeout_s=60.0)
+
+    def sync_services(request):  # type: ignore[no-untyped-def]
+        return request.app.state.services
+
+    def sync_settings(request):  # type: ignore[no-untyped-def]
+        return request.app.state.services.settings
+
+    def sync_auth(request):  # type: ignore[no-untyped-def]
+        deps._check(request, request.app.state.services.settings.api_token)
+
+    # Real annotation objects (this module's `from __future__ import annotations` would leave strings that FastAPI
+    # resolves in the module's globals, where Request is not imported), so FastAPI injects the request.
+    for override in (sync_services, sync_settings, sync_auth):
+        override.__annotations__ = {"request": Request}
+
+    before, after = create_app(settings), create_app(settings)
+    before.dependency_overrides.update({deps.get_services: sync_services, deps.get_settings_dep: sync_settings,
+                                        deps.require_api_token: sync_auth})  # fmt: skip
+    apps = {"before": before, "after": after}
+
+    async def run_all() -> list[dict[str, Any]]:
+        rows = []
+        async with before.router.lifespan_context(before), after.router.lifespan_context(after):
+            for w in cfg.workloads[:2]:
+                items, cates = data.candidates[w.name][0]
+                body = orjson.dumps({"user_id": data.users[w.name][0], "model": model_folder.name,
+                                     "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
+                wall: dict[str, list[float]] = {"before": [], "after": []}
+                cpu: dict[str, list[float]] = {"before": [], "after": []}
+                for r in range(cfg.warmup + cfg.repeats):
+                    for name in ("before", "after") if r % 2 else ("after", "before"):
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        status = await _asgi_post(apps[name], "/score", body)
+                        if status != 200:
+                            raise BenchError(f"POST /score through the ASGI app ({name}) answered {status}")
+                        if r >= cfg.warmup:
+                            wall[name].append(time.perf_counter() - t0)
+                            cpu[name].append(time.process_time() - c0)
+                ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
+                rows.append({"stage": "POST /score (ASGI, no socket)", "workload": w.name,
+                             "before": "def dependencies (thread pool)", "after": "async def dependencies",
+                             "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
+                             "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
+                             "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
+        return rows
+
+    return asyncio.run(run_all())
+
+
 def profile_graphs(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], folder: Path) -> list[dict[str, Any]]:
     """onnxruntime's own profiler on search.onnx and score.onnx for every (workload, dim): mean ms per call of
     each operator type, from `repeats` runs on a stored user's history (the bench's first user and candidates)."""
@@ -623,10 +717,12 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         label = "POST /score (HTTP)" if s == HTTP_STAGE else s
         lines.append(f"| {w} | {b} | {label} | " + " | ".join(row) + " |")
     if meta.get("changes"):
-        lines += ["", "## Data-path changes, before / after in this run (p50 ms, interleaved call by call)", "",
+        lines += ["", "## Changes, before / after in this run (p50 ms, interleaved call by call)", "",
                   "| stage | workload | before | after | before p50 | after p50 | speedup |", "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f} | "
-                  f"{c['after_p50_ms']:.3f} | {c['speedup']:.1f}x |" for c in meta["changes"]]  # fmt: skip
+        for c in meta["changes"]:
+            cpu = (f" (CPU {c['before_cpu_ms']:.3f})", f" (CPU {c['after_cpu_ms']:.3f})") if "before_cpu_ms" in c else ("", "")
+            lines.append(f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f}{cpu[0]} | "
+                         f"{c['after_p50_ms']:.3f}{cpu[1]} | {c['speedup']:.1f}x |")
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (search.onnx / "
               "CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
               "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), keep-alive connection.", ""]  # fmt: skip
@@ -757,6 +853,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             stack.callback(client.close)
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
         changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
+        changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
     records = to_records(samples)

@@ -63,6 +63,13 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     assert set(meta["max_prob_diff"]) == {"torch", "http"}
     assert max(meta["max_prob_diff"].values()) < 1e-3
     assert [r["name"] for r in meta["ratios"]].count("HTTP / in-process") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
+    # Before/after of each change, measured in the same run, for every workload (the ASGI one: W1 and W2).
+    changes = meta["changes"]
+    assert {(c["stage"], c["workload"]) for c in changes} == {
+        (s, w.name) for s in ("id_mapping", "store_fetch") for w in QUICK_WORKLOADS
+    } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]}
+    assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
+    assert "## Changes, before / after in this run" in md
     profile = json.loads(cfg.out.with_suffix(".profile.json").read_text())
     assert {(p["workload"], p["att_dim"], p["graph"]) for p in profile} == {
         (w.name, d, g) for w in QUICK_WORKLOADS for d in cfg.att_dims for g in ("search", "score")
