@@ -512,8 +512,7 @@ def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str,
     from service.main import create_app
 
     models_dir = work / "one-model"
-    if not (models_dir / model_folder.name).is_dir():
-        shutil.copytree(model_folder, models_dir / model_folder.name)
+    shutil.copytree(model_folder, models_dir / model_folder.name)
     settings = Settings(models_dir=models_dir, redis_url=redis_url, log_level="warning", request_timeout_s=60.0)
 
     def sync_services(request):  # type: ignore[no-untyped-def]
@@ -827,7 +826,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dare-bench-")))
         else:
             work = cfg.work_dir
-            shutil.rmtree(work / "models", ignore_errors=True)
+            for stale in ("models", "one-model", "ort-profiles"):  # rebuilt by every run
+                shutil.rmtree(work / stale, ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
         redis_server = start_redis(work / "redis")
         stack.callback(redis_server.stop)
