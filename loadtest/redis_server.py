@@ -77,6 +77,7 @@ class RedisServer:
 
 def start_redis_server(folder: Path, *extra_args: str, port: int | None = None, timeout_s: float = 10.0) -> RedisServer:
     """Start redis-server in `folder` (no persistence unless `extra_args` ask for it) and wait until it answers."""
+    folder = folder.resolve()  # redis-server chdirs to --dir before it opens --logfile: relative paths would break
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     command = [

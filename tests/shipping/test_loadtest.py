@@ -125,3 +125,17 @@ def test_markdown_table_lists_every_run() -> None:
                     p99_ms=9.25)  # fmt: skip
     table = markdown_table([run, run])
     assert table.count("| real | fixed | dare-att16 | 16 | 100 | 400 | 1 | 20.0 | 22.0 | 3.50 | 6.00 | 9.25 |") == 2
+
+
+def test_private_redis_server_starts_in_a_relative_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from loadtest.redis_server import start_redis_server
+
+    monkeypatch.chdir(tmp_path)
+    with start_redis_server(Path("scratch") / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("k", "v")
+        assert client.get("k") == b"v"
+    assert (tmp_path / "scratch" / "redis" / "redis.log").is_file()
+    assert server.process.poll() is not None, "stop() must end the server"
