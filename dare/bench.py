@@ -470,6 +470,52 @@ def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, mod
     return rows
 
 
+ORT_LEVELS = ("basic", "extended", "all")
+
+
+def measure_ort_options(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
+    """search.onnx under each onnxruntime graph optimisation level x 1 or 2 intra-op threads, at the middle workload
+    for the smallest and largest dim, interleaved call by call: wall p50 and CPU p50 (all threads of this process)."""
+    import onnxruntime as ort
+
+    from service.contract import GRAPH_FILES
+    from service.registry import InferenceOptions
+
+    w = cfg.workloads[len(cfg.workloads) // 2]
+    items, cates = data.candidates[w.name][0]
+    history = store.read(data.users[w.name][0], w.history).events
+    rows: list[dict[str, Any]] = []
+    for d in _progress(sorted({min(cfg.att_dims), max(cfg.att_dims)}), cfg, desc="onnxruntime options"):
+        model = loaded[d]
+        vocab = model.vocab
+        feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
+                 "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
+        sessions = {}
+        for level in ORT_LEVELS:
+            for threads in (1, 2):
+                options = InferenceOptions(intra_op_threads=threads, inter_op_threads=1, graph_optimization=level).session_options()
+                # Spinning worker threads would burn the core the other processes on this machine need.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                sessions[(level, threads)] = ort.InferenceSession(str(model.folder / GRAPH_FILES["search"]), options,
+                                                                   providers=["CPUExecutionProvider"])  # fmt: skip
+        wall: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
+        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
+        keys = list(sessions)
+        for r in range(cfg.warmup + cfg.repeats):
+            for j in np.random.default_rng(r).permutation(len(keys)):
+                key = keys[j]
+                t0, c0 = time.perf_counter(), time.process_time()
+                sessions[key].run(None, feeds)
+                if r >= cfg.warmup:
+                    wall[key].append(time.perf_counter() - t0)
+                    cpu[key].append(time.process_time() - c0)
+        for (level, threads) in keys:
+            rows.append({"workload": w.name, "att_dim": d, "graph": "search", "optimization": level, "threads": threads,
+                         "p50_ms": round(float(np.median(wall[(level, threads)])) * 1000.0, 4),
+                         "cpu_p50_ms": round(float(np.median(cpu[(level, threads)])) * 1000.0, 4)})  # fmt: skip
+    return rows
+
+
 async def _asgi_post(app: Any, path: str, body: bytes) -> int:
     """One POST through the ASGI app itself (no socket): what the framework costs, without the network."""
     import asyncio
@@ -727,6 +773,15 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             cpu = (f" (CPU {c['before_cpu_ms']:.3f})", f" (CPU {c['after_cpu_ms']:.3f})") if "before_cpu_ms" in c else ("", "")
             lines.append(f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f}{cpu[0]} | "
                          f"{c['after_p50_ms']:.3f}{cpu[1]} | {c['speedup']:.1f}x |")
+    if meta.get("ort_options"):
+        first = meta["ort_options"][0]
+        lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",
+                  "| att dim | optimisation | 1 thread | 2 threads |", "|---:|---|---:|---:|"]  # fmt: skip
+        cell = {(o["att_dim"], o["optimization"], o["threads"]): o for o in meta["ort_options"]}
+        for d in sorted({o["att_dim"] for o in meta["ort_options"]}):
+            for level in ORT_LEVELS:
+                one, two = cell[(d, level, 1)], cell[(d, level, 2)]
+                lines.append(f"| {d} | {level} | {one['p50_ms']:.3f} ({one['cpu_p50_ms']:.3f}) | {two['p50_ms']:.3f} ({two['cpu_p50_ms']:.3f}) |")
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (search.onnx / "
               "CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
               "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), keep-alive connection.", ""]  # fmt: skip
@@ -859,6 +914,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
         changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
         changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
+        ort_options = measure_ort_options(cfg, data, store, loaded)
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
     records = to_records(samples)
@@ -880,6 +936,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "events_stored": data.events_stored,
         "max_prob_diff": samples.max_prob_diff,
         "changes": changes,
+        "ort_options": ort_options,
         "random_init": True,
         "synthetic_data": True,
     }

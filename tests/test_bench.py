@@ -70,6 +70,8 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]}
     assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
     assert "## Changes, before / after in this run" in md
+    options = {(o["att_dim"], o["optimization"], o["threads"]) for o in meta["ort_options"]}
+    assert options == {(d, level, t) for d in cfg.att_dims for level in ("basic", "extended", "all") for t in (1, 2)}
     profile = json.loads(cfg.out.with_suffix(".profile.json").read_text())
     assert {(p["workload"], p["att_dim"], p["graph"]) for p in profile} == {
         (w.name, d, g) for w in QUICK_WORKLOADS for d in cfg.att_dims for g in ("search", "score")
