@@ -32,6 +32,7 @@ from training.train import (
     TrainError,
     TrainOptions,
     load_prepared,
+    retrieval_baselines,
     train,
 )
 
@@ -137,6 +138,10 @@ def _fmt(stat: dict[str, float], digits: int, runs: int) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if runs > 1 else "")
 
 
+def _num(value: object) -> str:
+    return "n/a" if not isinstance(value, int | float) or not math.isfinite(value) else f"{value:.4f}"
+
+
 def render_markdown(summary: list[dict[str, object]], header: dict[str, object]) -> str:
     lines = [
         f"# DARE vs TWIN vs TWIN-proj on {header['data_name']}",
@@ -147,7 +152,9 @@ def render_markdown(summary: list[dict[str, object]], header: dict[str, object])
         f"- grid: models {', '.join(header['models'])}; attention dims {', '.join(map(str, header['att_dims']))}; "  # type: ignore[arg-type]
         f"DARE repr dim {header['repr_dim']} (TWIN/TWIN-proj: one table of the attention dim); "
         f"{header['seeds']} seed(s); {header['epochs']} epoch(s), batch {header['batch_size']}, top-K {header['top_k']}",
-        f"- NDCG@K: the search stage's top-K against the {header['ndcg_truth']} ground truth",
+        f"- NDCG@K: the search stage's top-K against the {header['ndcg_truth']} ground truth; model-free rankings "
+        f"for scale: the K most recent behaviours {_num(header['ndcg_baselines']['recency'])}, "  # type: ignore[index]
+        f"K at random {_num(header['ndcg_baselines']['random'])}",  # type: ignore[index]
         f"- values: mean ± std (sample std over seeds); total training time {header['total_train_seconds']:.0f} s",
         "",
         "| model | att dim | repr dim | runs | " + " | ".join(h for _, h, _ in TABLE_METRICS) + " | train s |",
@@ -169,7 +176,13 @@ def render_markdown(summary: list[dict[str, object]], header: dict[str, object])
     return "\n".join(lines) + "\n"
 
 
-def render_chart(summary: list[dict[str, object]], path: Path, title: str, ndcg_truth: str = "ground") -> None:
+def render_chart(
+    summary: list[dict[str, object]],
+    path: Path,
+    title: str,
+    ndcg_truth: str = "ground",
+    baselines: dict[str, float | None] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,6 +199,10 @@ def render_chart(summary: list[dict[str, object]], path: Path, title: str, ndcg_
             means = [r[key]["mean"] for r in rows]  # type: ignore[index]
             stds = [r[key]["std"] for r in rows]  # type: ignore[index]
             ax.errorbar(dims, means, yerr=stds, marker="o", capsize=4, label=model)
+        if key == "test_ndcg_at_k":
+            for (name, value), style in zip((baselines or {}).items(), (":", "--")):
+                if value is not None:
+                    ax.axhline(value, color="grey", linestyle=style, label=f"{name} K (no model)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({int(r["att_dim"]) for r in summary}))  # type: ignore[arg-type]
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -245,10 +262,12 @@ def compare(
     header["total_train_seconds"] = sum(float(r["metrics"]["train_seconds"]) for r in runs)  # type: ignore[index]
     header["wall_seconds"] = round(time.perf_counter() - started, 1)
     header["ndcg_truth"] = str(runs[0]["metrics"].get("ndcg_truth", "?")).replace("_", "-")  # type: ignore[union-attr]
+    header["ndcg_baselines"] = retrieval_baselines(data, data.test, options.top_k)
     summary = summarise(runs)
     markdown = render_markdown(summary, header)
     (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
-    render_chart(summary, out_dir / RESULTS_PNG, title=str(header["data_name"]), ndcg_truth=str(header["ndcg_truth"]))
+    render_chart(summary, out_dir / RESULTS_PNG, title=str(header["data_name"]), ndcg_truth=str(header["ndcg_truth"]),
+                 baselines=header["ndcg_baselines"])  # type: ignore[arg-type]  # fmt: skip
     _write_json(out_dir / RESULTS_JSON, header, runs, complete=True, summary=summary)
     return CompareResult(out_dir=out_dir, runs=runs, summary=summary, markdown=markdown)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -270,40 +271,83 @@ def evaluate_clicks(model: nn.Module, split: Split, batch_size: int, device: tor
     return click_metrics(split.user, split.cand_cate, split.label, logits)
 
 
-@torch.no_grad()
-def evaluate_retrieval(
-    model: nn.Module, data: PreparedData, split: Split, batch_size: int, device: torch.device, seed: int = 0
-) -> dict[str, object]:
-    """NDCG@K of the search stage over the split's impressions against the data's ground truth."""
-    k = int(model.cfg.top_k)
+RelevanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # hist_cate [R, L], target_cate [R] -> [R, L]
+
+
+def retrieval_truth(data: PreparedData) -> tuple[str, RelevanceFn]:
+    """The ground truth the search is scored against: planted (synthetic data) or mutual information (real data).
+
+    The mutual information is estimated from the training split with a fixed seed, so that every run on the same
+    data is scored against the same truth.
+    """
     if data.planted is not None:
-        truth_name, relevance = "planted", data.planted.relevance
-    else:
-        mi = MutualInformationTruth.fit(data.train.hist_cate, data.train.cand_cate, data.train.label, data.cate_rows, seed=seed)
-        truth_name, relevance = "mutual_information", mi.relevance
+        return "planted", data.planted.relevance
+    mi = MutualInformationTruth.fit(data.train.hist_cate, data.train.cand_cate, data.train.label, data.cate_rows, seed=0)
+    return "mutual_information", mi.relevance
+
+
+def _ndcg_rows(split: Split) -> np.ndarray:
+    """The split rows whose impressions are scored (all, or a fixed subset of NDCG_MAX_IMPRESSIONS)."""
     candidates = split.cand_item.shape[1]
-    rows = np.arange(split.rows)
-    if split.rows * candidates > NDCG_MAX_IMPRESSIONS:
-        rows = np.sort(np.random.default_rng(seed).choice(split.rows, NDCG_MAX_IMPRESSIONS // candidates, replace=False))
-    model.eval()
+    if split.rows * candidates <= NDCG_MAX_IMPRESSIONS:
+        return np.arange(split.rows)
+    return np.sort(np.random.default_rng(0).choice(split.rows, NDCG_MAX_IMPRESSIONS // candidates, replace=False))
+
+
+def _mean_ndcg(
+    data: PreparedData, split: Split, k: int, batch_size: int, rank: Callable[[np.ndarray], np.ndarray]
+) -> tuple[str, float | None, int]:
+    """Mean NDCG@k over the split's scored impressions of the ranking `rank(chunk rows) -> scores [b*C, L]`."""
+    truth_name, relevance = retrieval_truth(data)
+    candidates = split.cand_item.shape[1]
+    rows = _ndcg_rows(split)
     total, used = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        index, weight = model.search(*_batches(split, chunk, device))  # [b, C, K] each
-        b = len(chunk)
-        scores = search_scores(index.cpu().numpy().reshape(b * candidates, k), weight.float().cpu().numpy().reshape(b * candidates, k),
-                               data.history_len)  # [b*C, L]  # fmt: skip
         hist_cate = np.repeat(split.hist_cate[chunk], candidates, axis=0)  # [b*C, L]: each candidate sees the history
         truth = relevance(hist_cate, split.cand_cate[chunk].reshape(-1))  # [b*C, L]
-        value, n = retrieval_ndcg(truth, scores, k)
+        value, n = retrieval_ndcg(truth, rank(chunk), k)
         if n:
             total += value * n
             used += n
+    return truth_name, (total / used if used else None), used
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: nn.Module, data: PreparedData, split: Split, batch_size: int, device: torch.device
+) -> dict[str, object]:
+    """NDCG@K of the search stage over the split's impressions against the data's ground truth."""
+    k = int(model.cfg.top_k)
+    candidates = split.cand_item.shape[1]
+    model.eval()
+
+    def search_rank(chunk: np.ndarray) -> np.ndarray:
+        index, weight = model.search(*_batches(split, chunk, device))  # [b, C, K] each
+        b = len(chunk)
+        return search_scores(index.cpu().numpy().reshape(b * candidates, k),
+                             weight.float().cpu().numpy().reshape(b * candidates, k), data.history_len)  # [b*C, L]  # fmt: skip
+
+    truth_name, ndcg, used = _mean_ndcg(data, split, k, batch_size, search_rank)
+    return {"ndcg_at_k": ndcg, "ndcg_k": k, "ndcg_truth": truth_name, "ndcg_impressions": used}
+
+
+def retrieval_baselines(data: PreparedData, split: Split, k: int, batch_size: int = 1024) -> dict[str, float | None]:
+    """NDCG@k of two model-free rankings, for scale: the k most recent behaviours, and k at random (seeded)."""
+    candidates = split.cand_item.shape[1]
+    rng = np.random.default_rng(0)
+
+    def recency(chunk: np.ndarray) -> np.ndarray:
+        hist = np.repeat(split.hist_cate[chunk], candidates, axis=0)  # [b*C, L]
+        return np.where(hist != 0, np.arange(hist.shape[1], dtype=np.float64)[None, :], -1.0)  # later = more recent
+
+    def random(chunk: np.ndarray) -> np.ndarray:
+        hist = np.repeat(split.hist_cate[chunk], candidates, axis=0)  # [b*C, L]
+        return np.where(hist != 0, rng.random(hist.shape), -1.0)
+
     return {
-        "ndcg_at_k": total / used if used else None,
-        "ndcg_k": k,
-        "ndcg_truth": truth_name,
-        "ndcg_impressions": used,
+        "recency": _mean_ndcg(data, split, k, batch_size, recency)[1],
+        "random": _mean_ndcg(data, split, k, batch_size, random)[1],
     }
 
 
@@ -444,7 +488,7 @@ def train(
     eval_batch = max(options.batch_size, 1024)
     val = evaluate_clicks(model, data.val, eval_batch, device)
     test = evaluate_clicks(model, data.test, eval_batch, device)
-    retrieval = evaluate_retrieval(model, data, data.test, eval_batch, device, seed=options.seed)
+    retrieval = evaluate_retrieval(model, data, data.test, eval_batch, device)
     metrics: dict[str, object] = {
         "test_auc": test.auc,
         "test_gauc": test.gauc,

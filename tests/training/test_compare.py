@@ -34,7 +34,8 @@ def test_compare_writes_table_json_and_chart(tiny_compare: tuple[Path, Path, obj
         assert 0 <= run["metrics"]["test_auc"] <= 1
         assert (Path(run["run_dir"]) / "model.pt").is_file()
     table = (out / "results.md").read_text()
-    assert "dare compare --test" in table and "SYNTHETIC" in table
+    assert "dare compare --test" in table and "SYNTHETIC" in table and "planted ground truth" in table
+    assert runs["ndcg_baselines"]["random"] < runs["ndcg_baselines"]["recency"]
     rows = [line for line in table.splitlines() if line.startswith("| dare |") or line.startswith("| twin")]
     assert len(rows) == 6 + 3  # 6 rows in the main table, 3 in the paper-layout table
     dare_4 = next(r for r in runs["summary"] if r["model"] == "dare" and r["att_dim"] == 4)
