@@ -62,7 +62,10 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     # The three backends answered the same requests with the same model.
     assert set(meta["max_prob_diff"]) == {"torch", "http"}
     assert max(meta["max_prob_diff"].values()) < 1e-3
-    assert [r["name"] for r in meta["ratios"]].count("HTTP / in-process") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
+    names = [r["name"] for r in meta["ratios"]]
+    assert names.count("HTTP / in-process") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
+    assert names.count("torch eager / onnxruntime (CPU time)") == len(cfg.att_dims)
+    assert names.count("search att_dim scaling (CPU time)") == 1
     # Before/after of each change, measured in the same run, for every workload (the ASGI one: W1 and W2).
     changes = meta["changes"]
     assert {(c["stage"], c["workload"]) for c in changes} == {
