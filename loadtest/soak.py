@@ -120,6 +120,8 @@ class SoakResult:
     passed: bool
     minutes: list[Minute] = field(default_factory=list)
     rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, MB)
+    # The machine's 1-minute load average during the run: other jobs on the same cores show up here.
+    load_samples: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, load)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -205,17 +207,20 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 class RssSampler:
-    """A background thread sampling the server's RSS every `period` seconds, timestamps relative to `t0`."""
+    """A background thread sampling the server's RSS (and the machine's load average) every `period` seconds."""
 
     def __init__(self, pid: int, period: float) -> None:
         self.pid, self.period = pid, period
         self.samples: list[tuple[float, float]] = []  # (unix time, bytes)
+        self.load: list[tuple[float, float]] = []  # (unix time, 1-minute load average)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), float(tree_rss_bytes(self.pid))))
+            now = time.time()
+            self.samples.append((now, float(tree_rss_bytes(self.pid))))
+            self.load.append((now, os.getloadavg()[0]))
             self._stop.wait(self.period)
 
     def __enter__(self) -> RssSampler:
@@ -367,7 +372,8 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> SoakResult:
     from loadtest.redis_server import start_redis_server
 
     cfg.work.mkdir(parents=True, exist_ok=True)
-    with start_redis_server(cfg.work / "redis") as redis:
+    # An absolute folder: redis-server applies --dir before --logfile, so a relative log path would not resolve.
+    with start_redis_server((cfg.work / "redis").resolve()) as redis:
         loaded = subprocess.run(_dare("load", "--input", str(cfg.data), "--redis", redis.url, "--no-progress"),
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
         if loaded.returncode != 0:
@@ -409,6 +415,7 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> SoakResult:
         rss_growth_pct=round(growth, 2), passed=run.failures == 0 and growth < cfg.max_rss_growth_pct,
         minutes=minutes,
         rss_samples=[(round(t - run.started, 1), round(b / 2**20, 2)) for t, b in sampler.samples],
+        load_samples=[(round(t - run.started, 1), round(load, 2)) for t, load in sampler.load],
     )  # fmt: skip
 
 
@@ -432,6 +439,8 @@ def markdown(cfg: SoakConfig, result: SoakResult, command: str) -> str:
         f"{result.p99_after_warmup_max_ms:.2f} ms",
         f"- server RSS: {result.rss_warm_mb:.1f} MB after warm-up -> {result.rss_end_mb:.1f} MB at the end "
         f"(**{result.rss_growth_pct:+.2f} %**, limit {cfg.max_rss_growth_pct:g} %), peak {result.rss_max_mb:.1f} MB",
+        f"- machine load average (1 min) during the run: {min(l for _, l in result.load_samples):.2f} .. "
+        f"{max(l for _, l in result.load_samples):.2f} on {os.cpu_count()} cores (other jobs included)",
         f"- verdict: **{'PASS' if result.passed else 'FAIL'}**",
         "",
         "| minute | requests | failed | p50 ms | p99 ms |",
@@ -465,6 +474,11 @@ def draw(cfg: SoakConfig, result: SoakResult, path: Path) -> None:
     mem.plot(t, [mb for _, mb in result.rss_samples], color="tab:purple")
     mem.axvspan(1, 1 + cfg.warmup_s / 60.0, color="tab:orange", alpha=0.15, label="warm-up")
     mem.set_ylabel("server RSS (MB)")
+    load = mem.twinx()
+    load.plot([s / 60.0 + 1 for s, _ in result.load_samples], [v for _, v in result.load_samples], color="tab:green",
+              alpha=0.5, linewidth=1)  # fmt: skip
+    load.set_ylabel("load average (1 min)", color="tab:green")
+    load.set_ylim(bottom=0)
     mem.set_xlabel("minute of the soak")
     mem.legend()
     mem.grid(alpha=0.3)

@@ -33,6 +33,29 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DARE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
 
 
+FIGURES = pytest.StashKey[dict[str, str]]()
+
+
+@pytest.fixture
+def record_figure(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
+    """`record_figure(name, text)`: a measured figure, printed in the terminal summary (docs/reliability.md quotes
+    them). Informative only: the tests assert their bounds themselves."""
+    figures = request.config.stash.setdefault(FIGURES, {})
+
+    def record(name: str, text: str) -> None:
+        figures[f"{request.node.name}: {name}"] = text
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    figures = config.stash.get(FIGURES, {})
+    if figures:
+        terminalreporter.section("reliability figures (measured on this run)")
+        for name, text in figures.items():
+            terminalreporter.write_line(f"{name}: {text}")
+
+
 @pytest.fixture(autouse=True)
 def _no_dare_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):

@@ -75,6 +75,7 @@ SCORE_CASES: list[tuple[str, object, str]] = [
     # negative and huge ids
     ("item-negative", {"user_id": USER, "candidates": [cand(item_id=-1)]}, "candidates.0.item_id"),
     ("category-negative", {"user_id": USER, "candidates": [cand(category_id=-5)]}, "candidates.0.category_id"),
+    ("item-2^53", {"user_id": USER, "candidates": [cand(item_id=2**53)]}, "candidates.0.item_id"),  # JSON-exact limit
     ("item-2^64", {"user_id": USER, "candidates": [cand(item_id=2**64)]}, "candidates.0.item_id"),
     ("item-10^30", {"user_id": USER, "candidates": [cand(item_id=10**30)]}, "candidates.0.item_id"),
     ("category-2^32", {"user_id": USER, "candidates": [cand(category_id=2**32)]}, "candidates.0.category_id"),

@@ -57,7 +57,8 @@ def swap_in(models: Path, name: str, source: Path, staging: Path) -> None:
 
 
 def test_broken_then_good_version_under_load(
-    make_service, redis_url: str, models_dir: Path, exported_model_dir: Path, second_model_dir: Path, tmp_path: Path
+    make_service, redis_url: str, models_dir: Path, exported_model_dir: Path, second_model_dir: Path, tmp_path: Path,
+    record_figure,
 ) -> None:
     service = make_service(models_dir=models_dir, redis_url=redis_url, reload_interval_s=0.2)
     v1 = versions(service)["dare-a"]
@@ -111,6 +112,8 @@ def test_broken_then_good_version_under_load(
     failed = Counter((a.status, a.error) for a in answers if a.status != 200)
     assert not failed, f"failed requests during the swaps: {failed}"
     assert {v for _, v in served} == {v1, v2}
+    record_figure("requests", f"{len(answers)} during {len(breakers())} broken versions, an in-place copy and 2 swaps; "
+                              f"{len(failed)} failed")
     assert all(v == v2 for t, v in served if swapped_at + 0.05 < t < swapped_at + 1.0)
     log = service.log_text()
     assert "new version rejected" in log and "keeps serving" in log

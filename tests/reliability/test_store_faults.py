@@ -76,7 +76,7 @@ def recovery_time(client: httpx.Client, user: str, expected: list[float], give_u
 
 
 @pytest.mark.parametrize("outage", ["kill", "freeze"])
-def test_redis_outage_during_traffic(outage: str, make_redis_server, make_service, models_dir) -> None:
+def test_redis_outage_during_traffic(outage: str, make_redis_server, make_service, models_dir, record_figure) -> None:
     """kill: redis-server SIGKILLed then restarted on the same port (append-only file, so the data survives);
     freeze: SIGSTOP then SIGCONT, so connections are accepted but never answered (the harder case: every call
     must time out rather than wait)."""
@@ -124,6 +124,9 @@ def test_redis_outage_during_traffic(outage: str, make_redis_server, make_servic
     assert before and all(a.status == 200 for a in before), codes
     assert during and all(a.status == 503 for a in during), codes  # the outage was seen, and answered fast
     assert after and all(a.status == 200 for a in after), codes
+    record_figure("answers", ", ".join(f"{n}x {s} {e}".strip() for (s, e), n in sorted(codes.items())))
+    record_figure("slowest answer during the outage", f"{max(a.elapsed for a in during):.3f} s (bound {timeout_s + SLACK_S} s)")
+    record_figure("recovery after Redis answered again", f"{recovered_after:.3f} s (bound 1 s)")
 
     # The store holds every acknowledged append exactly once, nothing twice; an append answered 503 may or may
     # not have been applied (the client cannot know), but never twice.
@@ -143,7 +146,7 @@ def client_history(base_url: str, user: str) -> list[int]:
     return [e["item_id"] for e in r.json()["events"]]
 
 
-def test_redis_outage_with_degraded_answers(make_redis_server, make_service, models_dir) -> None:
+def test_redis_outage_with_degraded_answers(make_redis_server, make_service, models_dir, record_figure) -> None:
     """DARE_DEGRADED_ON_STORE_ERROR=true: /score keeps answering 200 (flagged degraded) while Redis is down."""
     server = make_redis_server()
     timeout_s = 1.0
@@ -180,12 +183,14 @@ def test_redis_outage_with_degraded_answers(make_redis_server, make_service, mod
         assert a.status == 200, a  # never a 503: the degraded answer instead
         assert a.elapsed <= timeout_s + SLACK_S, a
     assert any(degraded for _, degraded in flags) and any(not degraded for _, degraded in flags)
+    record_figure("answers", f"{len(answers)}x 200, of which {sum(d for _, d in flags)} degraded; slowest "
+                  f"{max(a.elapsed for a in answers):.3f} s; recovered {recovered_after:.3f} s after Redis returned")
     degraded_total = [line for line in metrics.splitlines() if line.startswith("dare_degraded_responses_total ")]
     assert degraded_total and float(degraded_total[0].split()[1]) == sum(d for _, d in flags)
 
 
 def test_slow_redis_for_one_user_keeps_the_timeout_and_others_bounded(
-    make_redis_server, make_service, models_dir, delay_proxy
+    make_redis_server, make_service, models_dir, delay_proxy, record_figure
 ) -> None:
     """A proxy holds back every store command of user `slow` for 5 s (longer than any timeout). Its requests get
     the documented 503 within DARE_REQUEST_TIMEOUT_S; the other users keep getting 200s, with a p99 under the
@@ -218,13 +223,17 @@ def test_slow_redis_for_one_user_keeps_the_timeout_and_others_bounded(
     assert len(rest) > 4 * len(slow)  # the others were not held up behind the slow user
     assert all(a.status == 200 for a in rest), Counter((a.status, a.error) for a in rest)
     assert percentile([a.elapsed for a in rest], 99) <= timeout_s
+    record_figure("slow user", f"{len(slow)}x 503 request_timeout, slowest {max(a.elapsed for a in slow):.3f} s "
+                               f"(timeout {timeout_s} s)")
+    record_figure("other users", f"{len(rest)}x 200, p50 {percentile([a.elapsed for a in rest], 50) * 1000:.1f} ms, "
+                                 f"p99 {percentile([a.elapsed for a in rest], 99) * 1000:.1f} ms (bound {timeout_s} s)")
     assert service.alive()
     with service.client() as client:  # once the store is fast again, so is the slow user
         time.sleep(5.0)  # the held-back commands drain
         assert score(client, "slow")[0].status == 200
 
 
-def test_redis_stall_debug_sleep(make_redis_server, make_service, models_dir) -> None:
+def test_redis_stall_debug_sleep(make_redis_server, make_service, models_dir, record_figure) -> None:
     """DEBUG SLEEP stalls the whole Redis (as a slow disk or a big KEYS would): every request in the stall gets the
     documented 503 within the timeout, and the service is normal right after."""
     import threading
@@ -254,12 +263,14 @@ def test_redis_stall_debug_sleep(make_redis_server, make_service, models_dir) ->
     assert in_stall and all(a.status == 503 and a.error == "request_timeout" for a in in_stall), Counter(
         (a.status, a.error) for a in in_stall
     )
+    record_figure("inside the 2.5 s stall", f"{len(in_stall)}x 503 request_timeout, slowest "
+                  f"{max(a.elapsed for a in in_stall):.3f} s (timeout {timeout_s} s)")
     late = [a for a in answers if a.started > stall_ended + 0.5]
     assert late and all(a.status == 200 for a in late)
     assert service.alive()
 
 
-def test_short_stalls_never_duplicate_appends(make_redis_server, make_service, models_dir) -> None:
+def test_short_stalls_never_duplicate_appends(make_redis_server, make_service, models_dir, record_figure) -> None:
     """Redis stalls a little longer than the store's socket timeout, again and again, while writers append. An
     append that timed out may still be executed by Redis when it wakes up; the service must not send it a second
     time (a retry would store those events twice). Acknowledged appends are stored exactly once."""
@@ -291,6 +302,8 @@ def test_short_stalls_never_duplicate_appends(make_redis_server, make_service, m
     check_answers(answers, 3.0 + SLACK_S)
     # some appends met a stall (took longer than the socket timeout): otherwise the test tested nothing
     assert any(a.elapsed > 0.25 for a in answers)
+    record_figure("appends", ", ".join(f"{n}x {s} {e}".strip() for (s, e), n in
+                                       sorted(Counter((a.status, a.error) for a in answers).items())))
     for writer, items in sent.items():
         stored = client_history(service.base_url, writer)
         counts = Counter(stored)
