@@ -995,7 +995,7 @@ def bench(
     ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes for a smoke run (2 dims, short histories)")] = False,
     work_dir: Annotated[
-        Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here [default: temporary]")
+        Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here (default: a temporary folder)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
