@@ -19,8 +19,13 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
      http         (`--http`, backend onnxruntime, stage `http`): POST /score to a real `dare serve` (uvicorn) on
                   the same Redis and model folders, over one keep-alive connection; from sending the pre-built
                   body to the parsed JSON answer
-4. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
-   machine, command, the target ratios), FILE.md (tables + ratios) and FILE.png (latency vs attention dim).
+4. measures, interleaved call by call, the before/after of each change made for speed (id mapping: binary search
+   vs dense table; store read: Lua script vs MULTI/EXEC; FastAPI dependencies: `def` vs `async def`, through the
+   ASGI app), and search.onnx under each onnxruntime optimisation level x 1/2 threads; with `--profile`,
+   onnxruntime's own profiler on search.onnx and score.onnx (FILE.profile.md/.json).
+5. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
+   machine, load average, command, CPU-time medians, the changes, the target ratios), FILE.md (tables + ratios)
+   and FILE.png (latency vs attention dim).
 
 `--quick` shrinks everything (2 dims, short histories, 3 timed rounds) for the smoke test; its numbers mean little.
 """
