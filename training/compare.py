@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,7 +154,8 @@ def render_markdown(summary: list[dict[str, object]], header: dict[str, object])
         f"- NDCG@K: the search stage's top-K against the {header['ndcg_truth']} ground truth; model-free rankings "
         f"for scale: the K most recent behaviours {_num(header['ndcg_baselines']['recency'])}, "  # type: ignore[index]
         f"K at random {_num(header['ndcg_baselines']['random'])}",  # type: ignore[index]
-        f"- values: mean ± std (sample std over seeds); total training time {header['total_train_seconds']:.0f} s",
+        f"- values: mean ± std (sample std over seeds); training wall time summed over runs "
+        f"{header['total_train_seconds']:.0f} s (on a shared CPU, so the per-run seconds vary with load)",
         "",
         "| model | att dim | repr dim | runs | " + " | ".join(h for _, h, _ in TABLE_METRICS) + " | train s |",
         "|---|---:|---:|---:|" + "---:|" * (len(TABLE_METRICS) + 1),
@@ -246,7 +246,6 @@ def compare(
         **{k: v for k, v in asdict(options).items()},
     }
     runs: list[dict[str, object]] = []
-    started = time.perf_counter()
     bar = tqdm(plan, desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
     for name, run_options in bar:
         bar.set_postfix_str(name)
@@ -260,7 +259,6 @@ def compare(
         _write_json(out_dir / RESULTS_JSON, header, runs, complete=False)
     bar.close()
     header["total_train_seconds"] = sum(float(r["metrics"]["train_seconds"]) for r in runs)  # type: ignore[index]
-    header["wall_seconds"] = round(time.perf_counter() - started, 1)
     header["ndcg_truth"] = str(runs[0]["metrics"].get("ndcg_truth", "?")).replace("_", "-")  # type: ignore[union-attr]
     header["ndcg_baselines"] = retrieval_baselines(data, data.test, options.top_k)
     summary = summarise(runs)
