@@ -348,7 +348,9 @@ def per_minute(run: LocustRun, duration_s: float) -> list[Minute]:
     for m in range(minutes):
         lo, hi = 60.0 * m, 60.0 * (m + 1)
         inside = ms[(t >= lo) & (t < hi)]
-        (req_lo, fail_lo), (req_hi, fail_hi) = cumulative(lo), cumulative(hi if m < minutes - 1 else math.inf)
+        req_lo, fail_lo = cumulative(lo)
+        # the last minute ends with Locust's final totals (its history file is written once a second)
+        req_hi, fail_hi = cumulative(hi) if m < minutes - 1 else (run.requests, run.failures)
         p50, p99 = (np.percentile(inside, [50, 99]) if inside.size else (math.nan, math.nan))
         rows.append(Minute(m, req_hi - req_lo, fail_hi - fail_lo, int(inside.size), round(float(p50), 3),
                            round(float(p99), 3)))  # fmt: skip
@@ -459,27 +461,26 @@ def draw(cfg: SoakConfig, result: SoakResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (lat, req, mem) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    x = [m.minute + 1 for m in result.minutes]
+    x = [m.minute + 0.5 for m in result.minutes]  # minute m covers [m, m + 1) minutes after the start
     lat.plot(x, [m.p50_ms for m in result.minutes], marker="o", label="p50")
     lat.plot(x, [m.p99_ms for m in result.minutes], marker="o", label="p99")
     lat.set_ylabel("latency (ms)")
     lat.set_ylim(bottom=0)
     lat.legend()
     lat.grid(alpha=0.3)
-    req.bar(x, [m.requests for m in result.minutes], color="tab:gray", label="requests")
-    req.bar(x, [m.failures for m in result.minutes], color="tab:red", label="failed")
+    req.bar(x, [m.requests for m in result.minutes], width=0.8, color="tab:gray", label="requests")
+    req.bar(x, [m.failures for m in result.minutes], width=0.8, color="tab:red", label="failed")
     req.set_ylabel("requests per minute")
     req.legend()
-    t = [s / 60.0 + 1 for s, _ in result.rss_samples]  # minute axis: minute k covers [k, k+1)
-    mem.plot(t, [mb for _, mb in result.rss_samples], color="tab:purple")
-    mem.axvspan(1, 1 + cfg.warmup_s / 60.0, color="tab:orange", alpha=0.15, label="warm-up")
+    mem.plot([s / 60.0 for s, _ in result.rss_samples], [mb for _, mb in result.rss_samples], color="tab:purple")
+    mem.axvspan(0, cfg.warmup_s / 60.0, color="tab:orange", alpha=0.15, label="warm-up")
     mem.set_ylabel("server RSS (MB)")
     load = mem.twinx()
-    load.plot([s / 60.0 + 1 for s, _ in result.load_samples], [v for _, v in result.load_samples], color="tab:green",
+    load.plot([s / 60.0 for s, _ in result.load_samples], [v for _, v in result.load_samples], color="tab:green",
               alpha=0.5, linewidth=1)  # fmt: skip
     load.set_ylabel("load average (1 min)", color="tab:green")
     load.set_ylim(bottom=0)
-    mem.set_xlabel("minute of the soak")
+    mem.set_xlabel("minutes since the start of the soak")
     mem.legend()
     mem.grid(alpha=0.3)
     fig.suptitle(f"dare soak: {result.rate:g} requests/s for {cfg.duration_s} s: {result.failures} failed, "
