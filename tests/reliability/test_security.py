@@ -10,7 +10,6 @@ import re
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
