@@ -465,11 +465,16 @@ def demo(
         sample=sample, work=work, models=models, att_dims=dims, repr_dim=repr_dim, epochs=epochs,
         redis_url=redis_url or None, host=host, port=port, serve=serve, exit_after_score=exit_after_score,
     )  # fmt: skip
+    def stop_on_sigterm(_signum: int, _frame: object) -> None:
+        # `docker stop`, systemd, `kill`: stop as on Ctrl-C, so the service and the embedded Redis go down with us.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         run_demo(cfg)
     except KeyboardInterrupt:
         # The children got the same Ctrl-C; the ExitStack above has already stopped the service and Redis.
-        console.print("\n[yellow]demo stopped (Ctrl-C); a rerun picks up where this one left off[/yellow]")
+        console.print("\n[yellow]demo stopped; a rerun picks up where this one left off[/yellow]")
 
 
 def register(app: typer.Typer) -> None:

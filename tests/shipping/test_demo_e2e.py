@@ -12,6 +12,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from dare.demo import model_name
 from loadtest.redis_server import free_port
@@ -34,6 +35,13 @@ def embedded_redis(build: DemoBuild) -> list[psutil.Process]:
     return found
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ended between the two calls
+        return False
+
+
 def printed_body(stdout: str) -> dict:
     match = re.search(r"-d '(\{.*\})'", stdout)
     assert match, f"no curl example in the demo's output:\n{stdout[-2000:]}"
@@ -53,7 +61,10 @@ def test_first_run_builds_everything_and_prints_working_links(demo_build: DemoBu
     assert "p(click)" in err and "first score succeeded" in err
 
 
-def test_rerun_skips_every_step_serves_the_printed_example_and_stops_on_ctrl_c(demo_build: DemoBuild) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_rerun_skips_every_step_serves_the_printed_example_and_stops_cleanly(demo_build: DemoBuild, stop: str) -> None:
+    """ctrl-c: SIGINT to the whole foreground process group, as a terminal sends it; sigterm: to the demo alone,
+    as `docker stop` or `kill` would. Either way the service and the embedded Redis go down with the demo."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
     process = subprocess.Popen(demo_build.args(port), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -80,7 +91,10 @@ def test_rerun_skips_every_step_serves_the_printed_example_and_stops_on_ctrl_c(d
         embedded = embedded_redis(demo_build)
         assert len(embedded) == 1, f"expected one embedded Redis serving {demo_build.work / 'redis'}, found {embedded}"
 
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -92,10 +106,12 @@ def test_rerun_skips_every_step_serves_the_printed_example_and_stops_on_ctrl_c(d
     assert "Traceback" not in stderr and "demo stopped" in stderr
     for step in STEPS:
         assert f"{step} up to date, skipped" in stderr, f"step {step} was not skipped on the rerun:\n{stderr[-3000:]}"
-    left = [p for p in children + embedded if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"Ctrl-C left processes behind: {left}"
+    deadline = time.monotonic() + 10
+    while (left := [p for p in children + embedded if alive(p)]):
+        assert time.monotonic() < deadline, f"{stop} left processes behind: {left}"
+        time.sleep(0.2)
     try:
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-        raise AssertionError("the service still answers after Ctrl-C")
+        raise AssertionError(f"the service still answers after {stop}")
     except httpx.HTTPError:
         pass
