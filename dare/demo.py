@@ -365,7 +365,9 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float 
 def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
     if process.poll() is not None:
         return
-    process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: finish requests in flight
+    # SIGTERM, not SIGINT: uvicorn shuts down gracefully on either, but after a terminal's Ctrl-C (which the service
+    # got too) a second SIGINT would force it out mid-shutdown, with a traceback.
+    process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -420,7 +422,7 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
         return
     console.print("Serving until Ctrl-C.")
     process.wait()
-    if process.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
+    if process.returncode not in (0, 130, -signal.SIGINT, -signal.SIGTERM):  # 130: `dare` interrupted
         raise DareError(f"`dare serve` exited with code {process.returncode}")
 
 
