@@ -19,8 +19,8 @@ training forward. What keeps them fast (numbers in docs/performance.md, section 
 - Top-K in two steps, because onnxruntime's TopK costs ~1 ns per element plus ~2.5 us per row: ReduceMax over
   blocks of 32 scores (cheap, vectorised), TopK of the block maxima, then TopK over the K best blocks' 32*K
   scores. Exact: a block holding one of the K best scores has a maximum among the K largest block maxima.
-- The score graph gathers only the K retrieved behaviours per candidate and folds the eval-mode BatchNorm
-  into the first linear layer.
+- The score graph gathers only the K retrieved behaviours per candidate, pools each field separately (no
+  [C, K, 3r] concatenation) and folds the eval-mode BatchNorm into the first linear layer.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ class UserSearchGraph(nn.Module):
         self.register_buffer("item", _frozen(att.item.weight))  # [item_rows, d]
         self.register_buffer("cate", _frozen(att.cate.weight))  # [cate_rows, d]
         self.register_buffer("zero_rows", torch.zeros(self.top_k * (block or 1), dtype=torch.int64))  # >= pads
-        self.register_buffer("block_offsets", torch.arange(block or 1, dtype=torch.int64))
         # TWIN-proj's position part depends on the candidate (through W_q, W_k), so it cannot be folded.
         self.fold_position = fold_position and stage.query is None
         if self.fold_position:
@@ -166,7 +165,9 @@ class UserSearchGraph(nn.Module):
         flat_block = top_block + (torch.arange(cands) * n_blocks).unsqueeze(1)  # [C, K] rows of [C*T/b, b]
         picked = scores.reshape(-1, b)[flat_block].reshape(cands, k * b)  # [C, K*b]
         top_score, slot = picked.topk(k, dim=1)  # [C, K], sorted
-        column = torch.gather((top_block.unsqueeze(2) * b + self.block_offsets).reshape(cands, k * b), 1, slot)
+        # Map only the K winners back to history columns (slot = block rank * b + offset in the block), rather
+        # than building the column of all K*b picked scores first: [C, K] index arithmetic instead of [C, K*b].
+        column = torch.gather(top_block, 1, torch.div(slot, b, rounding_mode="trunc")) * b + slot % b  # [C, K]
         return top_score, column
 
 
@@ -196,8 +197,12 @@ class UserScoreGraph(nn.Module):
         item = torch.cat([self.pad, hist_item])[slot]  # [C, K]
         cate = torch.cat([self.pad, hist_cate])[slot]  # [C, K]
         position = torch.where(topk_index >= 0, torch.clamp(n - topk_index, max=self.max_position), 0)  # [C, K]
-        retrieved = torch.cat([self.item[item], self.cate[cate], self.position[position]], 2)  # [C, K, 3r]
-        pooled = torch.matmul(topk_weight.unsqueeze(1), retrieved).squeeze(1)  # [C, 3r]
+        # Pool each field on its own ([C, 1, K] x [C, K, r] three times) and concatenate the small [C, 1, r]
+        # results: concatenating the retrieved rows first would copy a [C, K, 3r] tensor (3 MB at C=200).
+        weight = topk_weight.unsqueeze(1)  # [C, 1, K]
+        pooled = torch.cat(
+            [torch.matmul(weight, self.item[item]), torch.matmul(weight, self.cate[cate]), torch.matmul(weight, self.position[position])], 2
+        ).squeeze(1)  # [C, 3r]
         if self.has_value:
             pooled = torch.matmul(pooled, self.value_t)
         cands = cand_item.shape[0]
