@@ -7,9 +7,12 @@ item_id 0..2**53-1 (exact in every JSON parser), category_id 0..2**32-1, timesta
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from itertools import chain
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidatorFunctionWrapHandler, WrapValidator
 
 from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
 
@@ -48,9 +51,54 @@ class Candidate(_Strict):
     category_id: CategoryId
 
 
+@dataclass(frozen=True)
+class CandidateIds:
+    """The candidates as two int64 arrays ([C] each), what validating `candidates` gives for well-formed input."""
+
+    item_id: np.ndarray
+    category_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+
+_CANDIDATE_KEYS = {"item_id", "category_id"}
+
+
+def _candidate_arrays(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Vectorised validation of the candidate list; anything it does not accept as is goes to pydantic.
+
+    Per-id validation costs ~0.5 us per id in Python (~0.1 ms for 100 candidates, on every /score). The fast path
+    accepts exactly the input pydantic would accept unchanged: a list of objects with the two keys only, whose ids
+    are JSON integers (Python `int`, not `bool`) in range. Everything else (fractions, 7.0, strings, missing or extra
+    keys, out-of-range ids, an empty list) runs through the full `list[Candidate]` validation, so the 422 messages
+    name the same fields as before.
+    """
+    if type(value) is not list or not value:
+        return handler(value)
+    try:
+        pairs = [(c["item_id"], c["category_id"]) for c in value if type(c) is dict and c.keys() == _CANDIDATE_KEYS]
+    except (KeyError, TypeError):
+        return handler(value)
+    if len(pairs) != len(value):
+        return handler(value)
+    ids = list(chain.from_iterable(pairs))  # item, category, item, category, ...
+    if not all(type(x) is int for x in ids):  # excludes bool, float, None, str
+        return handler(value)
+    try:
+        flat = np.array(ids, dtype=np.int64)  # [2C]
+    except OverflowError:
+        return handler(value)
+    items, cates = flat[0::2], flat[1::2]  # [C] each
+    if items.min() < 0 or items.max() > MAX_ITEM_ID or cates.min() < 0 or cates.max() > MAX_CATEGORY_ID:
+        return handler(value)
+    return CandidateIds(items, cates)
+
+
 class ScoreRequest(_Strict):
     user_id: UserId
-    candidates: list[Candidate] = Field(
+    # Validated to CandidateIds (the fast path) or, for input that needs conversion, to list[Candidate].
+    candidates: Annotated[list[Candidate], WrapValidator(_candidate_arrays)] = Field(
         min_length=1, description="at least one; at most DARE_MAX_CANDIDATES (default 1,000); duplicates are scored"
     )
     model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(

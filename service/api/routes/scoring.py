@@ -13,7 +13,7 @@ from service.api.deps import ApiAuth, ServicesDep
 from service.api.responses import OrjsonResponse, errors
 from service.engine import ScoreResult
 from service.errors import LimitExceededError
-from service.schemas import ScoreRequest, ScoreResponse
+from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"])
 
@@ -40,8 +40,11 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
         )
     model = services.registry.current.get(body.model)  # 404 / 503 before any work
     request.state.model = model.name
-    items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
-    cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
+        items, cates = body.candidates.item_id, body.candidates.category_id  # [C] each
+    else:
+        items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+        cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
     run_options = ort.RunOptions()
     result = await run_blocking(
         services,
