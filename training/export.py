@@ -19,6 +19,10 @@ training forward. What keeps them fast (numbers in docs/performance.md, section 
 - Top-K in two steps, because onnxruntime's TopK costs ~1 ns per element plus ~2.5 us per row: ReduceMax over
   blocks of 32 scores (cheap, vectorised), TopK of the block maxima, then TopK over the K best blocks' 32*K
   scores. Exact: a block holding one of the K best scores has a maximum among the K largest block maxima.
+- Most of a TopK's per-row cost is its heap being displaced (mispredicted branches), so for large requests
+  (N >= 2048 and C >= 96) both TopKs get their heap seeded with strong values first (group maxima, moved to the
+  front; `_seeded_topk`). search.onnx and model.onnx hold both versions behind one `If` on N and C
+  (`dispatch_on_size`); the embedding tables are stored once.
 - The score graph gathers only the K retrieved behaviours per candidate, pools each field separately (no
   [C, K, 3r] concatenation) and folds the eval-mode BatchNorm into the first linear layer.
 """
@@ -68,6 +72,10 @@ PARITY_TOLERANCE = 1e-5
 PARITY_HISTORY_LENGTHS = (0, 5, 200, 5000)
 PARITY_CANDIDATES = (1, 100)
 TOPK_BLOCK = 32  # scores per block in the two-step top-K; 32 measured fastest of {16, 32, 64}
+# The seeded top-K (see `_seeded_topk`) runs when the history and the candidate list are at least this large; below,
+# its extra nodes cost more than it saves (measured crossover: N ~1,000-2,000 at C = 200; never at C = 50).
+SEEDED_MIN_HISTORY = 2048
+SEEDED_MIN_CANDIDATES = 96
 
 
 class ExportError(DareError):
@@ -86,10 +94,13 @@ def _frozen(tensor: Tensor) -> Tensor:
 class UserSearchGraph(nn.Module):
     """The GSU for one user: hist [N], candidates [C] -> topk_index [C, K] (-1 = padding), topk_weight [C, K]."""
 
-    def __init__(self, model: CTRModel, block: int | None = TOPK_BLOCK, fold_position: bool = True) -> None:
+    def __init__(self, model: CTRModel, block: int | None = TOPK_BLOCK, fold_position: bool = True, seeded: bool = False) -> None:
         """`block=None` (one plain TopK) and `fold_position=False` (gather position embeddings and multiply them
-        in the MatMul) are the slower shapes, kept for the graph-shape benchmark."""
+        in the MatMul) are the slower shapes, kept for the graph-shape benchmark. `seeded=True` seeds both TopKs of
+        the two-step top-K with group maxima (see `_seeded_topk`): faster for long histories and many candidates,
+        slower for short ones, so search.onnx holds both and picks by size (`dispatch_on_size`)."""
         super().__init__()
+        self.seeded = seeded and block is not None
         att: TokenEmbedding = model.tables.attention
         stage = model.search_stage
         self.top_k, self.block, self.max_position = stage.top_k, block, model.cfg.max_position
@@ -161,14 +172,51 @@ class UserSearchGraph(nn.Module):
         assert b is not None
         blocks = scores.reshape(cands, -1, b)  # [C, T/b, b]
         n_blocks = blocks.shape[1]
-        _, top_block = blocks.amax(dim=2).topk(k, dim=1, sorted=False)  # [C, K]
+        maxima = blocks.amax(dim=2)  # [C, T/b]
+        if self.seeded:
+            group = torch.div(n_blocks + k - 1, k, rounding_mode="trunc")  # about K groups of block maxima
+            block_max, top_block = _seeded_topk(maxima, k, group)  # [C, K]
+        else:
+            block_max, top_block = maxima.topk(k, dim=1, sorted=False)  # [C, K]
         flat_block = top_block + (torch.arange(cands) * n_blocks).unsqueeze(1)  # [C, K] rows of [C*T/b, b]
-        picked = scores.reshape(-1, b)[flat_block].reshape(cands, k * b)  # [C, K*b]
-        top_score, slot = picked.topk(k, dim=1)  # [C, K], sorted
-        # Map only the K winners back to history columns (slot = block rank * b + offset in the block), rather
-        # than building the column of all K*b picked scores first: [C, K] index arithmetic instead of [C, K*b].
-        column = torch.gather(top_block, 1, torch.div(slot, b, rounding_mode="trunc")) * b + slot % b  # [C, K]
-        return top_score, column
+        picked = scores.reshape(-1, b)[flat_block]  # [C, K, b]
+        if not self.seeded:
+            top_score, slot = picked.reshape(cands, k * b).topk(k, dim=1)  # [C, K], sorted
+            # Map only the K winners back to history columns (slot = block rank * b + offset in the block), rather
+            # than building the column of all K*b picked scores first: [C, K] index arithmetic instead of [C, K*b].
+            column = torch.gather(top_block, 1, torch.div(slot, b, rounding_mode="trunc")) * b + slot % b  # [C, K]
+            return top_score, column
+        # The K block maxima are K of the picked scores, and good ones: put them first (they fill TopK's heap) and
+        # mask their own places, so each picked score is in the pool exactly once.
+        at_max = picked.argmax(dim=2, keepdim=True)  # [C, K, 1], the first maximum of each block
+        rest = picked.scatter(2, at_max, float("-inf")).reshape(cands, k * b)  # [C, K*b]
+        top_score, slot = torch.cat([block_max, rest], 1).topk(k, dim=1)  # [C, K] of [C, K + K*b], sorted
+        is_max = slot < k
+        in_rest = (slot - k).clamp(min=0)  # [C, K] slot among the K*b picked scores
+        rank = torch.where(is_max, slot, torch.div(in_rest, b, rounding_mode="trunc"))  # [C, K] block rank
+        offset = torch.where(is_max, torch.gather(at_max.squeeze(2), 1, slot.clamp(max=k - 1)), in_rest % b)
+        return top_score, torch.gather(top_block, 1, rank) * b + offset
+
+
+def _seeded_topk(values: Tensor, k: int, group: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact top-k of [C, M] values (unsorted), with onnxruntime's TopK heap seeded by group maxima.
+
+    onnxruntime's TopK keeps a heap of the k best seen so far and pays a few unpredictable branches every time a
+    value displaces its worst (about k * ln(M / k) times per row in random order): most of its cost for a few
+    hundred values per row. Scanning the maximum of each group of `group` values first fills the heap with strong
+    values, so far fewer of the rest displace one. Each group's maximum is moved (not copied) to the front:
+    its own place is masked with -inf, so every value is in the pool exactly once.
+    """
+    cands, m = values.shape[0], values.shape[1]
+    pad = (group - m % group) % group
+    grouped = torch.cat([values, torch.full((cands, pad), float("-inf"))], 1).reshape(cands, -1, group)  # [C, S, g]
+    s = grouped.shape[1]
+    seed, at = grouped.max(dim=2, keepdim=True)  # [C, S, 1] each
+    rest = grouped.scatter(2, at, float("-inf")).reshape(cands, -1)  # [C, S*g]
+    top, slot = torch.cat([seed.squeeze(2), rest], 1).topk(k, dim=1, sorted=False)  # [C, k] of [C, S + S*g]
+    seed_slot = slot.clamp(max=s - 1)
+    from_seed = torch.gather(at.squeeze(2), 1, seed_slot) + seed_slot * group  # [C, k] column of a seed
+    return top, torch.where(slot < s, from_seed, (slot - s).clamp(min=0))
 
 
 class UserScoreGraph(nn.Module):
@@ -215,9 +263,9 @@ class UserScoreGraph(nn.Module):
 class UserFullGraph(nn.Module):
     """Search then score: hist [N], candidates [C] -> prob [C], topk_index [C, K], topk_weight [C, K]."""
 
-    def __init__(self, model: CTRModel) -> None:
+    def __init__(self, model: CTRModel, seeded: bool = False) -> None:
         super().__init__()
-        self.search = UserSearchGraph(model)
+        self.search = UserSearchGraph(model, seeded=seeded)
         self.score = UserScoreGraph(model)
 
     def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -273,6 +321,77 @@ def graph_modules(model: CTRModel) -> dict[str, nn.Module]:
     return {"full": UserFullGraph(model).eval(), "search": UserSearchGraph(model).eval(), "score": UserScoreGraph(model).eval()}
 
 
+def seeded_modules(model: CTRModel) -> dict[str, nn.Module]:
+    """The graphs that also get a seeded top-K branch for large requests (see `dispatch_on_size`)."""
+    model.eval()
+    return {"full": UserFullGraph(model, seeded=True).eval(), "search": UserSearchGraph(model, seeded=True).eval()}
+
+
+def dispatch_on_size(small: Any, large: Any, min_history: int = SEEDED_MIN_HISTORY, min_candidates: int = SEEDED_MIN_CANDIDATES) -> Any:
+    """One ONNX model from two with the same inputs and outputs: an `If` runs `large` when N >= min_history and
+    C >= min_candidates, else `small`. Initializers the two share (the embedding tables) are stored once, in the
+    outer graph, and read by both branches."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph_inputs = {i.name for i in small.graph.input}
+    small_init = {t.name: t for t in small.graph.initializer}
+    large_init = {t.name: t for t in large.graph.initializer}
+    shared = {
+        name for name in small_init.keys() & large_init.keys()
+        if small_init[name].SerializeToString() == large_init[name].SerializeToString()
+    }  # fmt: skip
+    outer: list[Any] = [small_init[name] for name in sorted(shared)]
+
+    def branch(model: Any, prefix: str) -> Any:
+        keep = graph_inputs | shared
+
+        def rename(name: str) -> str:
+            return name if name == "" or name in keep else prefix + name
+
+        for tensor in model.graph.initializer:
+            if tensor.name not in shared:
+                copy_ = onnx.TensorProto()
+                copy_.CopyFrom(tensor)
+                copy_.name = rename(tensor.name)
+                outer.append(copy_)
+        nodes = []
+        for node in model.graph.node:
+            copy_n = onnx.NodeProto()
+            copy_n.CopyFrom(node)
+            copy_n.name = prefix + node.name
+            copy_n.input[:] = [rename(x) for x in node.input]
+            copy_n.output[:] = [rename(x) for x in node.output]
+            nodes.append(copy_n)
+        outputs = []
+        for value in model.graph.output:
+            copy_v = onnx.ValueInfoProto()
+            copy_v.CopyFrom(value)
+            copy_v.name = rename(value.name)
+            outputs.append(copy_v)
+        return helper.make_graph(nodes, prefix.rstrip("/"), [], outputs)
+
+    outer += [
+        numpy_helper.from_array(np.array([min_history], dtype=np.int64), "dispatch/min_history"),
+        numpy_helper.from_array(np.array([min_candidates], dtype=np.int64), "dispatch/min_candidates"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["hist_item"], ["dispatch/n"], name="dispatch/n"),  # [1]
+        helper.make_node("Shape", ["cand_item"], ["dispatch/c"], name="dispatch/c"),  # [1]
+        helper.make_node("GreaterOrEqual", ["dispatch/n", "dispatch/min_history"], ["dispatch/long"], name="dispatch/long"),
+        helper.make_node("GreaterOrEqual", ["dispatch/c", "dispatch/min_candidates"], ["dispatch/many"], name="dispatch/many"),
+        helper.make_node("And", ["dispatch/long", "dispatch/many"], ["dispatch/large"], name="dispatch/large"),
+        helper.make_node(
+            "If", ["dispatch/large"], [o.name for o in small.graph.output], name="dispatch/if",
+            then_branch=branch(large, "large/"), else_branch=branch(small, "small/"),
+        ),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, small.graph.name, list(small.graph.input), list(small.graph.output), initializer=outer)
+    merged = helper.make_model(graph, opset_imports=list(small.opset_import), producer_name=small.producer_name)
+    merged.ir_version = small.ir_version
+    return merged
+
+
 def export_graph(module: nn.Module, role: str, path: Path, model: CTRModel, opset: int) -> None:
     """Trace one per-user graph to ONNX with symbolic N and C and check it with the ONNX checker."""
     import onnx
@@ -295,6 +414,22 @@ def export_graph(module: nn.Module, role: str, path: Path, model: CTRModel, opse
         onnx.checker.check_model(str(path))
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"exporting the {role} graph at opset {opset} failed: {exc}") from None
+
+
+def _add_seeded_branch(module: nn.Module, role: str, path: Path, model: CTRModel, opset: int) -> None:
+    """Rewrite the graph at `path` as `dispatch_on_size(it, the same graph with the seeded top-K)`."""
+    import onnx
+
+    large_path = path.with_name(f".{path.stem}.seeded.onnx")
+    try:
+        export_graph(module, role, large_path, model, opset)
+        merged = dispatch_on_size(onnx.load(str(path)), onnx.load(str(large_path)))
+        onnx.save(merged, str(path))
+        onnx.checker.check_model(str(path))
+    except (ValueError, onnx.checker.ValidationError) as exc:
+        raise ExportError(f"adding the seeded top-K branch to the {role} graph failed: {exc}") from None
+    finally:
+        large_path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- parity
@@ -441,8 +576,11 @@ def export_model(
     try:
         modules = graph_modules(model)
         steps = tqdm(list(GRAPH_IO), desc="export onnx graphs", disable=not progress, leave=False)
+        seeded = seeded_modules(model)
         for role in steps:
             export_graph(modules[role], role, staging / GRAPH_FILES[role], model, opset)
+            if role in seeded:
+                _add_seeded_branch(seeded[role], role, staging / GRAPH_FILES[role], model, opset)
         shutil.copyfile(vocab_path, staging / VOCAB_FILE)
         parity = verify_parity(model, staging, progress=progress)
         worst = max(parity, key=lambda p: p.max_abs_diff)
