@@ -479,6 +479,91 @@ def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, mod
     return rows
 
 
+def measure_graph_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any],
+                          models: dict[int, Any], folder: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Before/after of the seeded top-K, interleaved call by call: search.onnx as shipped (an If that takes the
+    seeded top-K for N >= 2048 and C >= 96) against the same model's plain two-step search graph, for the smallest and
+    largest dim at every workload; wall p50 and this process's CPU p50 (one intra-op thread: the calling thread)."""
+    import onnxruntime as ort
+
+    from service.contract import GRAPH_FILES
+    from service.registry import InferenceOptions
+    from training.export import UserSearchGraph, export_graph
+
+    rows: list[dict[str, Any]] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    options = InferenceOptions(intra_op_threads=cfg.threads, inter_op_threads=1)
+    dims = sorted({min(cfg.att_dims), max(cfg.att_dims)})
+    sessions: dict[tuple[int, str], Any] = {}
+    for d in _progress(dims, cfg, desc="export plain search graphs"):
+        plain = folder / f"search-plain-att{d}.onnx"
+        export_graph(UserSearchGraph(models[d]).eval(), "search", plain, models[d], 17)
+        sessions[(d, "before")] = ort.InferenceSession(str(plain), options.session_options(), providers=["CPUExecutionProvider"])
+        sessions[(d, "after")] = ort.InferenceSession(str(loaded[d].folder / GRAPH_FILES["search"]), options.session_options(),
+                                                      providers=["CPUExecutionProvider"])  # fmt: skip
+    for w in _progress(cfg.workloads, cfg, desc="before/after of the top-K"):
+        history = store.read(data.users[w.name][0], w.history).events
+        items, cates = data.candidates[w.name][0]
+        for d in dims:
+            vocab = loaded[d].vocab
+            feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
+                     "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
+            wall: dict[str, list[float]] = {"before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}
+            answers = {}
+            for r in range(cfg.warmup + cfg.repeats):
+                for name in ("before", "after") if r % 2 else ("after", "before"):
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    answers[name] = sessions[(d, name)].run(None, feeds)
+                    if r >= cfg.warmup:
+                        wall[name].append(time.perf_counter() - t0)
+                        cpu[name].append(time.thread_time() - c0)
+            if np.abs(answers["before"][1] - answers["after"][1]).max() > 1e-6:
+                raise BenchError(f"the seeded top-K changed the weights at {w.name}, att {d}: not the same search")
+            ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
+            rows.append({"stage": f"search.onnx, att {d}", "workload": w.name, "before": "two-step top-K",
+                         "after": "seeded two-step top-K" if w.history >= 2048 and w.candidates >= 96 else "two-step top-K (below the If's threshold)",
+                         "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
+                         "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
+                         "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
+    return rows
+
+
+def measure_validation_change(cfg: BenchConfig, data: BenchData) -> list[dict[str, Any]]:
+    """Before/after of the /score candidate validation (parsing excluded), interleaved: per-field pydantic
+    validation of list[Candidate] plus the arrays built from it, against ScoreRequest's vectorised path."""
+    from pydantic import TypeAdapter
+
+    from service.schemas import Candidate, ScoreRequest
+
+    per_field = TypeAdapter(list[Candidate])
+    rows: list[dict[str, Any]] = []
+    for w in cfg.workloads:
+        items, cates = data.candidates[w.name][0]
+        body = {"user_id": "u", "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]}
+
+        def before() -> None:
+            cands = per_field.validate_python(body["candidates"])
+            np.fromiter((c.item_id for c in cands), dtype=np.int64, count=len(cands))
+            np.fromiter((c.category_id for c in cands), dtype=np.int64, count=len(cands))
+
+        def after() -> None:
+            ScoreRequest.model_validate(body)
+
+        cpu: dict[str, list[float]] = {"before": [], "after": []}
+        for r in range(cfg.warmup + cfg.repeats * 4):
+            for name, call in (("before", before), ("after", after)) if r % 2 else (("after", after), ("before", before)):
+                c0 = time.thread_time()
+                call()
+                if r >= cfg.warmup:
+                    cpu[name].append(time.thread_time() - c0)
+        b, a = (float(np.median(cpu[n])) * 1000.0 for n in ("before", "after"))
+        rows.append({"stage": f"candidate validation, C={w.candidates} (CPU)", "workload": w.name, "before": "per-field pydantic",
+                     "after": "vectorised (pydantic on fallback)", "before_p50_ms": round(b, 4), "after_p50_ms": round(a, 4),
+                     "speedup": round(b / a, 2)})  # fmt: skip
+    return rows
+
+
 ORT_LEVELS = ("basic", "extended", "all")
 
 
@@ -911,7 +996,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dare-bench-")))
         else:
             work = cfg.work_dir
-            for stale in ("models", "one-model", "ort-profiles"):  # rebuilt by every run
+            for stale in ("models", "one-model", "ort-profiles", "plain-graphs"):  # rebuilt by every run
                 shutil.rmtree(work / stale, ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
         redis_server = start_redis(work / "redis")
@@ -939,6 +1024,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
         changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
         changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
+        changes += measure_graph_changes(cfg, data, store, loaded, models, work / "plain-graphs")
+        changes += measure_validation_change(cfg, data)
         ort_options = measure_ort_options(cfg, data, store, loaded)
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
