@@ -72,7 +72,9 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
         (s, w.name) for s in ("id_mapping", "store_fetch") for w in QUICK_WORKLOADS
     } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]} | {
         (f"search.onnx, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS
-    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS}
+    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS} | {
+        (f"HTTP client, POST /score att {min(cfg.att_dims)}", w.name) for w in QUICK_WORKLOADS
+    }
     assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
     assert "## Changes, before / after in this run" in md
     options = {(o["att_dim"], o["optimization"], o["threads"]) for o in meta["ort_options"]}
