@@ -365,8 +365,7 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float 
 def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
     if process.poll() is not None:
         return
-    # SIGTERM, not SIGINT: uvicorn shuts down gracefully on either, but after a terminal's Ctrl-C (which the service
-    # got too) a second SIGINT would force it out mid-shutdown, with a traceback.
+    # SIGTERM: uvicorn shuts down gracefully (lifespan shutdown included) and `dare serve` exits 0.
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=timeout_s)
@@ -399,7 +398,10 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     default = model_name(cfg.att_dims[-1])
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_DEFAULT_MODEL": default}
     command = dare_command("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
-    process = subprocess.Popen(command, env=env)
+    # Its own session: a terminal's Ctrl-C reaches only the demo, which then stops the service with exactly one
+    # SIGTERM. (In the demo's process group the service would get the SIGINT too, and if the demo's SIGTERM landed
+    # first, uvicorn would take the SIGINT as a second signal and force-quit mid-shutdown, with a traceback.)
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     stack.callback(stop_process, process)
     wait_until_ready(process, base_url)
 

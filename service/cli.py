@@ -70,9 +70,12 @@ def serve(
             # prometheus-client multiprocess mode: workers write their values to files that /metrics aggregates.
             multiproc_dir = tempfile.mkdtemp(prefix="dare-prometheus-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-        # uvicorn shuts down gracefully on SIGTERM and then re-raises it; with this handler in place the re-raised
-        # signal ends the process through the `finally` below (stopping the embedded Redis) with exit code 0.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal; with these handlers in place
+        # the re-raised signal ends the process through the `finally` below (stopping the embedded Redis) with exit
+        # code 0. Without the SIGINT one, asyncio's default Ctrl-C handling cancels the lifespan task mid-shutdown
+        # and uvicorn logs a traceback.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGINT, _exit_on_signal)
         uvicorn.run(
             "service.main:create_app_from_env",
             factory=True,
@@ -89,7 +92,7 @@ def serve(
             shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
