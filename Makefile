@@ -32,5 +32,9 @@ ci-tools:
 test: $(STAMP) ci-tools
 	$(BIN)/python -m pytest -q
 
+# The latency benchmark of issue 3 (a few minutes): JSON, markdown table and chart in var/bench/.
+bench: $(STAMP)
+	$(BIN)/dare bench --out var/bench/bench.json
+
 clean:
 	rm -rf var/ .pytest_cache
