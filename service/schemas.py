@@ -7,8 +7,9 @@ item_id 0..2**53-1 (exact in every JSON parser), category_id 0..2**32-1, timesta
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import repeat
 from typing import Annotated, Any
 
 import numpy as np
@@ -63,6 +64,7 @@ class CandidateIds:
 
 
 _CANDIDATE_KEYS = {"item_id", "category_id"}
+_ITEM_ID, _CATEGORY_ID = operator.itemgetter("item_id"), operator.itemgetter("category_id")
 
 
 def _candidate_arrays(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -74,22 +76,18 @@ def _candidate_arrays(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     keys, out-of-range ids, an empty list) runs through the full `list[Candidate]` validation, so the 422 messages
     name the same fields as before.
     """
-    if type(value) is not list or not value:
+    # map() and set() keep the per-candidate loops in C: a generator or comprehension costs ~3x more per id.
+    if type(value) is not list or not value or set(map(type, value)) != {dict}:
+        return handler(value)
+    if not all(map(operator.eq, map(dict.keys, value), repeat(_CANDIDATE_KEYS))):  # exactly the two keys
+        return handler(value)
+    item_ids, cate_ids = list(map(_ITEM_ID, value)), list(map(_CATEGORY_ID, value))
+    if set(map(type, item_ids)) != {int} or set(map(type, cate_ids)) != {int}:  # excludes bool, float, None, str
         return handler(value)
     try:
-        pairs = [(c["item_id"], c["category_id"]) for c in value if type(c) is dict and c.keys() == _CANDIDATE_KEYS]
-    except (KeyError, TypeError):
-        return handler(value)
-    if len(pairs) != len(value):
-        return handler(value)
-    ids = list(chain.from_iterable(pairs))  # item, category, item, category, ...
-    if not all(type(x) is int for x in ids):  # excludes bool, float, None, str
-        return handler(value)
-    try:
-        flat = np.array(ids, dtype=np.int64)  # [2C]
+        items, cates = np.array(item_ids, dtype=np.int64), np.array(cate_ids, dtype=np.int64)  # [C] each
     except OverflowError:
         return handler(value)
-    items, cates = flat[0::2], flat[1::2]  # [C] each
     if items.min() < 0 or items.max() > MAX_ITEM_ID or cates.min() < 0 or cates.max() > MAX_CATEGORY_ID:
         return handler(value)
     return CandidateIds(items, cates)
