@@ -22,8 +22,8 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
 4. measures, interleaved call by call, the before/after of each change made for speed (id mapping: binary search
    vs dense table; store read: Lua script vs MULTI/EXEC; FastAPI dependencies: `def` vs `async def`, through the
    ASGI app; search.onnx with the seeded top-K vs the plain two-step graph; /score candidate validation per field vs
-   vectorised; the HTTP client: http.client vs the lean one), and search.onnx under each onnxruntime optimisation
-   level x 1/2 threads; with `--profile`,
+   vectorised), POST /score and the in-process call back to back (lean client and http.client; the service as warm as
+   the in-process engine), and search.onnx under each onnxruntime optimisation level x 1/2 threads; with `--profile`,
    onnxruntime's own profiler on search.onnx and score.onnx (FILE.profile.md/.json).
 5. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
    machine, load average, command, CPU-time medians, the changes, the target ratios), FILE.md (tables + ratios)
@@ -335,29 +335,40 @@ class StdlibHttpClient:
         self.conn.close()
 
 
-def measure_client_change(cfg: BenchConfig, data: BenchData, port: int) -> list[dict[str, Any]]:
-    """Before/after of the bench's HTTP client (http.client -> the lean client), interleaved call by call on the
-    same `dare serve`, smallest dim, every workload: how much of "POST /score over HTTP" was the client's own cost."""
+def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int) -> list[dict[str, Any]]:
+    """In-process call, POST /score with the lean client and POST /score with http.client, back to back on the same
+    user and candidates (rotating their order), for every workload and dim: p50 of each.
+
+    The main table interleaves every (workload, dim, backend) in shuffled order, so `dare serve` idles between two of
+    its calls while this process runs the others, and each HTTP call also pays for waking the server's event loop and
+    worker thread and for its caches gone cold. Here the service is kept as busy as the in-process engine, as under
+    steady traffic. The http.client column shows what the standard library's client adds by itself."""
     import orjson
 
-    d = min(cfg.att_dims)
-    clients = {"before": StdlibHttpClient(port), "after": HttpClient(port)}
+    clients = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
     rows: list[dict[str, Any]] = []
     try:
-        for w in cfg.workloads:
-            items, cates = data.candidates[w.name][0]
-            timings: dict[str, list[float]] = {"before": [], "after": []}
-            for r in range(cfg.warmup + cfg.repeats):
-                body = orjson.dumps({"user_id": data.users[w.name][r % cfg.users], "model": model_name(d, cfg.repr_dim),
-                                     "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
-                for name in ("before", "after") if r % 2 else ("after", "before"):
-                    _, seconds = clients[name].score(body)
-                    if r >= cfg.warmup:
-                        timings[name].append(seconds)
-            b, a = (float(np.median(timings[n])) * 1000.0 for n in ("before", "after"))
-            rows.append({"stage": f"HTTP client, POST /score att {d}", "workload": w.name, "before": "http.client (stdlib)",
-                         "after": "lean keep-alive client", "before_p50_ms": round(b, 4), "after_p50_ms": round(a, 4),
-                         "speedup": round(b / a, 2)})  # fmt: skip
+        for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
+            for d in cfg.att_dims:
+                timings: dict[str, list[float]] = {"in_process": [], "http": [], "http_stdlib": []}
+                for r in range(cfg.warmup + cfg.repeats):
+                    user = data.users[w.name][r % cfg.users]
+                    items, cates = data.candidates[w.name][r % cfg.candidate_sets]
+                    body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
+                                         "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
+                    order = ("in_process", "http", "http_stdlib")[r % 3 :] + ("in_process", "http", "http_stdlib")[: r % 3]
+                    for name in order:
+                        if name == "in_process":
+                            t0 = time.perf_counter()
+                            engine.score(user, items, cates, model=loaded[d])
+                            seconds = time.perf_counter() - t0
+                        else:
+                            _, seconds = clients[name].score(body)
+                        if r >= cfg.warmup:
+                            timings[name].append(seconds)
+                p50 = {k: round(float(np.median(v)) * 1000.0, 4) for k, v in timings.items()}
+                rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
+                             "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"]})  # fmt: skip
     finally:
         for client in clients.values():
             client.close()
@@ -906,6 +917,10 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
         v = shipped[hi] / shipped[lo]
         ratios.append(Ratio("search att_dim scaling (CPU time)", meta["ort_options"][0]["workload"],
                             f"search.onnx CPU p50 att{hi} / att{lo}", v, ">= 4", v >= 4))  # fmt: skip
+    for row in meta.get("http_paired", []):
+        v = row["http_p50_ms"] / row["in_process_p50_ms"]
+        ratios.append(Ratio("HTTP / in-process (back to back)", row["workload"],
+                            f"POST /score p50 / in-process total p50, att{row['att_dim']}", v, "<= 1.25", v <= 1.25))  # fmt: skip
     cpu = meta.get("cpu_p50_ms", {})
     for d in cfg.att_dims:
         t, o = cpu.get(f"{w2}|{d}|torch"), cpu.get(f"{w2}|{d}|onnxruntime")
@@ -932,7 +947,8 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         "Probabilities, max |difference| from the in-process onnxruntime answer: "
         + ", ".join(f"{k} {v:.1e}" for k, v in sorted(meta["max_prob_diff"].items())) + ".",
         "",
-        "## Targets (ratios of p50s from this run; rows marked CPU time use this process's CPU time instead of wall time)",
+        "## Targets (ratios of p50s from this run; rows marked CPU time use this process's CPU time instead of wall time; "
+        "rows marked back to back come from the paired HTTP measurement below)",
         "",
         "| target | workload | what | ratio | goal | met |",
         "|---|---|---|---:|---|---|",
@@ -961,6 +977,17 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             cpu = (f" (CPU {c['before_cpu_ms']:.3f})", f" (CPU {c['after_cpu_ms']:.3f})") if "before_cpu_ms" in c else ("", "")
             lines.append(f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f}{cpu[0]} | "
                          f"{c['after_p50_ms']:.3f}{cpu[1]} | {c['speedup']:.1f}x |")
+    if meta.get("http_paired"):
+        lines += ["", "## POST /score over HTTP vs in-process, back to back (p50 ms)", "",
+                  "The in-process call and two HTTP calls (the lean client, and http.client) on the same user and "
+                  "candidates, one after another, so the service is as warm as the in-process engine (in the table above "
+                  "it idles between its calls and each request also wakes it up).", "",
+                  "| workload | att dim | in-process | POST /score | ratio | POST /score, http.client | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for row in meta["http_paired"]:
+            o = row["in_process_p50_ms"]
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {row['http_p50_ms']:.3f} | {row['http_p50_ms'] / o:.2f} | "
+                         f"{row['http_stdlib_p50_ms']:.3f} | {row['http_stdlib_p50_ms'] / o:.2f} |")
     if meta.get("ort_options"):
         first = meta["ort_options"][0]
         lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",
@@ -1108,8 +1135,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
         changes += measure_graph_changes(cfg, data, store, loaded, models, work / "plain-graphs")
         changes += measure_validation_change(cfg, data)
-        if client is not None:
-            changes += measure_client_change(cfg, data, client.port)
+        http_paired = measure_http_paired(cfg, data, engine, loaded, client.port) if client is not None else []
         ort_options = measure_ort_options(cfg, data, store, loaded)
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
@@ -1133,6 +1159,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "max_prob_diff": samples.max_prob_diff,
         "cpu_p50_ms": {f"{w}|{d}|{b}": round(float(np.median(v)) * 1000.0, 4) for (w, d, b), v in samples.cpu.items()},
         "changes": changes,
+        "http_paired": http_paired,
         "ort_options": ort_options,
         "random_init": True,
         "synthetic_data": True,

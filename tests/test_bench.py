@@ -72,9 +72,11 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
         (s, w.name) for s in ("id_mapping", "store_fetch") for w in QUICK_WORKLOADS
     } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]} | {
         (f"search.onnx, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS
-    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS} | {
-        (f"HTTP client, POST /score att {min(cfg.att_dims)}", w.name) for w in QUICK_WORKLOADS
-    }
+    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS}
+    paired = meta["http_paired"]
+    assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
+    assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["http_stdlib_p50_ms"] > 0 for p in paired)
+    assert names.count("HTTP / in-process (back to back)") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
     assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
     assert "## Changes, before / after in this run" in md
     options = {(o["att_dim"], o["optimization"], o["threads"]) for o in meta["ort_options"]}
