@@ -832,6 +832,8 @@ def profile_graphs(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[
         per_node: dict[tuple[str, str], list[float]] = {}
         for e in events:
             if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e["ts"] >= since:
+                if e["args"]["op_name"] in ("If", "Loop", "Scan"):
+                    continue  # a control-flow node's time is its subgraph's nodes, which are reported themselves
                 per_node.setdefault((e["name"], e["args"]["op_name"]), []).append(e["dur"])
         # Each node runs once per call: its median over the calls (robust to the other processes on the machine),
         # summed per operator type.
