@@ -24,7 +24,8 @@ training forward. What keeps them fast (numbers in docs/performance.md, section 
   front; `_seeded_topk`). search.onnx and model.onnx hold both versions behind one `If` on N and C
   (`dispatch_on_size`); the embedding tables are stored once.
 - The score graph gathers only the K retrieved behaviours per candidate, pools each field separately (no
-  [C, K, 3r] concatenation) and folds the eval-mode BatchNorm into the first linear layer.
+  [C, K, 3r] concatenation), folds the eval-mode BatchNorm into the first linear layer, and folds the constant
+  target-position part of the head's input into that layer too (7r instead of 9r inputs).
 """
 
 from __future__ import annotations
@@ -229,12 +230,12 @@ class UserScoreGraph(nn.Module):
         self.register_buffer("item", _frozen(rep.item.weight))
         self.register_buffer("cate", _frozen(rep.cate.weight))
         self.register_buffer("position", _frozen(rep.position.weight))  # row 0 = padding = zeros
-        self.register_buffer("target_position", _frozen(rep.target_position))
         self.register_buffer("pad", torch.zeros(1, dtype=torch.int64))
         value = model.representation_stage.value
         self.register_buffer("value_t", _frozen(value.weight.t()) if value is not None else torch.empty(0))
         self.has_value = value is not None
-        self.mlp = _fold_batchnorm(model.head.mlp)
+        self.dim = rep.dim
+        self.mlp = _fold_target_position(_fold_batchnorm(model.head.mlp), rep.target_position.detach(), rep.dim)
 
     def forward(
         self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor, topk_index: Tensor, topk_weight: Tensor
@@ -253,10 +254,12 @@ class UserScoreGraph(nn.Module):
         ).squeeze(1)  # [C, 3r]
         if self.has_value:
             pooled = torch.matmul(pooled, self.value_t)
-        cands = cand_item.shape[0]
-        target = torch.cat([self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1)  # [C, 3r]
-        h = pooled * target
-        logit = self.mlp(torch.cat([target, h, target * h], 1))  # [C, 1]
+        r = self.dim
+        # The target's position part is a constant: the MLP's first layer has it folded in (`_fold_target_position`)
+        # and takes [t_ic, h_ic, t_ic * h_ic, pooled_pos] (7r wide) instead of [t, h, t * h] (9r wide).
+        target = torch.cat([self.item[cand_item], self.cate[cand_cate]], 1)  # [C, 2r]: item ++ category
+        h = pooled[:, : 2 * r] * target  # [C, 2r]
+        logit = self.mlp(torch.cat([target, h, target * h, pooled[:, 2 * r :]], 1))  # [C, 7r] -> [C, 1]
         return torch.sigmoid(logit).squeeze(1)  # [C]
 
 
@@ -285,6 +288,24 @@ def _fold_batchnorm(mlp: nn.Sequential) -> nn.Sequential:
         folded = nn.Linear(first.in_features, first.out_features)
         folded.weight.copy_(first.weight * scale.unsqueeze(0))
         folded.bias.copy_(first.bias + first.weight @ shift)
+    return nn.Sequential(folded, *copy.deepcopy(rest)).eval().requires_grad_(False)
+
+
+def _fold_target_position(mlp: nn.Sequential, target_position: Tensor, r: int) -> nn.Sequential:
+    """The head's input [t, h, t * h] (each item ++ category ++ position, r wide per field) has a constant in it:
+    t's position part is the learned target-position vector v. So W [t; h; t*h] + b equals
+    W' [t_ic; h_ic; t_ic * h_ic; p] + b' with p the pooled position part (h_pos = p * v, (t*h)_pos = p * v * v):
+    b' = b + W_t,pos v and W'_p = W_h,pos diag(v) + W_th,pos diag(v * v). The first layer shrinks from 9r to 7r
+    inputs, the same function up to float rounding."""
+    first, *rest = list(mlp)
+    if not isinstance(first, nn.Linear) or first.in_features != 9 * r:
+        raise ExportError(f"prediction head must start with a Linear over 9 * {r} inputs, found {first}")
+    with torch.no_grad():
+        w = first.weight  # [H, 9r]: blocks t (item, cate, pos), h (item, cate, pos), t*h (item, cate, pos)
+        block = [w[:, i * r : (i + 1) * r] for i in range(9)]  # 9 x [H, r]
+        folded = nn.Linear(7 * r, first.out_features)
+        folded.weight.copy_(torch.cat([*block[0:2], *block[3:5], *block[6:8], block[5] * target_position + block[8] * target_position**2], 1))
+        folded.bias.copy_(first.bias + block[2] @ target_position)
     return nn.Sequential(folded, *copy.deepcopy(rest)).eval().requires_grad_(False)
 
 
