@@ -266,8 +266,8 @@ class HttpClient:
 
     It writes the request in one send (TCP_NODELAY) and reads the status line, Content-Length and body straight off
     the socket, as an ad server's connection pool would. The standard library's http.client (`StdlibHttpClient`,
-    which the bench used before) costs ~0.5-0.7 ms more per call on this machine, all of it in the client (see the
-    "HTTP client" rows of the changes table): that is not the service's latency."""
+    which the bench used before) adds 0.1-0.7 ms per call on this machine depending on its load, all of it in the
+    client, not the service (both are timed in `measure_http_paired`)."""
 
     def __init__(self, port: int) -> None:
         import socket
