@@ -110,6 +110,21 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
+    def wait_until_blocked(self, within_s: float = 5.0) -> None:
+        """Return once the server is stalled (e.g. inside DEBUG SLEEP sent from another thread): a raw PING gets
+        no answer. A raw socket, because redis-py would retry a timed-out PING until the server wakes up."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.settimeout(0.05)
+                sock.sendall(b"PING\r\n")
+                try:
+                    sock.recv(64)  # +PONG, or -NOAUTH with a password: either way the server is awake
+                except TimeoutError:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"redis-server on port {self.port} never stalled within {within_s} s")
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

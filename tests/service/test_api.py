@@ -220,26 +220,6 @@ def test_store_down_is_503_then_recovers(make_redis_server, make_client) -> None
         assert 'dare_store_errors_total{kind="ConnectionError",operation="append"}' in metrics
 
 
-def wait_until_blocked(server) -> None:
-    """Return once the server is inside DEBUG SLEEP (a raw PING gets no answer), so the request under test
-    really meets a stalled store however long the sleeper thread took to start. A raw socket, because redis-py
-    would retry the timed-out PING until the server wakes up."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=1) as sock:
-            sock.settimeout(0.05)
-            sock.sendall(b"PING\r\n")
-            try:
-                sock.recv(64)  # +PONG, or -NOAUTH with a password: either way the server is awake
-            except TimeoutError:
-                return
-        time.sleep(0.01)
-    raise AssertionError("redis-server never blocked in DEBUG SLEEP")
-
-
 def test_slow_store_answers_503_within_the_timeout(make_redis_server, make_client) -> None:
     import threading
     import time
@@ -248,7 +228,7 @@ def test_slow_store_answers_503_within_the_timeout(make_redis_server, make_clien
     with make_client(redis_url=server.url, redis_socket_timeout_s=0.3) as client:
         sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
         sleeper.start()
-        wait_until_blocked(server)
+        server.wait_until_blocked()
         started = time.monotonic()
         r = client.get("/users/u/history")
         elapsed = time.monotonic() - started
@@ -267,7 +247,7 @@ def test_request_timeout_is_503(make_redis_server, make_client) -> None:
     with make_client(redis_url=server.url, redis_socket_timeout_s=5, request_timeout_s=0.3) as client:
         sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
         sleeper.start()
-        wait_until_blocked(server)
+        server.wait_until_blocked()
         r = client.post("/events", json={"user_id": "u", "events": [GOOD_EVENT]})
         sleeper.join()
         assert r.status_code == 503 and r.json()["error"] == "request_timeout"

@@ -224,7 +224,7 @@ def test_slow_store_times_out(make_redis_server) -> None:
     store.append("u", events([1]))
     sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.0"))
     sleeper.start()
-    time.sleep(0.1)
+    server.wait_until_blocked()
     with pytest.raises(StoreUnavailableError, match="timed out") as info:
         store.read("u", 10)
     assert info.value.code == "store_timeout"
