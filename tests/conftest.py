@@ -12,12 +12,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def redis_server_binary() -> str:
@@ -110,13 +113,25 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
+    def stall(self, seconds: float) -> threading.Thread:
+        """DEBUG SLEEP from a background thread (the server needs --enable-debug-command yes); returns the running
+        thread once the server really is stalled. Its client never retries: a retry would sleep the server again."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                             socket_timeout=seconds + 10, retry=Retry(NoBackoff(), 0))  # fmt: skip
+        sleeper = threading.Thread(target=lambda: client.execute_command("DEBUG", "SLEEP", str(seconds)), daemon=True)
+        sleeper.start()
+        self.wait_until_blocked()
+        return sleeper
+
     def wait_until_blocked(self, within_s: float = 5.0) -> None:
         """Return once the server is stalled (e.g. inside DEBUG SLEEP sent from another thread): a raw PING gets
         no answer. A raw socket, because redis-py would retry a timed-out PING until the server wakes up."""
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.settimeout(0.05)
+                # 0.25 s of silence: far longer than a loaded machine takes to answer PING, so an awake server is
+                # never mistaken for a stalled one.
+                sock.settimeout(0.25)
                 sock.sendall(b"PING\r\n")
                 try:
                     sock.recv(64)  # +PONG, or -NOAUTH with a password: either way the server is awake

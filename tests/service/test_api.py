@@ -221,14 +221,11 @@ def test_store_down_is_503_then_recovers(make_redis_server, make_client) -> None
 
 
 def test_slow_store_answers_503_within_the_timeout(make_redis_server, make_client) -> None:
-    import threading
     import time
 
     server = make_redis_server("--enable-debug-command", "yes")
     with make_client(redis_url=server.url, redis_socket_timeout_s=0.3) as client:
-        sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
-        sleeper.start()
-        server.wait_until_blocked()
+        sleeper = server.stall(3)
         started = time.monotonic()
         r = client.get("/users/u/history")
         elapsed = time.monotonic() - started
@@ -239,15 +236,12 @@ def test_slow_store_answers_503_within_the_timeout(make_redis_server, make_clien
 
 
 def test_request_timeout_is_503(make_redis_server, make_client) -> None:
-    import threading
     import time
 
     server = make_redis_server("--enable-debug-command", "yes")
     # the store would wait 5 s; the request gives up after 0.3 s
     with make_client(redis_url=server.url, redis_socket_timeout_s=5, request_timeout_s=0.3) as client:
-        sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
-        sleeper.start()
-        server.wait_until_blocked()
+        sleeper = server.stall(3)
         r = client.post("/events", json={"user_id": "u", "events": [GOOD_EVENT]})
         sleeper.join()
         assert r.status_code == 503 and r.json()["error"] == "request_timeout"

@@ -222,9 +222,7 @@ def test_slow_store_times_out(make_redis_server) -> None:
     server = make_redis_server("--enable-debug-command", "yes")
     store = SequenceStore.from_url(server.url, socket_timeout_s=0.2)
     store.append("u", events([1]))
-    sleeper = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.0"))
-    sleeper.start()
-    server.wait_until_blocked()
+    sleeper = server.stall(2)
     with pytest.raises(StoreUnavailableError, match="timed out") as info:
         store.read("u", 10)
     assert info.value.code == "store_timeout"
