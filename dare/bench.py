@@ -55,6 +55,7 @@ import numpy as np
 import typer
 
 from dare.errors import DareError
+from dare.processes import stop_process
 
 if TYPE_CHECKING:
     from service.registry import LoadedModel
@@ -403,16 +404,6 @@ def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> 
         time.sleep(0.3)
     stop_process(process)
     raise BenchError(f"`dare serve` was not ready within 180 s; see {log}")
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _progress(items: Any, cfg: BenchConfig, desc: str) -> Any:

@@ -38,6 +38,7 @@ import typer
 from rich.console import Console
 
 from dare.errors import DareError
+from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
@@ -360,18 +361,6 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float 
                 pass
             time.sleep(0.3)
     raise DareError(f"the service at {base_url} was not ready after {timeout_s:.0f} s")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    if process.poll() is not None:
-        return
-    # SIGTERM: uvicorn shuts down gracefully (lifespan shutdown included) and `dare serve` exits 0.
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def curl_example(base_url: str, body: dict[str, object]) -> str:

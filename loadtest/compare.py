@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dare.errors import DareError
+from dare.processes import stop_process
 from loadtest.redis_server import start_redis_server
 from loadtest.scenario import Payloads
 
@@ -192,18 +193,8 @@ def start_service(cfg: LoadtestConfig, redis_url: str, port: int, log: Path) -> 
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    stop(process)
+    stop_process(process)
     raise LoadtestError(f"`dare serve` was not ready within 120 s; see {log}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -354,7 +345,7 @@ def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult
                         results.append(run_locust(cfg, base_url, data, workload, load, dim, model))
                         bar.update()
             finally:
-                stop(service)
+                stop_process(service)
     bar.close()
     return results
 

@@ -36,6 +36,7 @@ import numpy as np
 import typer
 
 from dare.errors import DareError
+from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -174,18 +175,8 @@ def start_service(cfg: SoakConfig, redis_url: str, port: int, log: Path) -> subp
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    stop_service(process)
+    stop_process(process, 30, group=True)
     raise SoakError(f"`dare serve` was not ready within 180 s; see {log}")
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -401,7 +392,7 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> SoakResult:
             if service.poll() is not None:
                 raise SoakError(f"`dare serve` died during the soak (exit code {service.returncode})")
         finally:
-            stop_service(service)
+            stop_process(service, 30, group=True)
 
     warm, end, peak, growth = rss_growth(sampler.samples, run.started, cfg.warmup_s)
     minutes = per_minute(run, cfg.duration_s)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dare.processes import stop_process
 from loadtest.redis_server import free_port
 from tests.conftest import TEST_CATE_RAW_IDS, TEST_ITEM_RAW_IDS
 from tests.shipping.conftest import ROOT
@@ -43,16 +43,6 @@ def wait_ready(process: subprocess.Popen, port: int, log: Path, timeout_s: float
     raise AssertionError(f"dare serve on {port} not ready in {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture
 def two_replicas(exported_model_dir: Path, make_redis_server, tmp_path: Path):
     """Replica A with 2 workers and replica B with 1, both on one private Redis."""
@@ -68,7 +58,7 @@ def two_replicas(exported_model_dir: Path, make_redis_server, tmp_path: Path):
         yield processes, [f"http://127.0.0.1:{p}" for p in ports]
     finally:
         for process in processes:
-            stop(process)
+            stop_process(process, 20, group=True)
 
 
 def candidates(n: int = 12) -> list[dict[str, int]]:
@@ -105,6 +95,6 @@ def test_workers_and_replicas_share_one_store_and_answer_alike(two_replicas) -> 
     assert counted == 20
 
     # A replica going away leaves the other serving the same users.
-    stop(processes[0])
+    stop_process(processes[0], 20, group=True)
     answer = httpx.post(f"{b}/score", json=body, timeout=30)
     assert answer.status_code == 200 and answer.json()["scores"] == pytest.approx(first, abs=1e-6)
