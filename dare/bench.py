@@ -55,6 +55,7 @@ import numpy as np
 import typer
 
 from dare.errors import DareError
+from dare.options import int_list
 from dare.processes import stop_process
 
 if TYPE_CHECKING:
@@ -1174,13 +1175,6 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
 
 
-def _dims(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise BenchError(f"--att-dims must be comma-separated integers, got {text!r}") from None
-
-
 def bench(
     out: Annotated[Path, typer.Option("--out", help="JSON records; FILE.md, FILE.png and FILE.meta.json go beside it")],
     repeats: Annotated[int, typer.Option("--repeats", help="timed calls per (workload, att dim, backend)")] = 50,
@@ -1201,7 +1195,7 @@ def bench(
 ) -> None:
     """Latency per stage (store fetch, id mapping, search, scoring, total) at W1/W2/W3 for each attention dim, in
     onnxruntime (the service's engine), PyTorch eager and over HTTP; writes JSON, a markdown table and a PNG chart."""
-    cfg = BenchConfig(out=out, att_dims=_dims(att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
+    cfg = BenchConfig(out=out, att_dims=int_list("--att-dims", att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
                       http=http, profile=profile, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
     records, files = run(cfg, command=shlex.join(["dare", *sys.argv[1:]]))
     typer.echo(files[2].read_text(encoding="utf-8"))

@@ -38,6 +38,7 @@ import typer
 from rich.console import Console
 
 from dare.errors import DareError
+from dare.options import int_list
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -450,10 +451,7 @@ def demo(
     exit_after_score: Annotated[bool, typer.Option("--exit-after-score", help="stop after the first successful score")] = False,
 ) -> None:
     """Prepare the bundled sample, train + export DARE at two attention dims, load Redis, serve on :8000."""
-    try:
-        dims = tuple(int(d) for d in att_dims.split(",") if d.strip())
-    except ValueError:
-        raise DareError(f"--att-dims must be comma-separated integers, got {att_dims!r}") from None
+    dims = int_list("--att-dims", att_dims)
     cfg = DemoConfig(
         sample=sample, work=work, models=models, att_dims=dims, repr_dim=repr_dim, epochs=epochs,
         redis_url=redis_url or None, host=host, port=port, serve=serve, exit_after_score=exit_after_score,

@@ -9,17 +9,7 @@ from typing import Annotated
 
 import typer
 
-
-def _ints(option: str, text: str) -> tuple[int, ...]:
-    from dare.errors import DareError
-
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise DareError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise DareError(f"{option} must name at least one value")
-    return values
+from dare.options import int_list
 
 
 def loadtest(
@@ -42,11 +32,11 @@ def loadtest(
     from loadtest.compare import LoadtestConfig, run_comparison, write_outputs
 
     cfg = LoadtestConfig(
-        models=models, att_dims=_ints("--att-dims", att_dims),
+        models=models, att_dims=int_list("--att-dims", att_dims),
         workloads=tuple(w.strip() for w in workloads.split(",") if w.strip()), duration_s=duration,
         fixed_users=fixed_users, fixed_rate=fixed_rate, ramp_users=ramp_users, long_users=long_users,
-        long_events=long_events, workers=workers, service_cpus=_ints("--service-cpus", service_cpus),
-        locust_cpus=_ints("--locust-cpus", locust_cpus), out=out, work=work,
+        long_events=long_events, workers=workers, service_cpus=int_list("--service-cpus", service_cpus),
+        locust_cpus=int_list("--locust-cpus", locust_cpus), out=out, work=work,
     )  # fmt: skip
     results = run_comparison(cfg)
     command = "dare " + " ".join(shlex.quote(a) for a in sys.argv[1:])

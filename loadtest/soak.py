@@ -36,6 +36,7 @@ import numpy as np
 import typer
 
 from dare.errors import DareError
+from dare.options import int_list
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -500,16 +501,6 @@ def write_outputs(cfg: SoakConfig, result: SoakResult, command: str) -> tuple[Pa
 # -------------------------------------------------------------------------------------------------------------
 
 
-def _cpus(option: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise SoakError(f"{option} must be comma-separated core numbers, got {text!r}") from None
-    if not values:
-        raise SoakError(f"{option} must name at least one core")
-    return values
-
-
 def soak(
     models: Annotated[Path, typer.Option("--models", help="folder of model folders to serve")] = Path("var/models"),
     model: Annotated[str, typer.Option("--model", help="model to score with (default: the service's default)")] = "",
@@ -535,8 +526,8 @@ def soak(
     cfg = SoakConfig(
         models=models, model=model, data=data, duration_s=duration, warmup_s=warmup, rate=rate,
         capacity_fraction=capacity_fraction, capacity_probe_s=capacity_probe, users=users, candidates=candidates,
-        workers=workers, service_cpus=_cpus("--service-cpus", service_cpus),
-        locust_cpus=_cpus("--locust-cpus", locust_cpus), max_rss_growth_pct=max_rss_growth, out=out, work=work,
+        workers=workers, service_cpus=int_list("--service-cpus", service_cpus),
+        locust_cpus=int_list("--locust-cpus", locust_cpus), max_rss_growth_pct=max_rss_growth, out=out, work=work,
     )  # fmt: skip
     result = run_soak(cfg, progress=progress)
     command = "dare " + " ".join(shlex.quote(a) for a in sys.argv[1:])

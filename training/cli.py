@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dare.options import int_list
 from training.config import PrepareConfig
 
 
@@ -161,15 +162,6 @@ def train(
     )
 
 
-def _int_list(option: str, text: str) -> tuple[int, ...]:
-    from dare.errors import DareError
-
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise DareError(f"{option} must be comma-separated integers, got {text!r}") from None
-
-
 def compare(
     data: Annotated[Path, typer.Option("--data", help="folder written by `dare prepare`")],
     out: Annotated[Path, typer.Option("--out", help="folder for runs, results.md and results.png")],
@@ -193,7 +185,7 @@ def compare(
     from training.compare import CompareOptions, compare as run_compare
 
     options = CompareOptions(
-        models=tuple(m.strip() for m in models.split(",") if m.strip()), att_dims=_int_list("--att-dims", att_dims),
+        models=tuple(m.strip() for m in models.split(",") if m.strip()), att_dims=int_list("--att-dims", att_dims),
         repr_dim=repr_dim, seeds=seeds, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr, aux_loss=aux_loss,
         device=device, evals_per_epoch=evals_per_epoch,
     )  # fmt: skip
