@@ -31,12 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import dare
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
-from service.api.responses import OrjsonResponse, error_response
+from service.api.responses import OrjsonResponse, error_response, service_error_response
 from service.api.routes import health, models, scoring, users
+from service.api.routes.scoring import ScoreFastPath
 from service.api.routes.users import default_history_limit
 from service.core.config import Settings, get_settings
 from service.engine import ScoringEngine
-from service.errors import InvalidSequenceInput, LimitExceededError, ServiceError
+from service.errors import InvalidSequenceInput, ServiceError
 from service.metrics import ServiceMetrics, multiprocess_dir
 from service.registry import InferenceOptions, ModelRegistry, ModelSet
 
@@ -141,11 +142,7 @@ def _field(loc: tuple[object, ...] | list[object]) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> OrjsonResponse:
-        if isinstance(exc, LimitExceededError):
-            return error_response(exc.status, exc.code, str(exc), fields=[{"field": exc.field, "message": exc.detail}])
-        if exc.status >= 500:
-            log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc)
-        return error_response(exc.status, exc.code, str(exc))
+        return service_error_response(exc, request.method, request.url.path)
 
     @app.exception_handler(InvalidSequenceInput)
     async def invalid_sequence(request: Request, exc: InvalidSequenceInput) -> OrjsonResponse:
@@ -272,7 +269,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    # Added last = outermost: the duration histogram also sees the 413s of the body limit.
+    # Added last = outermost: the duration histogram also sees the 413s of the body limit, and both apply to the
+    # fast path of POST /score as to every route.
+    app.add_middleware(ScoreFastPath, enabled=settings.score_fast_path)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -271,6 +271,15 @@ def exported_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def models_dir(tmp_path: Path, exported_model_dir: Path) -> Path:
+    """A models folder holding one copy of the session's random DARE model, as `dare-a`."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(exported_model_dir, folder / "dare-a")
+    return folder
+
+
+@pytest.fixture
 def make_exported_model() -> Callable[..., Path]:
     """`make_exported_model(tmp_path, kind="dare", att_dim=8, repr_dim=8, top_k=5, max_position=50, seed=0,
     name=None) -> model folder` of a RANDOMLY INITIALISED model (run folder at `<model folder>.parent / "run"`)."""

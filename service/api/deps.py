@@ -45,13 +45,16 @@ async def get_settings_dep(request: Request) -> Settings:
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
-def _check(request: Request, token: SecretStr | None) -> None:
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+def bearer_matches(authorization: str, token: SecretStr) -> bool:
+    """Whether an Authorization header value presents `token` as a bearer token."""
+    scheme, _, given = authorization.partition(" ")
     presented = given.strip().encode() if scheme.lower() == "bearer" else b""
     # Constant-time comparison so the answer time does not leak how much of the token matched.
-    if not hmac.compare_digest(presented, token.get_secret_value().encode()):
+    return hmac.compare_digest(presented, token.get_secret_value().encode())
+
+
+def _check(request: Request, token: SecretStr | None) -> None:
+    if token is not None and not bearer_matches(request.headers.get("authorization", ""), token):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or wrong bearer token (send `Authorization: Bearer <token>`)",

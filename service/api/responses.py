@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse
 
+from service.errors import LimitExceededError, ServiceError
 from service.schemas import ErrorBody
+
+log = logging.getLogger("service")
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 class OrjsonResponse(JSONResponse):
     """application/json via orjson: several times faster than the stdlib and takes float32 arrays as they are."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(content, option=JSON_OPTIONS)
 
 
 def error_body(code: str, detail: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -27,6 +32,15 @@ def error_body(code: str, detail: str, fields: list[dict[str, str]] | None = Non
 def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
                    headers: dict[str, str] | None = None) -> OrjsonResponse:
     return OrjsonResponse(error_body(code, detail, fields), status_code=status, headers=headers)
+
+
+def service_error_response(exc: ServiceError, method: str, path: str) -> OrjsonResponse:
+    """The JSON answer to one of the service's errors (its status and code); server-side ones are logged."""
+    if isinstance(exc, LimitExceededError):
+        return error_response(exc.status, exc.code, str(exc), fields=[{"field": exc.field, "message": exc.detail}])
+    if exc.status >= 500:
+        log.warning("%s %s -> %d %s: %s", method, path, exc.status, exc.code, exc)
+    return error_response(exc.status, exc.code, str(exc))
 
 
 _DESCRIPTIONS = {

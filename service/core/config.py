@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     ort_inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators (0 = ORT default)")
     ort_graph_optimization: GraphOptimization = Field("all", description="onnxruntime graph optimisation level")
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
+    score_fast_path: bool = Field(
+        True, description="answer well-formed POST /score requests without FastAPI's routing (same responses, ~0.3 ms less)"
+    )
 
     # --- server (used by `dare serve`) --------------------------------------------------------------------------
     host: str = "127.0.0.1"

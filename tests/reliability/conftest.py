@@ -156,15 +156,6 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
         service.stop()
 
 
-@pytest.fixture
-def models_dir(tmp_path: Path, exported_model_dir: Path) -> Path:
-    """A models folder holding one copy of the session's random DARE model, as `dare-a`."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    shutil.copytree(exported_model_dir, folder / "dare-a")
-    return folder
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Traffic that records every answer
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,14 +28,6 @@ def other_dare_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_random_model(tmp_path_factory.mktemp("random-dare-v2"), kind="dare", att_dim=8, repr_dim=16, seed=7)
 
 
-@pytest.fixture
-def models_dir(tmp_path: Path, exported_model_dir: Path) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    shutil.copytree(exported_model_dir, folder / "dare-a")
-    return folder
-
-
 def random_history(rng: np.random.Generator, n: int) -> np.ndarray:
     items = rng.choice(np.array(TEST_ITEM_RAW_IDS + (UNKNOWN_ITEM,)), size=n)
     cates = rng.choice(np.array(TEST_CATE_RAW_IDS + (UNKNOWN_CATE,)), size=n)

@@ -1,4 +1,14 @@
-"""POST /score."""
+"""POST /score: the FastAPI route (the OpenAPI document, and every request the fast path hands over) and
+`ScoreFastPath`, the same endpoint as a pure-ASGI handler in front of FastAPI.
+
+Why two: FastAPI's routing, dependency solving, stdlib JSON parsing and response machinery cost ~0.2-0.4 ms per
+request on the 2-core machine, a third of a W1 call (N=200, C=100; docs/performance.md). The fast path answers
+the common case, a well-formed JSON request, with the same validation (`ScoreRequest`), the same checks
+(`checked_request`), the same scoring call (`score_request`) and the same error bodies (`service_error_response`).
+Anything else (not `application/json`, a wrong or missing bearer token, JSON orjson refuses, a body `ScoreRequest`
+rejects) goes to the FastAPI route unchanged, with the body replayed, so every 4xx is produced in one place.
+`DARE_SCORE_FAST_PATH=false` routes every request through FastAPI (identical responses; tests/service check both).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +16,18 @@ from functools import partial
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.concurrency import run_blocking
-from service.api.deps import ApiAuth, ServicesDep
-from service.api.responses import OrjsonResponse, errors
+from service.api.deps import ApiAuth, Services, ServicesDep, bearer_matches
+from service.api.middleware import replay_body
+from service.api.responses import JSON_OPTIONS, OrjsonResponse, errors, service_error_response
 from service.engine import ScoreResult
-from service.errors import LimitExceededError
+from service.errors import LimitExceededError, ServiceError
+from service.registry import LoadedModel
 from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"])
@@ -23,6 +38,37 @@ def check_user_id(user_id: str, max_length: int) -> None:
         raise LimitExceededError("user_id", f"at most {max_length} characters (DARE_MAX_USER_ID_LENGTH), got {len(user_id)}")
 
 
+def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+    """The configured limits and the model (404 / 503) before any work; the candidates as int64 arrays [C]."""
+    settings = services.settings
+    check_user_id(body.user_id, settings.max_user_id_length)
+    n = len(body.candidates)
+    if n > settings.max_candidates:
+        raise LimitExceededError(
+            "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
+        )
+    model = services.registry.current.get(body.model)
+    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
+        return model, body.candidates.item_id, body.candidates.category_id
+    items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    return model, items, cates
+
+
+async def score_request(
+    services: Services, body: ScoreRequest, model: LoadedModel, items: np.ndarray, cates: np.ndarray
+) -> dict[str, object]:
+    """Run the scoring call in a worker thread (bounded in number and time) and build the response body."""
+    run_options = ort.RunOptions()
+    result = await run_blocking(
+        services,
+        partial(services.engine.score, body.user_id, items, cates, model=model, run_options=run_options),
+        what="scoring",
+        run_options=run_options,
+    )
+    return score_body(body.user_id, result, explain=body.explain)
+
+
 @router.post(
     "/score",
     response_model=ScoreResponse,
@@ -31,28 +77,83 @@ def check_user_id(user_id: str, max_length: int) -> None:
     summary="Click probabilities of candidates for one user",
 )
 async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> OrjsonResponse:
-    settings = services.settings
-    check_user_id(body.user_id, settings.max_user_id_length)
-    n = len(body.candidates)
-    if n > settings.max_candidates:
-        raise LimitExceededError(
-            "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
-        )
-    model = services.registry.current.get(body.model)  # 404 / 503 before any work
+    model, items, cates = checked_request(body, services)
     request.state.model = model.name
-    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
-        items, cates = body.candidates.item_id, body.candidates.category_id  # [C] each
-    else:
-        items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
-        cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
-    run_options = ort.RunOptions()
-    result = await run_blocking(
-        services,
-        partial(services.engine.score, body.user_id, items, cates, model=model, run_options=run_options),
-        what="scoring",
-        run_options=run_options,
-    )
-    return OrjsonResponse(score_body(body.user_id, result, explain=body.explain))
+    return OrjsonResponse(await score_request(services, body, model, items, cates))
+
+
+SCORE_ROUTE = next(r for r in router.routes if getattr(r, "path", None) == "/score")
+
+
+class ScoreFastPath:
+    """Pure-ASGI `POST /score` for well-formed JSON requests; everything else goes on to FastAPI (see the module
+    docstring). Sits inside the body-size limit and the request-metrics middleware, so those apply unchanged; it
+    labels the request with the route and the model as FastAPI would."""
+
+    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+        self.app = app
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.enabled or scope["type"] != "http" or scope["path"] != "/score" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        services: Services = scope["app"].state.services
+        if not _is_json(scope) or not _authorized(scope, services):
+            await self.app(scope, receive, send)
+            return
+        raw = await _read_body(receive)
+        if raw is None:  # the client went away
+            return
+        try:
+            body = ScoreRequest.model_validate(orjson.loads(raw))
+        except (orjson.JSONDecodeError, ValidationError):
+            await self.app(scope, replay_body(raw, receive), send)  # FastAPI answers with the 422 naming the fields
+            return
+        scope["route"] = SCORE_ROUTE  # what FastAPI would set: the request metrics' endpoint label
+        try:
+            model, items, cates = checked_request(body, services)
+            scope.setdefault("state", {})["model"] = model.name
+            payload = orjson.dumps(await score_request(services, body, model, items, cates), option=JSON_OPTIONS)
+        except ServiceError as exc:
+            await service_error_response(exc, "POST", "/score")(scope, receive, send)
+            return
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _is_json(scope: Scope) -> bool:
+    content_type = _header(scope, b"content-type")
+    return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def _authorized(scope: Scope, services: Services) -> bool:
+    """The check of `require_api_token`; a request that fails it goes to FastAPI for the 401."""
+    token = services.settings.api_token
+    # Header values decoded as Starlette decodes them (latin-1), so both paths compare the same string.
+    return token is None or bearer_matches((_header(scope, b"authorization") or b"").decode("latin-1"), token)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def score_body(user_id: str, result: ScoreResult, *, explain: bool) -> dict[str, object]:
