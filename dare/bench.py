@@ -66,6 +66,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("onnxruntime", "torch")
 STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
 HTTP_STAGE = "http"
+PAIRED_MIN_SECONDS = 1.5  # per (workload, dim) cell of the back-to-back HTTP measurement
 MODEL_PREFIX = "bench-dare"
 
 
@@ -353,7 +354,13 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
         for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
             for d in cfg.att_dims:
                 timings: dict[str, list[float]] = {"in_process": [], "http": [], "http_stdlib": []}
-                for r in range(cfg.warmup + cfg.repeats):
+                # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
+                # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
+                started, r = time.perf_counter(), 0
+                min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
+                while r < cfg.warmup + cfg.repeats or (
+                    time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats
+                ):
                     user = data.users[w.name][r % cfg.users]
                     items, cates = data.candidates[w.name][r % cfg.candidate_sets]
                     body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
@@ -368,9 +375,11 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                             _, seconds = clients[name].score(body)
                         if r >= cfg.warmup:
                             timings[name].append(seconds)
+                    r += 1
                 p50 = {k: round(float(np.median(v)) * 1000.0, 4) for k, v in timings.items()}
                 rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
-                             "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"]})  # fmt: skip
+                             "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"],
+                             "pairs": len(timings["http"])})  # fmt: skip
     finally:
         for client in clients.values():
             client.close()
@@ -725,19 +734,13 @@ async def _asgi_post(app: Any, path: str, body: bytes) -> int:
 def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str, model_folder: Path, work: Path) -> list[dict[str, Any]]:
     """Before/after of making the FastAPI dependencies `async def`: two apps in this process, one with the plain
     `def` dependencies the service had before (as dependency overrides, which FastAPI runs in its thread pool),
-    POST /score through each in turn (ASGI, no socket). Wall and CPU time of this process per request."""
-    import asyncio
-
-    import orjson
+    POST /score through each in turn (ASGI, no socket; both through FastAPI's route, the fast path off)."""
     from fastapi import Request
 
     from service.api import deps
-    from service.core.config import Settings
     from service.main import create_app
 
-    models_dir = work / "one-model"
-    shutil.copytree(model_folder, models_dir / model_folder.name)
-    settings = Settings(models_dir=models_dir, redis_url=redis_url, log_level="warning", request_timeout_s=60.0)
+    settings = _one_model_settings(redis_url, model_folder, work, score_fast_path=False)
 
     def sync_services(request):  # type: ignore[no-untyped-def]
         return request.app.state.services
@@ -756,14 +759,42 @@ def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str,
     before, after = create_app(settings), create_app(settings)
     before.dependency_overrides.update({deps.get_services: sync_services, deps.get_settings_dep: sync_settings,
                                         deps.require_api_token: sync_auth})  # fmt: skip
-    apps = {"before": before, "after": after}
+    return _asgi_before_after(cfg, data, model_folder.name, {"before": before, "after": after},
+                              "def dependencies (thread pool)", "async def dependencies")  # fmt: skip
+
+
+def measure_fast_path_change(cfg: BenchConfig, data: BenchData, redis_url: str, model_folder: Path, work: Path) -> list[dict[str, Any]]:
+    """Before/after of the POST /score fast path (`ScoreFastPath`): the same app with DARE_SCORE_FAST_PATH off and
+    on, POST /score through each in turn (ASGI, no socket)."""
+    from service.main import create_app
+
+    apps = {name: create_app(_one_model_settings(redis_url, model_folder, work, score_fast_path=fast))
+            for name, fast in (("before", False), ("after", True))}  # fmt: skip
+    return _asgi_before_after(cfg, data, model_folder.name, apps, "FastAPI route", "pure-ASGI fast path")
+
+
+def _one_model_settings(redis_url: str, model_folder: Path, work: Path, **overrides: Any) -> Any:
+    from service.core.config import Settings
+
+    models_dir = work / "one-model"
+    if not (models_dir / model_folder.name).is_dir():
+        shutil.copytree(model_folder, models_dir / model_folder.name)
+    return Settings(models_dir=models_dir, redis_url=redis_url, log_level="warning", request_timeout_s=60.0, **overrides)
+
+
+def _asgi_before_after(cfg: BenchConfig, data: BenchData, model: str, apps: dict[str, Any], before: str, after: str) -> list[dict[str, Any]]:
+    """POST /score through two ASGI apps (`apps["before"]`, `apps["after"]`), interleaved call by call, at W1 and
+    W2: wall and CPU time of this process per request (the worker thread's included)."""
+    import asyncio
+
+    import orjson
 
     async def run_all() -> list[dict[str, Any]]:
         rows = []
-        async with before.router.lifespan_context(before), after.router.lifespan_context(after):
+        async with apps["before"].router.lifespan_context(apps["before"]), apps["after"].router.lifespan_context(apps["after"]):
             for w in cfg.workloads[:2]:
                 items, cates = data.candidates[w.name][0]
-                body = orjson.dumps({"user_id": data.users[w.name][0], "model": model_folder.name,
+                body = orjson.dumps({"user_id": data.users[w.name][0], "model": model,
                                      "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
                 wall: dict[str, list[float]] = {"before": [], "after": []}
                 cpu: dict[str, list[float]] = {"before": [], "after": []}
@@ -772,13 +803,12 @@ def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str,
                         t0, c0 = time.perf_counter(), time.process_time()
                         status = await _asgi_post(apps[name], "/score", body)
                         if status != 200:
-                            raise BenchError(f"POST /score through the ASGI app ({name}) answered {status}")
+                            raise BenchError(f"POST /score through the ASGI app ({name}: {before if name == 'before' else after}) answered {status}")
                         if r >= cfg.warmup:
                             wall[name].append(time.perf_counter() - t0)
                             cpu[name].append(time.process_time() - c0)
                 ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
-                rows.append({"stage": "POST /score (ASGI, no socket)", "workload": w.name,
-                             "before": "def dependencies (thread pool)", "after": "async def dependencies",
+                rows.append({"stage": "POST /score (ASGI, no socket)", "workload": w.name, "before": before, "after": after,
                              "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
                              "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
                              "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
@@ -976,11 +1006,11 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
                   "The in-process call and two HTTP calls (the lean client, and http.client) on the same user and "
                   "candidates, one after another, so the service is as warm as the in-process engine (in the table above "
                   "it idles between its calls and each request also wakes it up).", "",
-                  "| workload | att dim | in-process | POST /score | ratio | POST /score, http.client | ratio |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| workload | att dim | pairs | in-process | POST /score | ratio | POST /score, http.client | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in meta["http_paired"]:
             o = row["in_process_p50_ms"]
-            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {row['http_p50_ms']:.3f} | {row['http_p50_ms'] / o:.2f} | "
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {row.get('pairs', '')} | {o:.3f} | {row['http_p50_ms']:.3f} | {row['http_p50_ms'] / o:.2f} | "
                          f"{row['http_stdlib_p50_ms']:.3f} | {row['http_stdlib_p50_ms'] / o:.2f} |")
     if meta.get("ort_options"):
         first = meta["ort_options"][0]
@@ -1127,6 +1157,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
         changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
         changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
+        changes += measure_fast_path_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
         changes += measure_graph_changes(cfg, data, store, loaded, models, work / "plain-graphs")
         changes += measure_validation_change(cfg, data)
         http_paired = measure_http_paired(cfg, data, engine, loaded, client.port) if client is not None else []
