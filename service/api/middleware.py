@@ -104,7 +104,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:path}").
+            endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             model = str(scope.get("state", {}).get("model", ""))
             self.metrics.request_duration.labels(
                 endpoint=endpoint, method=scope["method"], model=model, status=str(status)

@@ -46,6 +46,18 @@ def test_unicode_user_id_round_trips(make_client) -> None:
         assert not client.get("/users/ユーザー/history").json()["exists"]
 
 
+def test_user_id_with_slashes_round_trips(make_client) -> None:
+    from urllib.parse import quote
+
+    with make_client() as client:
+        for user in ("a/b", "/lead", "trail/", "x//y"):
+            assert client.post("/events", json={"user_id": user, "events": [GOOD_EVENT] * 2}).status_code == 200
+            h = client.get(f"/users/{quote(user, safe='')}/history")
+            assert h.status_code == 200 and h.json()["user_id"] == user and h.json()["length"] == 2, (user, h.text)
+        assert client.get("/users/a/history").json()["exists"] is False  # "a", not a prefix of "a/b"
+        assert client.get("/users/a/b/history").json()["user_id"] == "a/b"  # an unencoded slash reads the same key
+
+
 def test_lifelong_trim_through_the_api(make_client) -> None:
     with make_client(lifelong_max_events=4) as client:
         for i in range(3):

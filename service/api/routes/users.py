@@ -52,7 +52,8 @@ async def append_events(body: EventsRequest, services: ServicesDep) -> EventsRes
 
 
 @router.get(
-    "/users/{user_id}/history",
+    # `:path` so that a user id holding a slash (sent percent-encoded, decoded before routing) still matches.
+    "/users/{user_id:path}/history",
     response_model=HistoryResponse,
     responses=errors(401, 422, 500, 503),
     dependencies=[ApiAuth],
