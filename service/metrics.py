@@ -11,7 +11,7 @@ Exported series (all prefixed `dare_`):
 - stage_duration_seconds{stage, model}   histogram; stage in store_fetch, id_mapping, search, scoring
 - history_length{model}, candidates_per_request{model}   histograms
 - store_errors_total{operation, kind}, corrupt_sequences_total, degraded_responses_total,
-  events_appended_total   counters
+  events_appended_total, events_replayed_total   counters
 - model_info{model, version, kind, att_dim, repr_dim, top_k, default}   gauge, 1 while loaded
 """
 
@@ -88,6 +88,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.events_appended = Counter("dare_events_appended_total", "Events appended through POST /events", registry=r)
+        self.events_replayed = Counter(
+            "dare_events_replayed_total", "POST /events requests answered as replays of an earlier Idempotency-Key", registry=r
+        )
         self.model_info = Gauge(
             "dare_model_info",
             "Loaded models: 1 per loaded model with its key facts as labels",

@@ -19,6 +19,9 @@ from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
 
 # The hard ceiling of the schema; the configured limit (DARE_MAX_USER_ID_LENGTH) is checked by the routes.
 USER_ID_MAX_CHARS = 1024
+# POST /events' Idempotency-Key header: printable ASCII without spaces (a UUID, a hash, a client's request id).
+IDEMPOTENCY_KEY_MAX_CHARS = 128
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+$"
 
 def _json_integer(value: object) -> object:
     """JSON Schema's "integer": a number with no fractional part (so 7.0 is 7); never a string or a boolean."""
@@ -158,8 +161,11 @@ class EventsRequest(_Strict):
 
 class EventsResponse(BaseModel):
     user_id: str
-    appended: int
+    appended: int = Field(description="events this request appended (0 when replayed)")
     length: int = Field(description="events stored for the user after the append and the trim")
+    replayed: bool = Field(
+        False, description="the Idempotency-Key was seen before for this user: nothing was appended by this request"
+    )
 
 
 class StoredEvent(BaseModel):

@@ -69,9 +69,11 @@ MAX_TIMESTAMP = 2**32 - 1
 
 CLUSTER_SCHEME = "redis+cluster"
 
-# KEYS[1] = the user's key; ARGV = header, records, record size, lifelong maximum.
-# Validates an existing value before touching it (a corrupt value is never appended to or rewritten), appends,
-# then keeps only the most recent `max` records. Returns the new length in records.
+# KEYS[1] = the user's key; ARGV = header, records, record size, lifelong maximum. Optional idempotency: KEYS[2] =
+# the request's marker key (same hash tag), ARGV[5] = its TTL in seconds.
+# Validates an existing value before touching it (a corrupt value is never appended to or rewritten); then, with a
+# marker key, sets the marker (NX) and returns without appending if it already existed (a replayed request); else
+# appends and keeps only the most recent `max` records. Returns {length in records, 1 if replayed else 0}.
 _APPEND_LUA = """
 local key = KEYS[1]
 local header = ARGV[1]
@@ -83,14 +85,9 @@ if string.len(payload) % rsize ~= 0 then
   return redis.error_reply('DARE_BADINPUT payload length is not a multiple of the record size')
 end
 local kind = redis.call('TYPE', key)['ok']
-local len
-if kind == 'none' then
-  redis.call('SET', key, header .. payload)
-  len = hlen + string.len(payload)
-elseif kind ~= 'string' then
-  return redis.error_reply('DARE_CORRUPT the key holds a Redis ' .. kind .. ', not a string')
-else
-  local cur = redis.call('STRLEN', key)
+local cur = 0
+if kind == 'string' then
+  cur = redis.call('STRLEN', key)
   if cur < hlen then
     return redis.error_reply('DARE_CORRUPT value of ' .. cur .. ' bytes is shorter than the header')
   end
@@ -100,6 +97,20 @@ else
   if (cur - hlen) % rsize ~= 0 then
     return redis.error_reply('DARE_CORRUPT value length ' .. cur .. ' is not header + whole records')
   end
+elseif kind ~= 'none' then
+  return redis.error_reply('DARE_CORRUPT the key holds a Redis ' .. kind .. ', not a string')
+end
+if KEYS[2] and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[5])) then
+  if kind == 'none' then
+    return {0, 1}
+  end
+  return {(cur - hlen) / rsize, 1}
+end
+local len
+if kind == 'none' then
+  redis.call('SET', key, header .. payload)
+  len = hlen + string.len(payload)
+else
   len = redis.call('APPEND', key, payload)
 end
 local n = (len - hlen) / rsize
@@ -108,7 +119,7 @@ if n > maxn then
   redis.call('SET', key, header .. tail)
   n = maxn
 end
-return n
+return {n, 0}
 """
 
 
@@ -311,10 +322,25 @@ class SequenceStore:
     # --- operations -----------------------------------------------------------------------------------------------
     def append(self, user_id: str, events: np.ndarray) -> int:
         """Append events (oldest first) atomically, trim to the lifelong maximum; return the stored length."""
+        return self._run_append(user_id, events, None, 0)[0]
+
+    def append_once(self, user_id: str, events: np.ndarray, request_key: str, ttl_s: int) -> tuple[int, bool]:
+        """`append`, unless this user's `request_key` was seen in the last `ttl_s` seconds: then nothing is written.
+        Returns (stored length, replayed). The marker is set in the same atomic script as the append, so a request
+        whose answer was lost (a timeout, a dropped connection) can be retried with the same key without risk."""
+        return self._run_append(user_id, events, self.request_marker_key(user_id, request_key), ttl_s)
+
+    def request_marker_key(self, user_id: str, request_key: str) -> str:
+        """`<prefix>:{<user_id>}:req:<request_key>`: the user's hash tag, so it lives in the same Cluster slot."""
+        return f"{self.key_prefix}:{{{user_id}}}:req:{request_key}"
+
+    def _run_append(self, user_id: str, events: np.ndarray, marker: str | None, ttl_s: int) -> tuple[int, bool]:
         payload = encode_records(events[-self.lifelong_max_events :])
         key = self.key(user_id)
+        keys = [key] if marker is None else [key, marker]
         with self._errors("append", user_id, key):
-            return int(self._append(keys=[key], args=[HEADER, payload, RECORD_SIZE, self.lifelong_max_events]))
+            length, replayed = self._append(keys=keys, args=[HEADER, payload, RECORD_SIZE, self.lifelong_max_events, ttl_s])
+        return int(length), bool(replayed)
 
     def replace(self, user_id: str, events: np.ndarray) -> int:
         """Overwrite a user's sequence (bulk load); keeps the most recent lifelong maximum; returns its length."""

@@ -104,7 +104,7 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:path}").
+            # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:user_id}").
             endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             model = str(scope.get("state", {}).get("model", ""))
             self.metrics.request_duration.labels(

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # --- request limits -----------------------------------------------------------------------------------------
     max_candidates: int = Field(1_000, ge=1, description="candidates per /score request")
     max_events_per_request: int = Field(10_000, ge=1, description="events per /events request")
+    idempotency_ttl_s: int = Field(
+        600, ge=1, le=7 * 86400, description="how long POST /events remembers a user's Idempotency-Key (seconds)"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies larger than this get 413")
     max_user_id_length: int = Field(128, ge=1, le=1024, description="characters in a user id")
     request_timeout_s: float = Field(2.0, gt=0.0, description="a /score or /events call answers 503 after this")

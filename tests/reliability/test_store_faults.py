@@ -312,6 +312,36 @@ def test_short_stalls_never_duplicate_appends(make_redis_server, make_service, m
         assert stored == sorted(stored)
 
 
+def test_retry_with_the_idempotency_key_after_a_timeout_is_stored_once(make_redis_server, make_service, models_dir,
+                                                                       record_figure) -> None:  # fmt: skip
+    """The lost-answer case: an append whose answer times out (Redis stalled) is still run by Redis when it wakes up.
+    The client retries with the same Idempotency-Key: the service answers `replayed` and stores nothing more."""
+    server = make_redis_server("--enable-debug-command", "yes")
+    service = make_service(models_dir=models_dir, redis_url=server.url, request_timeout_s=0.5,
+                           redis_socket_timeout_s=0.25, redis_connect_timeout_s=0.25)  # fmt: skip
+    body = {"user_id": "retrier", "events": [event(31_000_001), event(31_000_002)]}
+    headers = {"Idempotency-Key": "order-4711"}
+    with httpx.Client(base_url=service.base_url, timeout=10) as c:
+        # An established store connection: the stalled append is then written to Redis at once (a new connection
+        # would time out in its handshake, before the command is sent, and nothing would happen).
+        assert c.post("/events", json={"user_id": "warm-up", "events": [event(1)]}).status_code == 200
+        sleeper = server.stall(1.0)
+        lost = c.post("/events", json=body, headers=headers)
+        assert lost.status_code == 503, lost.text  # the client cannot know whether the append happened
+        sleeper.join()
+        deadline = time.monotonic() + 5
+        while client_history(service.base_url, "retrier") != [31_000_001, 31_000_002]:  # Redis ran it after all
+            assert time.monotonic() < deadline, client_history(service.base_url, "retrier")
+            time.sleep(0.05)
+        retry = c.post("/events", json=body, headers=headers)
+        assert retry.status_code == 200 and retry.json() == {"user_id": "retrier", "appended": 0, "length": 2, "replayed": True}
+        assert client_history(service.base_url, "retrier") == [31_000_001, 31_000_002]
+        without_key = c.post("/events", json=body)  # what the same retry would have done without the key
+        assert without_key.json()["length"] == 4
+    record_figure("idempotent retry", f"first attempt {lost.status_code} {lost.json()['error']} but applied; "
+                                      f"retry with the key: replayed, stored once")  # fmt: skip
+
+
 # Values that fail the header, length or type checks, which every operation makes (appends included).
 CORRUPT_VALUES: dict[str, bytes | None] = {
     "garbage": b"garbage!",

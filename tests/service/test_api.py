@@ -46,11 +46,29 @@ def test_unicode_user_id_round_trips(make_client) -> None:
         assert not client.get("/users/ユーザー/history").json()["exists"]
 
 
+def test_idempotency_key_makes_retries_safe(make_client) -> None:
+    with make_client() as client:
+        body = {"user_id": "retrier", "events": [GOOD_EVENT, GOOD_EVENT]}
+        first = client.post("/events", json=body, headers={"Idempotency-Key": "7f3c-01"})
+        assert first.json() == {"user_id": "retrier", "appended": 2, "length": 2, "replayed": False}
+        again = client.post("/events", json=body, headers={"Idempotency-Key": "7f3c-01"})
+        assert again.status_code == 200
+        assert again.json() == {"user_id": "retrier", "appended": 0, "length": 2, "replayed": True}
+        other = client.post("/events", json=body, headers={"Idempotency-Key": "7f3c-02"})
+        assert other.json()["length"] == 4 and not other.json()["replayed"]
+        assert client.post("/events", json=body).json()["length"] == 6  # no key: always appended
+        assert client.get("/users/retrier/history").json()["length"] == 6
+        assert "dare_events_replayed_total 1.0" in client.get("/metrics").text
+        for bad in ("has space", "x" * 129, "ünï".encode()):  # bytes: httpx sends non-ASCII only as bytes
+            r = client.post("/events", json=body, headers={"Idempotency-Key": bad})
+            assert r.status_code == 422 and error_fields(r) == ["Idempotency-Key"], (bad, r.text)
+
+
 def test_user_id_with_slashes_round_trips(make_client) -> None:
     from urllib.parse import quote
 
     with make_client() as client:
-        for user in ("a/b", "/lead", "trail/", "x//y"):
+        for user in ("a/b", "/lead", "trail/", "x//y", "new\nline", "a/history"):
             assert client.post("/events", json={"user_id": user, "events": [GOOD_EVENT] * 2}).status_code == 200
             h = client.get(f"/users/{quote(user, safe='')}/history")
             assert h.status_code == 200 and h.json()["user_id"] == user and h.json()["length"] == 2, (user, h.text)

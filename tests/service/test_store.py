@@ -106,6 +106,32 @@ def test_append_then_read_most_recent(store: SequenceStore) -> None:
     assert none.exists and none.stored_length == 5 and len(none.events) == 0
 
 
+def test_append_once_stores_a_request_key_once(store: SequenceStore) -> None:
+    assert store.append_once("idem", events([1, 2]), "req-1", ttl_s=60) == (2, False)
+    assert store.append_once("idem", events([1, 2]), "req-1", ttl_s=60) == (2, True)  # a retry: nothing written
+    assert store.append_once("idem", events([3]), "req-2", ttl_s=60) == (3, False)
+    assert store.append_once("other", events([7]), "req-1", ttl_s=60) == (1, False)  # keys are per user
+    assert store.read("idem", 10).events["item_id"].tolist() == [1, 2, 3]
+    marker = store.request_marker_key("idem", "req-1")
+    assert marker == "dare:{idem}:req:req-1" and 0 < store.client.ttl(marker) <= 60
+
+
+def test_append_once_forgets_a_key_after_its_ttl(store: SequenceStore) -> None:
+    assert store.append_once("ttl", events([1]), "k", ttl_s=1) == (1, False)
+    assert store.append_once("ttl", events([1]), "k", ttl_s=1) == (1, True)
+    time.sleep(1.3)
+    assert store.append_once("ttl", events([1]), "k", ttl_s=1) == (2, False)
+
+
+def test_append_once_on_a_corrupt_value_leaves_no_marker(store: SequenceStore) -> None:
+    store.client.set(store.key("bad"), b"garbage!")
+    with pytest.raises(CorruptSequenceError):
+        store.append_once("bad", events([1]), "k", ttl_s=60)
+    assert not store.client.exists(store.request_marker_key("bad", "k"))  # after a repair, the retry is applied
+    store.delete("bad")
+    assert store.append_once("bad", events([1]), "k", ttl_s=60) == (1, False)
+
+
 def test_unknown_user_is_empty_not_an_error(store: SequenceStore) -> None:
     hist = store.read("nobody", 10)
     assert not hist.exists and hist.stored_length == 0 and len(hist.events) == 0

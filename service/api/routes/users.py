@@ -7,17 +7,34 @@ from functools import partial
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Header, Path, Query
+from starlette.convertors import Convertor, register_url_convertor
 
 from service.api.concurrency import run_blocking
 from service.api.deps import ApiAuth, ServicesDep
 from service.api.responses import errors
 from service.api.routes.scoring import check_user_id
 from service.errors import LimitExceededError
-from service.schemas import USER_ID_MAX_CHARS, EventsRequest, EventsResponse, HistoryResponse, StoredEvent
+from service.schemas import IDEMPOTENCY_KEY_MAX_CHARS, IDEMPOTENCY_KEY_PATTERN, USER_ID_MAX_CHARS, EventsRequest, EventsResponse, HistoryResponse, StoredEvent
 from service.store import make_events
 
 router = APIRouter(tags=["sequences"])
+
+
+class UserIdConvertor(Convertor[str]):
+    """A path segment that may hold any character, slashes and newlines included (percent-encoded by the client,
+    decoded before routing): Starlette's `str` stops at a slash and its `path` at a newline."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("user_id", UserIdConvertor())
 
 
 def default_history_limit(max_history: int) -> int:
@@ -32,7 +49,18 @@ def default_history_limit(max_history: int) -> int:
     dependencies=[ApiAuth],
     summary="Append behaviours to a user's sequence (atomic; trimmed to the lifelong maximum)",
 )
-async def append_events(body: EventsRequest, services: ServicesDep) -> EventsResponse:
+async def append_events(
+    body: EventsRequest,
+    services: ServicesDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS, pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="optional; a retry with the same key (same user, within DARE_IDEMPOTENCY_TTL_S) appends nothing "
+            "and answers `replayed: true`, so a client can safely retry after a timeout or a 503",
+        ),
+    ] = None,
+) -> EventsResponse:
     settings = services.settings
     check_user_id(body.user_id, settings.max_user_id_length)
     n = len(body.events)
@@ -46,14 +74,24 @@ async def append_events(body: EventsRequest, services: ServicesDep) -> EventsRes
         np.fromiter((e.category_id for e in body.events), dtype=np.int64, count=n),
         np.fromiter((now if e.timestamp is None else e.timestamp for e in body.events), dtype=np.int64, count=n),
     )
-    length = await run_blocking(services, partial(services.store.append, body.user_id, events), what="append")
+    if idempotency_key is None:
+        length = await run_blocking(services, partial(services.store.append, body.user_id, events), what="append")
+        replayed = False
+    else:
+        length, replayed = await run_blocking(
+            services,
+            partial(services.store.append_once, body.user_id, events, idempotency_key, settings.idempotency_ttl_s),
+            what="append",
+        )
+    if replayed:
+        services.metrics.events_replayed.inc()
+        return EventsResponse(user_id=body.user_id, appended=0, length=length, replayed=True)
     services.metrics.events_appended.inc(n)
     return EventsResponse(user_id=body.user_id, appended=n, length=length)
 
 
 @router.get(
-    # `:path` so that a user id holding a slash (sent percent-encoded, decoded before routing) still matches.
-    "/users/{user_id:path}/history",
+    "/users/{user_id:user_id}/history",
     response_model=HistoryResponse,
     responses=errors(401, 422, 500, 503),
     dependencies=[ApiAuth],
