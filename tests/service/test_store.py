@@ -18,7 +18,6 @@ from service.store import (
     MAX_CATEGORY_ID,
     MAX_ITEM_ID,
     RECORD_SIZE,
-    EmbeddedRedis,
     SequenceStore,
     decode,
     encode,
