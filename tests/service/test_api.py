@@ -266,7 +266,6 @@ def test_slow_store_answers_503_within_the_timeout(make_redis_server, make_clien
 
 
 def test_request_timeout_is_503(make_redis_server, make_client) -> None:
-
     server = make_redis_server("--enable-debug-command", "yes")
     # the store would wait 5 s; the request gives up after 0.3 s
     with make_client(redis_url=server.url, redis_socket_timeout_s=5, request_timeout_s=0.3) as client:
