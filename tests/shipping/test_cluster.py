@@ -77,3 +77,17 @@ def test_trim_to_lifelong_maximum_in_the_cluster(redis_cluster) -> None:
         np.testing.assert_array_equal(history.events, events(80)[-50:])
     finally:
         store.close()
+
+
+def test_idempotent_append_in_the_cluster(redis_cluster) -> None:
+    """The sequence key and the request's marker key share the user's hash tag: one slot, one script, no CROSSSLOT."""
+    store = SequenceStore.from_url(redis_cluster.url, lifelong_max_events=1000)
+    try:
+        for user in ("idem-a", "idem-b", "idem-c"):
+            store.delete(user)
+            store.client.delete(store.request_marker_key(user, "req-1"))
+            assert store.append_once(user, events(3), "req-1", ttl_s=60) == (3, False)
+            assert store.append_once(user, events(3), "req-1", ttl_s=60) == (3, True)
+            assert store.read(user, max_events=100).stored_length == 3
+    finally:
+        store.close()
