@@ -21,7 +21,7 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
                   client, `HttpClient`); from sending the pre-built body to the parsed JSON answer
 4. measures, interleaved call by call, the before/after of each change made for speed (id mapping: binary search
    vs dense table; store read: Lua script vs MULTI/EXEC; FastAPI dependencies: `def` vs `async def`, through the
-   ASGI app; search.onnx with the seeded top-K vs the plain two-step graph; /score candidate validation per field vs
+   ASGI app; search.onnx with the size-dispatched top-K vs the plain two-step graph; /score candidate validation per field vs
    vectorised), POST /score and the in-process call back to back (lean client and http.client; the service as warm as
    the in-process engine), and search.onnx under each onnxruntime optimisation level x 1/2 threads; with `--profile`,
    onnxruntime's own profiler on search.onnx and score.onnx (FILE.profile.md/.json).
@@ -574,14 +574,15 @@ def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, mod
 
 def measure_graph_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any],
                           models: dict[int, Any], folder: Path) -> list[dict[str, Any]]:  # fmt: skip
-    """Before/after of the seeded top-K, interleaved call by call: search.onnx as shipped (an If that takes the
-    seeded top-K for N >= 2048 and C >= 96) against the same model's plain two-step search graph, for the smallest and
+    """Before/after of the size-dispatched top-K, interleaved call by call: search.onnx as shipped (Ifs that take one
+    plain TopK for short histories and the seeded top-K for N >= 2048 and C >= 96; `training.export.top_k_variant`)
+    against the same model's plain two-step search graph, for the smallest and
     largest dim at every workload; wall p50 and this process's CPU p50 (one intra-op thread: the calling thread)."""
     import onnxruntime as ort
 
     from service.contract import GRAPH_FILES
     from service.registry import InferenceOptions
-    from training.export import UserSearchGraph, export_graph
+    from training.export import UserSearchGraph, export_graph, top_k_variant
 
     rows: list[dict[str, Any]] = []
     folder.mkdir(parents=True, exist_ok=True)
@@ -612,14 +613,17 @@ def measure_graph_changes(cfg: BenchConfig, data: BenchData, store: SequenceStor
                         wall[name].append(time.perf_counter() - t0)
                         cpu[name].append(time.thread_time() - c0)
             if np.abs(answers["before"][1] - answers["after"][1]).max() > 1e-6:
-                raise BenchError(f"the seeded top-K changed the weights at {w.name}, att {d}: not the same search")
+                raise BenchError(f"the size-dispatched top-K changed the weights at {w.name}, att {d}: not the same search")
             ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
             rows.append({"stage": f"search.onnx, att {d}", "workload": w.name, "before": "two-step top-K",
-                         "after": "seeded two-step top-K" if w.history >= 2048 and w.candidates >= 96 else "two-step top-K (below the If's threshold)",
+                         "after": AFTER_LABELS[top_k_variant(w.history, w.candidates, cfg.top_k)],
                          "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
                          "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
                          "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
     return rows
+
+
+AFTER_LABELS = {"short": "one TopK (short history)", "large": "seeded two-step top-K", "two-step": "two-step top-K (no If branch applies)"}
 
 
 def measure_validation_change(cfg: BenchConfig, data: BenchData) -> list[dict[str, Any]]:

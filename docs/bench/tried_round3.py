@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from training.config import ModelConfig  # noqa: E402
-from training.export import UserSearchGraph, _add_seeded_branch, export_graph, seeded_modules  # noqa: E402
+from training.export import UserSearchGraph, export_role  # noqa: E402
 from training.model import build_model  # noqa: E402
 
 ITEM_ROWS, CATE_ROWS, TOP_K, BLOCK = 95_002, 1_002, 20, 32
@@ -138,6 +138,19 @@ def scores_graph(c: int, t: int, w: int, chunks: int, transposed: bool) -> onnx.
                                        list(g.inits.values())), opset_imports=[oh.make_opsetid("", 17)])  # fmt: skip
 
 
+def _seeded_branch_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes (Constants aside) of the shipped graph's seeded top-K branch, the If branch named `large`."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.name == "large":
+                return sum(n.op_type != "Constant" for n in attribute.g.node)
+            if attribute.g.node:
+                found = _seeded_branch_nodes(attribute.g)
+                if found:
+                    return found
+    return 0
+
+
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
@@ -170,23 +183,21 @@ def main() -> None:
     lines = ["# Round 3: alternatives measured and not kept (`docs/bench/tried_round3.py`)", "",
              "p50 wall ms, one intra-op thread, variants interleaved call by call; random-init DARE, top-20.", "",
              "## Hand-built search graph vs the shipped search.onnx", "",
-             "| att dim | workload | shipped (traced, If: seeded top-K for N >= 2048 and C >= 96) | lean (hand-built) | nodes: shipped seeded branch / lean |",
+             "| att dim | workload | shipped (traced; Ifs on the size: W1 one TopK, W2 seeded two-step) | lean (hand-built) | nodes: shipped seeded branch / lean |",
              "|---:|---|---:|---:|---|"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for dim in (16, 128):
             torch.manual_seed(dim)
             model = build_model(ModelConfig(kind="dare", item_rows=ITEM_ROWS, cate_rows=CATE_ROWS, att_dim=dim, repr_dim=64, top_k=TOP_K)).eval()
             shipped_path = Path(tmp) / f"search{dim}.onnx"
-            export_graph(UserSearchGraph(model).eval(), "search", shipped_path, model, 17)
-            _add_seeded_branch(seeded_modules(model)["search"], "search", shipped_path, model, 17)  # as export_model does
+            export_role(model, "search", shipped_path, 17)  # as export_model writes it
             lean = lean_search(UserSearchGraph(model))
             sessions = {"shipped": session(shipped_path), "lean": session(lean)}
             for n, c in CASES:  # same retrieved set and weights
                 a, b = (sessions[name].run(None, random_user(n, c, seed=n + c)) for name in ("shipped", "lean"))
                 if not (np.array_equal(np.sort(a[0], 1), np.sort(b[0], 1)) and np.abs(np.sort(a[1], 1) - np.sort(b[1], 1)).max() <= 1e-6):
                     raise SystemExit(f"lean graph differs from the shipped one at att {dim}, N={n}, C={c}")
-            seeded_branch = next(a.g for a in onnx.load(str(shipped_path)).graph.node[-1].attribute if a.name == "then_branch")
-            shipped_nodes = sum(node.op_type != "Constant" for node in seeded_branch.node)  # the If's seeded branch
+            shipped_nodes = _seeded_branch_nodes(onnx.load(str(shipped_path)).graph)
             for workload, n, c in (("W1 (N=200, C=100)", 200, 100), ("W2 (N=10,000, C=200)", 10_000, 200)):
                 ms = interleaved(sessions, random_user(n, c, seed=1), args.repeats)
                 lines.append(f"| {dim} | {workload} | {ms['shipped']:.3f} | {ms['lean']:.3f} | {shipped_nodes} / {len(lean.graph.node)} |")
