@@ -66,7 +66,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("onnxruntime", "torch")
 STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
 HTTP_STAGE = "http"
-PAIRED_MIN_SECONDS = 1.5  # per (workload, dim) cell of the back-to-back HTTP measurement
+PAIRED_MIN_SECONDS = 3.0  # per (workload, dim) cell of the back-to-back HTTP measurement
 MODEL_PREFIX = "bench-dare"
 
 
