@@ -15,7 +15,15 @@ from service.api.deps import ApiAuth, ServicesDep
 from service.api.responses import errors
 from service.api.routes.scoring import check_user_id
 from service.errors import LimitExceededError
-from service.schemas import IDEMPOTENCY_KEY_MAX_CHARS, IDEMPOTENCY_KEY_PATTERN, USER_ID_MAX_CHARS, EventsRequest, EventsResponse, HistoryResponse, StoredEvent
+from service.schemas import (
+    IDEMPOTENCY_KEY_MAX_CHARS,
+    IDEMPOTENCY_KEY_PATTERN,
+    USER_ID_MAX_CHARS,
+    EventsRequest,
+    EventsResponse,
+    HistoryResponse,
+    StoredEvent,
+)
 from service.store import make_events
 
 router = APIRouter(tags=["sequences"])
