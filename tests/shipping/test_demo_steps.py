@@ -110,3 +110,28 @@ def test_config_rejects_bad_options(tmp_path: Path) -> None:
         DemoConfig(sample=tmp_path / "missing.csv.gz")
     assert DemoConfig(work=tmp_path).models_dir == tmp_path / "models"
     assert model_name(64) == "dare-att64"
+
+
+def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections() -> None:
+    """`make demo` right after a previous demo: the old server's connections linger in TIME_WAIT on the port; that
+    must not count as "in use" (uvicorn binds with SO_REUSEADDR), while a live listener must."""
+    import socket
+
+    from dare.demo import check_port_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    with pytest.raises(DareError, match=f"port {port} on 127.0.0.1 is already in use"):
+        check_port_free("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server side closes first: its end of the connection stays in TIME_WAIT on `port`
+    listener.close()
+    client.close()
+    if Path("/proc/net/tcp").exists():  # Linux: the port really holds a TIME_WAIT connection (state 06), no listener
+        rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        assert {row[3] for row in rows if row[1].endswith(f":{port:04X}")} == {"06"}
+    check_port_free("127.0.0.1", port)  # no error
