@@ -44,8 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -386,34 +384,16 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
     return rows
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     """`dare serve` (uvicorn, 1 worker) on a free port, on the bench's Redis and models; waits for /readyz."""
-    port = _free_port()
+    from loadtest.processes import start_dare_serve
+    from loadtest.redis_server import free_port
+
+    port = free_port()
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning", "DARE_ORT_INTRA_OP_THREADS": str(threads),
            "DARE_REQUEST_TIMEOUT_S": "60"}  # fmt: skip
-    command = [sys.executable, "-m", "dare.cli", "serve", "--models", str(models_dir), "--port", str(port), "--workers", "1"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"`dare serve` exited with code {process.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-                if answer.status == 200:
-                    return process, port
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    stop_process(process)
-    raise BenchError(f"`dare serve` was not ready within 180 s; see {log}")
+    process = start_dare_serve(["--models", str(models_dir), "--workers", "1"], port, log, env, error=BenchError, ready_within_s=180)
+    return process, port
 
 
 def _progress(items: Any, cfg: BenchConfig, desc: str) -> Any:

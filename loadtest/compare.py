@@ -16,7 +16,6 @@ Every Locust run is bounded by `--duration`; the whole command by roughly worklo
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -33,7 +32,8 @@ import numpy as np
 
 from dare.errors import DareError
 from dare.processes import stop_process
-from loadtest.redis_server import start_redis_server
+from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
+from loadtest.redis_server import free_port, start_redis_server
 from loadtest.scenario import Payloads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,19 +129,6 @@ def find_models(folder: Path, att_dims: tuple[int, ...]) -> dict[int, str]:
     return {d: found[d] for d in att_dims}
 
 
-def pinned(cpus: tuple[int, ...]):
-    """A preexec_fn that pins the child to `cpus`, so service and load generator do not fight over one core."""
-
-    def pin() -> None:
-        os.sched_setaffinity(0, set(cpus))
-
-    return pin
-
-
-def dare_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dare.cli", *args]
-
-
 def run_checked(command: list[str], what: str, timeout_s: float, **kwargs: object) -> None:
     try:
         result = subprocess.run(command, timeout=timeout_s, check=False, **kwargs)  # type: ignore[call-overload]
@@ -168,38 +155,10 @@ def workload_file(cfg: LoadtestConfig, workload: str) -> Path:
     return path
 
 
-def http_get(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def start_service(cfg: LoadtestConfig, redis_url: str, port: int, log: Path) -> subprocess.Popen:
+def start_service(cfg: LoadtestConfig, redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning"}
-    command = dare_args("serve", "--models", str(cfg.models), "--host", "127.0.0.1", "--port", str(port),
-                        "--workers", str(cfg.workers))  # fmt: skip
-    log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               preexec_fn=pinned(cfg.service_cpus))  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LoadtestError(f"`dare serve` exited with code {process.returncode}; see {log}")
-        try:
-            if http_get(f"http://127.0.0.1:{port}/readyz") == 200:
-                return process
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    stop_process(process)
-    raise LoadtestError(f"`dare serve` was not ready within 120 s; see {log}")
-
-
-# -------------------------------------------------------------------------------------------------------------
-# One Locust run
-# -------------------------------------------------------------------------------------------------------------
+    return start_dare_serve(["--models", str(cfg.models), "--host", "127.0.0.1", "--workers", str(cfg.workers)], port, log,
+                            env, error=LoadtestError, ready_within_s=120, preexec_fn=pinned(cfg.service_cpus))  # fmt: skip
 
 
 def locust_env(cfg: LoadtestConfig, data: Path, model: str, candidates: int, load: str, raw: Path) -> dict[str, str]:
@@ -217,24 +176,6 @@ def locust_env(cfg: LoadtestConfig, data: Path, model: str, candidates: int, loa
     else:
         env.pop("DARE_LOADTEST_SHAPE", None)
     return env
-
-
-def read_locust_stats(prefix: Path) -> tuple[int, int, float, list[str]]:
-    """(requests, failures, mean requests/s, failure reasons) of /score from Locust's CSV files."""
-    stats_file = Path(f"{prefix}_stats.csv")
-    if not stats_file.is_file():
-        raise LoadtestError(f"Locust wrote no statistics ({stats_file} is missing); see {prefix}.log")
-    with stats_file.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["Name"] == "/score"]
-    if not rows:
-        raise LoadtestError(f"{stats_file}: no /score requests were made; see {prefix}.log")
-    row = rows[0]
-    reasons: list[str] = []
-    failures_file = Path(f"{prefix}_failures.csv")
-    if failures_file.is_file():
-        with failures_file.open(newline="") as fh:
-            reasons = [f"{r['Occurrences']}x {r['Error']}" for r in csv.DictReader(fh)][:5]
-    return int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]), reasons
 
 
 def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, load: str, dim: int, model: str) -> RunResult:
@@ -264,7 +205,7 @@ def run_locust(cfg: LoadtestConfig, base_url: str, data: Path, workload: str, lo
     if finished.returncode not in (0, 1):
         tail = Path(f"{prefix}.log").read_text(errors="replace")[-1500:]
         raise LoadtestError(f"Locust exited with code {finished.returncode} ({workload} {load} {model}):\n{tail}")
-    requests, failures, rps, reasons = read_locust_stats(prefix)
+    requests, failures, rps, reasons = read_locust_stats(prefix, "/score", LoadtestError, max_reasons=5)
     completed = np.loadtxt(raw, ndmin=2) if raw.is_file() and raw.stat().st_size else np.zeros((0, 2))
     p50, p95, p99 = np.percentile(completed[:, 1], [50, 95, 99]) if len(completed) else (float("nan"),) * 3
     peak = peak_rps(completed[:, 0])
@@ -332,7 +273,7 @@ def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult
             bar.set_postfix_str(f"loading {workload} into redis")
             run_checked(dare_args("load", "--input", str(data), "--redis", redis.url), f"dare load {data}",
                         timeout_s=900)  # fmt: skip
-            port = cfg.port or _free_port()
+            port = cfg.port or free_port()
             base_url = f"http://127.0.0.1:{port}"
             service = start_service(cfg, redis.url, port, cfg.work / f"serve-{workload}.log")
             try:
@@ -348,12 +289,6 @@ def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult
                 stop_process(service)
     bar.close()
     return results
-
-
-def _free_port() -> int:
-    from loadtest.redis_server import free_port
-
-    return free_port()
 
 
 def markdown_table(results: list[RunResult]) -> str:

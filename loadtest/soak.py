@@ -26,8 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +36,8 @@ import typer
 from dare.errors import DareError
 from dare.options import int_list
 from dare.processes import stop_process
+from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
+from loadtest.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -131,53 +131,12 @@ class SoakResult:
 # -------------------------------------------------------------------------------------------------------------
 
 
-def _pin(cpus: tuple[int, ...]):
-    def pin() -> None:
-        os.sched_setaffinity(0, set(cpus))
-        os.setsid()  # its own process group, so the service and its uvicorn workers stop together
-
-    return pin
-
-
-def _dare(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dare.cli", *args]
-
-
-def _free_port() -> int:
-    from loadtest.redis_server import free_port
-
-    return free_port()
-
-
-def _http_status(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def start_service(cfg: SoakConfig, redis_url: str, port: int, log: Path) -> subprocess.Popen:
+def start_service(cfg: SoakConfig, redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env |= {"DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning"}
-    command = _dare("serve", "--models", str(cfg.models), "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", str(cfg.workers))  # fmt: skip
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as fh:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                   preexec_fn=_pin(cfg.service_cpus))  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SoakError(f"`dare serve` exited with code {process.returncode}; see {log}")
-        try:
-            if _http_status(f"http://127.0.0.1:{port}/readyz") == 200:
-                return process
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    stop_process(process, 30, group=True)
-    raise SoakError(f"`dare serve` was not ready within 180 s; see {log}")
+    return start_dare_serve(["--models", str(cfg.models), "--host", "127.0.0.1", "--workers", str(cfg.workers)], port, log,
+                            env, error=SoakError, ready_within_s=180, preexec_fn=pinned(cfg.service_cpus, new_session=True),
+                            group=True)  # fmt: skip
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -264,7 +223,7 @@ def run_locust(cfg: SoakConfig, base_url: str, prefix: Path, users: int, per_use
     started = time.time()
     with Path(f"{prefix}.log").open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=_pin(cfg.locust_cpus))  # fmt: skip
+                                   preexec_fn=pinned(cfg.locust_cpus, new_session=True))  # fmt: skip
         deadline = time.monotonic() + seconds + 120
         with tqdm(total=seconds, desc=prefix.name, unit="s", disable=not progress) as bar:
             while process.poll() is None:
@@ -279,30 +238,13 @@ def run_locust(cfg: SoakConfig, base_url: str, prefix: Path, users: int, per_use
     if process.returncode not in (0, 1):
         tail = Path(f"{prefix}.log").read_text(errors="replace")[-1500:]
         raise SoakError(f"Locust exited with code {process.returncode}:\n{tail}")
-    requests, failures, rps, reasons = _read_stats(prefix)
+    requests, failures, rps, reasons = read_locust_stats(prefix, "Aggregated", SoakError, max_reasons=10)
     completed = np.zeros((0, 2))
     if raw.is_file() and raw.stat().st_size:
         completed = np.loadtxt(raw, ndmin=2)  # [R, 2]
         if completed.shape[1] != 2:
             raise SoakError(f"{raw}: expected 'completion time, latency' per line (loadtest/locustfile.py)")
     return LocustRun(started, requests, failures, rps, reasons, completed, _read_history(prefix))
-
-
-def _read_stats(prefix: Path) -> tuple[int, int, float, list[str]]:
-    stats = Path(f"{prefix}_stats.csv")
-    if not stats.is_file():
-        raise SoakError(f"Locust wrote no statistics ({stats} is missing); see {prefix}.log")
-    with stats.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["Name"] == "Aggregated"]
-    if not rows:
-        raise SoakError(f"{stats}: no requests were made; see {prefix}.log")
-    reasons: list[str] = []
-    failures_file = Path(f"{prefix}_failures.csv")
-    if failures_file.is_file():
-        with failures_file.open(newline="") as fh:
-            reasons = [f"{r['Occurrences']}x {r['Error']}" for r in csv.DictReader(fh)][:10]
-    row = rows[0]
-    return int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]), reasons
 
 
 def _read_history(prefix: Path) -> list[tuple[float, int, int]]:
@@ -368,11 +310,11 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> SoakResult:
     cfg.work.mkdir(parents=True, exist_ok=True)
     # An absolute folder: redis-server applies --dir before --logfile, so a relative log path would not resolve.
     with start_redis_server((cfg.work / "redis").resolve()) as redis:
-        loaded = subprocess.run(_dare("load", "--input", str(cfg.data), "--redis", redis.url, "--no-progress"),
+        loaded = subprocess.run(dare_args("load", "--input", str(cfg.data), "--redis", redis.url, "--no-progress"),
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
         if loaded.returncode != 0:
             raise SoakError(f"dare load {cfg.data} failed: {loaded.stderr[-1000:]}")
-        port = _free_port()
+        port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         service = start_service(cfg, redis.url, port, cfg.work / "serve.log")
         try:
