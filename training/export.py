@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
@@ -340,19 +340,16 @@ def _example_inputs(model: CTRModel, n: int, c: int, generator: torch.Generator)
     }
 
 
-def graph_modules(model: CTRModel) -> dict[str, nn.Module]:
-    model.eval()
-    return {"full": UserFullGraph(model).eval(), "search": UserSearchGraph(model).eval(), "score": UserScoreGraph(model).eval()}
+GRAPH_MODULES: dict[str, Callable[..., nn.Module]] = {"full": UserFullGraph, "search": UserSearchGraph, "score": UserScoreGraph}
+# search.onnx and model.onnx also hold these top-K variants of their graph behind Ifs on the request size
+# (`dispatch_on_size`): one plain TopK for short histories, the seeded two-step top-K for large requests.
+SIZE_VARIANTS: dict[str, dict[str, Any]] = {"short": {"block": None}, "large": {"seeded": True}}
 
 
-def size_variant_modules(model: CTRModel) -> dict[str, dict[str, nn.Module]]:
-    """The graphs that hold three top-K variants behind Ifs on the request size (see `dispatch_on_size`):
-    role -> {"short": one plain TopK, "large": the seeded two-step top-K}; `graph_modules` gives the plain two-step."""
+def graph_module(model: CTRModel, role: str, **variant: Any) -> nn.Module:
+    """The per-user module of one graph file (`role` as in service.contract.GRAPH_IO), in eval mode."""
     model.eval()
-    return {
-        "full": {"short": UserFullGraph(model, block=None).eval(), "large": UserFullGraph(model, seeded=True).eval()},
-        "search": {"short": UserSearchGraph(model, block=None).eval(), "large": UserSearchGraph(model, seeded=True).eval()},
-    }
+    return GRAPH_MODULES[role](model, **variant).eval()
 
 
 def top_k_variant(n: int, c: int, top_k: int) -> str:
@@ -465,14 +462,13 @@ def export_role(model: CTRModel, role: str, path: Path, opset: int) -> None:
     size (`dispatch_on_size`); score.onnx is one graph."""
     import onnx
 
-    export_graph(graph_modules(model)[role], role, path, model, opset)
-    variants = size_variant_modules(model).get(role)
-    if variants is None:
+    export_graph(graph_module(model, role), role, path, model, opset)
+    if role == "score":
         return
-    paths = {name: path.with_name(f".{path.stem}.{name}.onnx") for name in variants}
+    paths = {name: path.with_name(f".{path.stem}.{name}.onnx") for name in SIZE_VARIANTS}
     try:
-        for name, module in variants.items():
-            export_graph(module, role, paths[name], model, opset)
+        for name, variant in SIZE_VARIANTS.items():
+            export_graph(graph_module(model, role, **variant), role, paths[name], model, opset)
         merged = dispatch_on_size(onnx.load(str(paths["short"])), onnx.load(str(path)), onnx.load(str(paths["large"])), model.cfg.top_k)
         onnx.save(merged, str(path))
         onnx.checker.check_model(str(path))

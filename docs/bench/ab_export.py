@@ -44,7 +44,7 @@ def load_revision(rev: str, folder: Path) -> object:
 
 
 def export_folder(module: object, model: torch.nn.Module, folder: Path) -> dict[str, ort.InferenceSession]:
-    """search.onnx and score.onnx as that version's `export_model` writes them (graph_modules + any extra steps)."""
+    """search.onnx and score.onnx as that version's `export_model` writes them."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     folder.mkdir(parents=True, exist_ok=True)
