@@ -1,4 +1,5 @@
-"""Round 3's search-graph alternatives that were measured and not kept (docs/performance.md, "Tried in round 3").
+"""Round 3's search-graph alternatives that were measured and not kept (docs/performance.md, "Tried in round 3"),
+and the one that was kept (one plain TopK for short histories: where it pays, and that it gives the same answers).
 
 1. `lean`: search.onnx written node by node (onnx.helper, ~65 nodes instead of the traced graph's ~120). Both TopKs
    are seeded with K copies of a constant just below a proven lower bound of the K-th value (the minimum of K group
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from training.config import ModelConfig  # noqa: E402
-from training.export import UserSearchGraph, export_role  # noqa: E402
+from training.export import UserSearchGraph, export_graph, export_role  # noqa: E402
 from training.model import build_model  # noqa: E402
 
 ITEM_ROWS, CATE_ROWS, TOP_K, BLOCK = 95_002, 1_002, 20, 32
@@ -175,6 +176,37 @@ def random_user(n: int, c: int, seed: int) -> dict[str, np.ndarray]:
             "cand_item": rng.integers(1, ITEM_ROWS, c), "cand_cate": rng.integers(1, CATE_ROWS, c)}  # fmt: skip
 
 
+def short_history_section(repeats: int) -> list[str]:
+    """Kept in round 3: one plain TopK against the two-step top-K by history length (where the crossover is), and
+    the two giving the same retrieved weights on tie-heavy histories (3 distinct items) around the switch."""
+    lines = ["", "## Kept: one plain TopK vs the two-step top-K by history length (C=100, p50 wall ms)", "",
+             "| N | att 16 one TopK | att 16 two-step | att 128 one TopK | att 128 two-step |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    sessions: dict[int, dict[str, ort.InferenceSession]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dim in (16, 128):
+            torch.manual_seed(dim)
+            model = build_model(ModelConfig(kind="dare", item_rows=ITEM_ROWS, cate_rows=CATE_ROWS, att_dim=dim, repr_dim=64, top_k=TOP_K)).eval()
+            paths = {name: Path(tmp) / f"{name}{dim}.onnx" for name in ("one TopK", "two-step")}
+            export_graph(UserSearchGraph(model, block=None).eval(), "search", paths["one TopK"], model, 17)
+            export_graph(UserSearchGraph(model).eval(), "search", paths["two-step"], model, 17)
+            sessions[dim] = {name: session(path) for name, path in paths.items()}
+    rng = np.random.default_rng(1)
+    for n in (3, 19, 20, 21, 300, 599, 620, 621, 700):  # tie-heavy: 3 distinct items, 2 categories
+        for c in (1, 50):
+            feeds = {"hist_item": rng.choice([5, 6, 7], n), "hist_cate": rng.choice([3, 4], n),
+                     "cand_item": rng.integers(1, ITEM_ROWS, c), "cand_cate": rng.integers(1, CATE_ROWS, c)}  # fmt: skip
+            a, b = (sessions[16][name].run(None, feeds) for name in ("one TopK", "two-step"))
+            same = np.abs(np.sort(a[1], 1) - np.sort(b[1], 1)).max() <= 1e-6 and np.array_equal((a[0] >= 0).sum(1), (b[0] >= 0).sum(1))
+            if not same:
+                raise SystemExit(f"one TopK and the two-step top-K differ on a tie-heavy history, N={n}, C={c}")
+    for n in (20, 100, 200, 400, 600, 1_000, 2_000):
+        feeds = random_user(n, 100, seed=n)
+        ms = {dim: interleaved(sessions[dim], feeds, repeats) for dim in (16, 128)}
+        lines.append(f"| {n:,} | {ms[16]['one TopK']:.3f} | {ms[16]['two-step']:.3f} | {ms[128]['one TopK']:.3f} | {ms[128]['two-step']:.3f} |")
+    lines += ["", "Same retrieved weights on tie-heavy histories (3 distinct items) at N = 3..700, C = 1 and 50: checked."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
@@ -212,6 +244,7 @@ def main() -> None:
         sessions["transposed"] = session(scores_graph(c, t, w, 1, True))
         ms = interleaved(sessions, feeds, args.repeats)
         lines.append(f"| {w} ({dim}) | " + " | ".join(f"{ms[name]:.3f}" for name in sessions) + " |")
+    lines += short_history_section(args.repeats)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"wrote {args.out}")
