@@ -84,8 +84,12 @@ def test_broken_then_good_version_under_load(
             report = admin.post("/admin/reload").json()
             assert versions(service)["dare-a"] == v1, kind
             assert "dare-a" in report["rejected"] or report["unchanged"] == ["dare-a"], (kind, report)
-            shutil.rmtree(models_dir / "dare-a")
+            # Back to v1 by two renames, as swap_in does: deleting the folder first left it missing for as long as
+            # rmtree took, and a watcher poll in that gap unloaded the model (503 no_model: a CI flake).
+            rejected = tmp_path / f"rejected-{round_}"
+            (models_dir / "dare-a").rename(rejected)
             old.rename(models_dir / "dare-a")
+            shutil.rmtree(rejected)
             time.sleep(0.3)
         # 2. a good new version copied IN PLACE file by file (a careless deploy): the watcher sees half-copied
         #    states and must reject them (the manifest pins every file's sha256) until the copy is complete
