@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -352,6 +353,7 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
         for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
             for d in cfg.att_dims:
                 timings: dict[str, list[float]] = {"in_process": [], "http": [], "http_stdlib": []}
+                server_before: dict[str, float] = {}
                 # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
                 # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
                 started, r = time.perf_counter(), 0
@@ -359,6 +361,8 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                 while r < cfg.warmup + cfg.repeats or (
                     time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats
                 ):
+                    if r == cfg.warmup:  # the service's own timings of the timed rounds only
+                        server_before = server_time_sums(port, model_name(d, cfg.repr_dim))
                     user = data.users[w.name][r % cfg.users]
                     items, cates = data.candidates[w.name][r % cfg.candidate_sets]
                     body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
@@ -374,14 +378,48 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                         if r >= cfg.warmup:
                             timings[name].append(seconds)
                     r += 1
+                server = server_time_means(server_before, server_time_sums(port, model_name(d, cfg.repr_dim)))
                 p50 = {k: round(float(np.median(v)) * 1000.0, 4) for k, v in timings.items()}
                 rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
                              "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"],
-                             "pairs": len(timings["http"])})  # fmt: skip
+                             "pairs": len(timings["http"]), "in_process_mean_ms": round(float(np.mean(timings["in_process"])) * 1000.0, 4),
+                             "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server})  # fmt: skip
     finally:
         for client in clients.values():
             client.close()
     return rows
+
+
+def server_time_sums(port: int, model: str) -> dict[str, float]:
+    """From the service's own /metrics: the count and summed seconds of its POST /score requests for `model` (as its
+    middleware times them, from the first ASGI call to the last byte handed to uvicorn) and of its engine stages."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode("utf-8")
+    sums = {"requests": 0.0, "request_s": 0.0, "stages_s": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("model") != model:
+                continue
+            if sample.name.startswith("dare_http_request_duration_seconds") and labels.get("endpoint") == "/score" and labels.get("status") == "200":
+                if sample.name.endswith("_count"):
+                    sums["requests"] += sample.value
+                elif sample.name.endswith("_sum"):
+                    sums["request_s"] += sample.value
+            elif sample.name == "dare_stage_duration_seconds_sum":
+                sums["stages_s"] += sample.value
+    return sums
+
+
+def server_time_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per POST /score between two `server_time_sums`: the whole request in the service, and its engine stages."""
+    count = after["requests"] - before["requests"]
+    if count <= 0:
+        return {}
+    return {"server_request_mean_ms": round((after["request_s"] - before["request_s"]) / count * 1000.0, 4),
+            "server_stages_mean_ms": round((after["stages_s"] - before["stages_s"]) / count * 1000.0, 4)}  # fmt: skip
 
 
 def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -996,6 +1034,19 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             o = row["in_process_p50_ms"]
             lines.append(f"| {row['workload']} | {row['att_dim']} | {row.get('pairs', '')} | {o:.3f} | {row['http_p50_ms']:.3f} | {row['http_p50_ms'] / o:.2f} | "
                          f"{row['http_stdlib_p50_ms']:.3f} | {row['http_stdlib_p50_ms'] / o:.2f} |")
+        split = [row for row in meta["http_paired"] if "server_request_mean_ms" in row and "http_mean_ms" in row]
+        if split:
+            lines += ["", "Where the HTTP time goes, same calls (means, ms): the lean client's whole call; the service's own "
+                      "timing of the request (its /metrics: from the first ASGI call to the last byte handed to uvicorn; "
+                      "both clients' requests); of that, the engine's stages. Outside the service = socket, kernel and "
+                      "uvicorn's HTTP parsing, both ways; in the service, outside the engine = body parsing and validation, "
+                      "the hand-off to the worker thread and back, the response.", "",
+                      "| workload | att dim | in-process | POST /score | in the service | of which engine stages | in the service, outside the engine | outside the service |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for row in split:
+                http, server, stages = row["http_mean_ms"], row["server_request_mean_ms"], row["server_stages_mean_ms"]
+                lines.append(f"| {row['workload']} | {row['att_dim']} | {row['in_process_mean_ms']:.3f} | {http:.3f} | {server:.3f} | {stages:.3f} | "
+                             f"{server - stages:.3f} | {http - server:.3f} |")
     if meta.get("ort_options"):
         first = meta["ort_options"][0]
         lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",

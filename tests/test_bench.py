@@ -76,6 +76,9 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     paired = meta["http_paired"]
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["http_stdlib_p50_ms"] > 0 for p in paired)
+    # The service's own timings, read off its /metrics: its engine stages run inside its request timing.
+    assert all(p["server_request_mean_ms"] > p["server_stages_mean_ms"] > 0 for p in paired)
+    assert "| workload | att dim | in-process | POST /score | in the service | of which engine stages |" in md
     assert names.count("HTTP / in-process (back to back)") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
     assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
     assert "## Changes, before / after in this run" in md
