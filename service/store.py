@@ -201,9 +201,10 @@ def decode_records(raw: bytes) -> np.ndarray:
     return events
 
 
-def user_key(prefix: str, user_id: str) -> str:
-    """`<prefix>:{<user_id>}:seq`; the braces make `user_id` the Cluster hash tag."""
-    return f"{prefix}:{{{user_id}}}:seq"
+def user_key(prefix: str, user_id: str, kind: str = "seq") -> str:
+    """`<prefix>:{<user_id>}:<kind>` (the sequence: `seq`); the braces make `user_id` the Cluster hash tag, so all
+    of a user's keys share one slot."""
+    return f"{prefix}:{{{user_id}}}:{kind}"
 
 
 def _retry(retries: int = 1) -> Retry:
@@ -332,7 +333,7 @@ class SequenceStore:
 
     def request_marker_key(self, user_id: str, request_key: str) -> str:
         """`<prefix>:{<user_id>}:req:<request_key>`: the user's hash tag, so it lives in the same Cluster slot."""
-        return f"{self.key_prefix}:{{{user_id}}}:req:{request_key}"
+        return user_key(self.key_prefix, user_id, f"req:{request_key}")
 
     def _run_append(self, user_id: str, events: np.ndarray, marker: str | None, ttl_s: int) -> tuple[int, bool]:
         payload = encode_records(events[-self.lifelong_max_events :])
