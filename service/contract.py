@@ -95,6 +95,24 @@ class VocabSpec(BaseModel):
     oov_index: Literal[1] = OOV_INDEX
 
 
+ATTENTION_FILE = "attention.npz"
+
+
+class AttentionSpec(BaseModel):
+    """The attention tables as plain arrays, for the service's fused search kernel (service/search.py): the same
+    numbers search.onnx holds as initializers. attention.npz: `item` float32 [item_rows, att_dim], `cate` float32
+    [cate_rows, att_dim], `position_column` float32 [max_position + 1] (row p: the position part of every score,
+    <E_pos[p], v_tpos> * scale; row 0, padding, PAD_SCORE). Score of history event t for candidate c:
+    <scale * item[c], item[t]> + <scale * cate[c], cate[t]> + position_column[min(N - t, max_position)].
+    Optional: a folder without it (or a model kind whose position part depends on the candidate, TWIN-proj) is
+    searched with search.onnx."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = ATTENTION_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: float = Field(gt=0, description="1 / sqrt(3 * att_dim): multiplies the candidate's item and category rows")
+
+
 class ParityCheck(BaseModel):
     """One export self-check: onnxruntime vs PyTorch on a random history of length n and c candidates."""
 
@@ -119,6 +137,7 @@ class Manifest(BaseModel):
     opset: int = Field(ge=13)
     graphs: dict[GraphRole, GraphSpec]
     vocab: VocabSpec
+    attention: AttentionSpec | None = None
     metrics: dict[str, float | int | None] = Field(default_factory=dict)
     parity: list[ParityCheck] = Field(default_factory=list)
     parity_tolerance: float = 1e-5
@@ -194,6 +213,8 @@ def load_manifest(folder: Path, *, verify_hashes: bool = True) -> Manifest:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise ModelFolderError(f"{path}: invalid manifest: {problems}") from None
     files = [(g.file, g.sha256) for g in manifest.graphs.values()] + [(manifest.vocab.file, manifest.vocab.sha256)]
+    if manifest.attention is not None:
+        files.append((manifest.attention.file, manifest.attention.sha256))
     for name, expected in files:
         file = folder / name
         if Path(name).name != name:

@@ -79,7 +79,9 @@ def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.C
 
     registry = ModelRegistry(
         settings.models_dir,
-        InferenceOptions(settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_graph_optimization),
+        InferenceOptions(
+            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_graph_optimization, settings.search_kernel
+        ),
         default_model=settings.default_model,
         verify_hashes=settings.verify_model_hashes,
         on_change=publish,

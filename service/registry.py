@@ -33,6 +33,7 @@ from service.contract import (
     load_manifest,
 )
 from service.errors import NoModelLoadedError, UnknownModelError
+from service.search import FUSED_MIN_HISTORY, FusedSearch, SearchKernel
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class InferenceOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     graph_optimization: str = "all"
+    search_kernel: SearchKernel = "auto"
 
     def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -142,6 +144,7 @@ class LoadedModel:
     score: ort.InferenceSession
     vocab: Vocab
     loaded_at: float
+    fused: FusedSearch | None = None  # the fused search kernel, when usable (service/search.py)
 
     def info(self, *, default: bool) -> dict[str, object]:
         m = self.manifest
@@ -160,6 +163,7 @@ class LoadedModel:
             "data_fingerprint": m.data_fingerprint,
             "code_version": m.code_version,
             "created_at": m.created_at,
+            "search": f"fused kernel from {FUSED_MIN_HISTORY:,} events, else search.onnx" if self.fused else "search.onnx",
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "default": default,
         }
@@ -261,6 +265,7 @@ def load_model(folder: Path, options: InferenceOptions, *, verify_hashes: bool =
         _check_session(sess, role, path)
         sessions[role] = sess
     vocab = _shared_vocab(folder / manifest.vocab.file, manifest, verified=verify_hashes)
+    fused = FusedSearch.load(folder, manifest, sessions["search"], options.search_kernel)
     return LoadedModel(
         name=folder.name,
         folder=folder,
@@ -270,6 +275,7 @@ def load_model(folder: Path, options: InferenceOptions, *, verify_hashes: bool =
         score=sessions["score"],
         vocab=vocab,
         loaded_at=time.time(),
+        fused=fused,
     )
 
 

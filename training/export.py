@@ -54,9 +54,11 @@ from tqdm import tqdm
 import dare
 from dare.errors import DareError
 from service.contract import (
+    ATTENTION_FILE,
     GRAPH_FILES,
     GRAPH_IO,
     VOCAB_FILE,
+    AttentionSpec,
     GraphSpec,
     Manifest,
     ModelFolderError,
@@ -624,6 +626,7 @@ def export_model(
         for role in tqdm(list(GRAPH_IO), desc="export onnx graphs", disable=not progress, leave=False):
             export_role(model, role, staging / GRAPH_FILES[role], opset)
         shutil.copyfile(vocab_path, staging / VOCAB_FILE)
+        attention = write_attention_tables(model, staging / ATTENTION_FILE)
         parity = verify_parity(model, staging, progress=progress)
         worst = max(parity, key=lambda p: p.max_abs_diff)
         if not worst.max_abs_diff <= PARITY_TOLERANCE:
@@ -648,6 +651,7 @@ def export_model(
             opset=opset,
             graphs=graphs,  # type: ignore[arg-type]
             vocab=VocabSpec(sha256=sha256_file(staging / VOCAB_FILE), item_rows=cfg.item_rows, cate_rows=cfg.cate_rows),
+            attention=attention,
             metrics=_numeric_metrics(metrics or {}),
             parity=parity,
             parity_tolerance=PARITY_TOLERANCE,
@@ -664,6 +668,22 @@ def export_model(
         raise ExportError(f"the exported folder fails the service's contract: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_attention_tables(model: CTRModel, path: Path) -> AttentionSpec | None:
+    """attention.npz for the service's fused search (see service.contract.AttentionSpec): the very tables and folded
+    position column search.onnx is built from. None for TWIN-proj, whose position part depends on the candidate."""
+    graph = UserSearchGraph(model)
+    if not graph.fold_position or graph.query_key is not None:
+        return None
+    with path.open("wb") as fh:
+        np.savez(
+            fh,
+            item=graph.item.numpy().astype(np.float32),
+            cate=graph.cate.numpy().astype(np.float32),
+            position_column=graph.position_column.numpy().reshape(-1).astype(np.float32),
+        )
+    return AttentionSpec(sha256=sha256_file(path), scale=float(graph.scale))
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=0, description="onnxruntime threads inside one operator (0 = ORT default)")
     ort_inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators (0 = ORT default)")
     ort_graph_optimization: GraphOptimization = Field("all", description="onnxruntime graph optimisation level")
+    search_kernel: Literal["auto", "onnx"] = Field(
+        "auto",
+        description="auto: the fused search kernel (service/search.py) for histories of 1,000+ events where the model "
+        "folder, the build and the CPU allow it, else search.onnx; onnx: always search.onnx",
+    )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     score_fast_path: bool = Field(
         True, description="answer well-formed POST /score requests without FastAPI's routing (same responses, less overhead)"

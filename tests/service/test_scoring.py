@@ -65,7 +65,10 @@ def torch_reference(run_dir: Path, model_dir: Path, history: np.ndarray, candida
     return prob, index[0].numpy(), weight[0].numpy()
 
 
-@pytest.mark.parametrize(("n", "max_history"), [(0, 100_000), (3, 100_000), (37, 100_000), (300, 100_000), (300, 120)])
+# 3,000 events: the fused search kernel (service/search.py; FUSED_MIN_HISTORY), where the CPU has AVX-512.
+@pytest.mark.parametrize(
+    ("n", "max_history"), [(0, 100_000), (3, 100_000), (37, 100_000), (300, 100_000), (300, 120), (3_000, 100_000), (3_000, 1_500)]
+)
 def test_service_scores_equal_pytorch_to_1e5(
     make_client, redis_url: str, models_dir: Path, exported_model_dir: Path, n: int, max_history: int
 ) -> None:

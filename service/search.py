@@ -1,0 +1,146 @@
+"""The fused search (service/_search.c): the GSU of one user without the [C, N] score matrix search.onnx builds.
+
+search.onnx computes every candidate's score against every history event with one MatMul, writes the [C, N] matrix
+(8 MB at N = 10,000, C = 200) and reads it back for its two-step top-K. Under real traffic that memory round trip
+and the top-K's ~60 small operators cost more than the MatMul at small attention dims, so the search stopped
+scaling with d_att (docs/performance.md, round 5). The kernel computes the same scores tile by tile in registers,
+keeps one maximum per block of 8 events, and rescores exactly only the blocks that can hold a candidate's K best.
+Same answers as search.onnx (the same retrieved events and weights; float32 sums in another order), checked when a
+model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
+
+Used for histories of at least FUSED_MIN_HISTORY events when the model folder carries attention.npz (`dare export`
+writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512; otherwise, and with
+DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from service.contract import SEARCH_OUTPUTS, Manifest, ModelFolderError
+
+try:
+    from service import _search as _kernel
+except ImportError:  # built without a C compiler: search.onnx only
+    _kernel = None
+
+log = logging.getLogger("dare.service")
+
+SearchKernel = Literal["auto", "onnx"]
+
+# Below this history length search.onnx's single TopK is as fast or faster (W1, N = 200: 0.28 vs 0.22 ms at att 16,
+# 0.34 vs 0.44 ms at att 128), so short histories keep it; from here on the fused kernel wins at every dim.
+FUSED_MIN_HISTORY = 1_000
+
+# The load-time check: one synthetic user scored both ways.
+_CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5
+
+
+def kernel_available() -> tuple[bool, str]:
+    """(usable, why not) for the compiled kernel on this machine."""
+    if _kernel is None:
+        return False, "service._search was not built (no C compiler at install time)"
+    if not _kernel.supported():
+        return False, "this CPU has no AVX-512F/FMA"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class FusedSearch:
+    item: np.ndarray  # float32 [item_rows, d], C-contiguous
+    cate: np.ndarray  # float32 [cate_rows, d]
+    position_column: np.ndarray  # float32 [max_position + 1]
+    scale: float
+    max_position: int
+    top_k: int
+
+    @property
+    def att_dim(self) -> int:
+        return int(self.item.shape[1])
+
+    def run(
+        self, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray, cand_cate: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding rows (int64) in, (topk_index int64 [C, K] with -1 = padding, topk_weight float32 [C, K]) out:
+        search.onnx's outputs. Releases the GIL while it computes."""
+        assert _kernel is not None
+        c = len(cand_item)
+        index = np.empty((c, self.top_k), dtype=np.int64)
+        weight = np.empty((c, self.top_k), dtype=np.float32)
+        _kernel.search(
+            self.item, self.cate, self.position_column, self.att_dim,
+            np.ascontiguousarray(hist_item, dtype=np.int64), np.ascontiguousarray(hist_cate, dtype=np.int64),
+            np.ascontiguousarray(cand_item, dtype=np.int64), np.ascontiguousarray(cand_cate, dtype=np.int64),
+            self.scale, self.max_position, self.top_k, index, weight,
+        )  # fmt: skip
+        return index, weight
+
+    @classmethod
+    def load(cls, folder: Path, manifest: Manifest, search: ort.InferenceSession, kernel: SearchKernel) -> FusedSearch | None:
+        """The fused search for this folder, or None (search.onnx) when the setting, the build, the CPU or the folder
+        rules it out. A folder whose attention.npz is malformed or disagrees with its search.onnx is rejected."""
+        spec = manifest.attention
+        if kernel == "onnx" or spec is None:
+            return None
+        usable, why = kernel_available()
+        if not usable:
+            log.info("model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
+            return None
+        path = folder / spec.file
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: np.ascontiguousarray(npz[name]) for name in ("item", "cate", "position_column")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFolderError(f"{path}: not a readable attention table file: {exc}") from None
+        d = manifest.att_dim
+        expected = {
+            "item": (manifest.vocab.item_rows, d),
+            "cate": (manifest.vocab.cate_rows, d),
+            "position_column": (manifest.max_position + 1,),
+        }
+        for name, shape in expected.items():
+            got = arrays[name]
+            if got.dtype != np.float32 or got.shape != shape:
+                raise ModelFolderError(f"{path}: {name} must be float32 {list(shape)}, is {got.dtype} {list(got.shape)}")
+            if not np.isfinite(got[1:] if name == "position_column" else got).all():
+                raise ModelFolderError(f"{path}: {name} holds NaN or infinite values")
+        fused = cls(
+            item=arrays["item"], cate=arrays["cate"], position_column=arrays["position_column"], scale=spec.scale,
+            max_position=manifest.max_position, top_k=manifest.top_k,
+        )  # fmt: skip
+        fused.check_against(search, path)
+        return fused
+
+    def check_against(self, search: ort.InferenceSession, path: Path) -> None:
+        """Score one synthetic user with both; the retrieved events and weights must agree."""
+        rng = np.random.default_rng(0)
+        rows, cates = self.item.shape[0], self.cate.shape[0]
+        feeds = {
+            "hist_item": rng.integers(0, rows, _CHECK_HISTORY), "hist_cate": rng.integers(0, cates, _CHECK_HISTORY),
+            "cand_item": rng.integers(0, rows, _CHECK_CANDIDATES), "cand_cate": rng.integers(0, cates, _CHECK_CANDIDATES),
+        }  # fmt: skip
+        want_index, want_weight = search.run(list(SEARCH_OUTPUTS), feeds)
+        index, weight = self.run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
+        def retrieved(idx: np.ndarray) -> np.ndarray:  # what the score graph reads of each retrieved event
+            safe = np.maximum(idx, 0)
+            position = np.minimum(_CHECK_HISTORY - safe, self.max_position)
+            key = (feeds["hist_item"][safe] * cates + feeds["hist_cate"][safe]) * (self.max_position + 1) + position
+            return np.sort(np.where(idx >= 0, key, -1), axis=1)
+
+        # Events with equal scores (the same item and category, both past max_position) may be retrieved by either:
+        # compare what the score graph reads of them, not their positions.
+        same_sets = (retrieved(index) == retrieved(want_index)).all(axis=1).mean()
+        weight_diff = float(np.abs(np.sort(weight, axis=1) - np.sort(want_weight, axis=1)).max())
+        # Two events whose scores differ by a float32 rounding may trade places between the two; more than that is
+        # a folder whose attention.npz and search.onnx do not hold the same model.
+        if same_sets < 0.9 or weight_diff > _CHECK_WEIGHT_TOLERANCE:
+            raise ModelFolderError(
+                f"{path}: the attention tables disagree with search.onnx (same retrieved events for {same_sets:.0%} of "
+                f"candidates, weights differ by up to {weight_diff:.2g}); re-export the model"
+            )

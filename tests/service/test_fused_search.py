@@ -1,0 +1,138 @@
+"""The fused search kernel (service/_search.c via service/search.py) against search.onnx, and how model folders
+opt in or out of it. The HTTP contract test (test_scoring.py, N = 3,000) checks it against PyTorch end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.contract import SEARCH_OUTPUTS, ModelFolderError, load_manifest, sha256_file
+from service.registry import InferenceOptions, load_model
+from service.search import FUSED_MIN_HISTORY, FusedSearch, kernel_available
+
+needs_kernel = pytest.mark.skipif(not kernel_available()[0], reason=f"fused search unavailable: {kernel_available()[1]}")
+
+
+def retrieved_keys(index: np.ndarray, hist_item: np.ndarray, hist_cate: np.ndarray, max_position: int) -> np.ndarray:
+    """Per candidate, the sorted (item row, category row, clipped position) of the retrieved events: what the score
+    graph reads. Events equal in all three score equally and either may be retrieved."""
+    if len(hist_item) == 0:
+        return np.full_like(index, -1)
+    safe = np.maximum(index, 0)
+    position = np.minimum(len(hist_item) - safe, max_position)
+    key = (hist_item[safe] * 1_000_003 + hist_cate[safe]) * (max_position + 1) + position
+    return np.sort(np.where(index >= 0, key, -1), axis=1)
+
+
+@pytest.fixture(scope="module")
+def big_vocab_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random DARE model with a vocabulary large enough for few exact ties (att 16, top-20), exported."""
+    import torch
+
+    from training.config import ModelConfig
+    from training.export import export_role, write_attention_tables
+    from training.model import build_model
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(kind="dare", item_rows=5_002, cate_rows=102, att_dim=16, repr_dim=8, top_k=20, max_position=200))
+    folder = tmp_path_factory.mktemp("fused")
+    export_role(model.eval(), "search", folder / "search.onnx", 17)
+    spec = write_attention_tables(model, folder / "attention.npz")
+    assert spec is not None
+    (folder / "scale.json").write_text(json.dumps({"scale": spec.scale}))
+    return folder
+
+
+def fused_of(folder: Path, top_k: int = 20, max_position: int = 200) -> FusedSearch:
+    with np.load(folder / "attention.npz") as npz:
+        return FusedSearch(
+            item=npz["item"], cate=npz["cate"], position_column=npz["position_column"],
+            scale=json.loads((folder / "scale.json").read_text())["scale"], max_position=max_position, top_k=top_k,
+        )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "c"), [(0, 3), (1, 1), (7, 5), (19, 2), (20, 4), (21, 33), (200, 100), (1_000, 1), (10_000, 200), (50_000, 31)])
+def test_fused_search_equals_search_onnx(big_vocab_model: Path, n: int, c: int) -> None:
+    fused = fused_of(big_vocab_model)
+    session = ort.InferenceSession(str(big_vocab_model / "search.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(n * 31 + c)
+    feeds = {
+        "hist_item": rng.integers(0, 5_002, n), "hist_cate": rng.integers(0, 102, n),
+        "cand_item": rng.integers(0, 5_002, c), "cand_cate": rng.integers(0, 102, c),
+    }  # fmt: skip
+    want_index, want_weight = session.run(list(SEARCH_OUTPUTS), feeds)
+    index, weight = fused.run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
+    assert index.shape == weight.shape == (c, 20) and index.dtype == np.int64 and weight.dtype == np.float32
+    keys = retrieved_keys(index, feeds["hist_item"], feeds["hist_cate"], 200)
+    want_keys = retrieved_keys(want_index, feeds["hist_item"], feeds["hist_cate"], 200)
+    assert (keys == want_keys).all(axis=1).mean() >= (0.99 if n >= 1_000 else 1.0)  # float32 near-ties may swap
+    assert np.abs(np.sort(weight, 1) - np.sort(want_weight, 1)).max() <= 1e-6
+    real = index >= 0
+    assert (real.sum(1) == min(n, 20)).all() and (weight[~real] == 0).all()
+    assert (np.diff(weight, axis=1) <= 1e-7).all()  # best first, as search.onnx
+
+
+@needs_kernel
+def test_fused_search_rejects_out_of_range_rows(big_vocab_model: Path) -> None:
+    fused = fused_of(big_vocab_model)
+    ok = np.arange(30, dtype=np.int64)
+    with pytest.raises(ValueError, match="hist_item"):
+        fused.run(np.full(30, 5_002), ok, ok[:3], ok[:3])
+    with pytest.raises(ValueError, match="cand_cate"):
+        fused.run(ok, ok, ok[:3], np.array([0, -1, 2]))
+
+
+def test_folder_loads_with_the_fused_search_or_without_it(tmp_path: Path, exported_model_dir: Path) -> None:
+    folder = tmp_path / "dare-a"
+    shutil.copytree(exported_model_dir, folder)
+    assert load_manifest(folder).attention is not None  # dare export writes attention.npz for DARE
+    model = load_model(folder, InferenceOptions())
+    assert (model.fused is not None) == kernel_available()[0]
+    assert load_model(folder, InferenceOptions(search_kernel="onnx")).fused is None
+    assert "search" in model.info(default=True)
+    # A folder exported before attention.npz existed (no `attention` in its manifest) is searched with search.onnx.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["attention"]
+    (folder / "attention.npz").unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert load_model(folder, InferenceOptions()).fused is None
+
+
+def rewrite_attention(folder: Path, **arrays: np.ndarray) -> None:
+    """Replace arrays of attention.npz and re-pin its sha256, so only the content check can catch it."""
+    with np.load(folder / "attention.npz") as npz:
+        data = {name: npz[name] for name in npz.files}
+    data.update(arrays)
+    with (folder / "attention.npz").open("wb") as fh:
+        np.savez(fh, **data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["attention"]["sha256"] = sha256_file(folder / "attention.npz")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@needs_kernel
+def test_folder_whose_attention_tables_disagree_with_search_onnx_is_rejected(tmp_path: Path, exported_model_dir: Path) -> None:
+    folder = tmp_path / "dare-a"
+    shutil.copytree(exported_model_dir, folder)
+    with np.load(folder / "attention.npz") as npz:
+        item = npz["item"][::-1].copy()  # the right shape, the wrong rows
+    rewrite_attention(folder, item=item)
+    with pytest.raises(ModelFolderError, match="disagree with search.onnx"):
+        load_model(folder, InferenceOptions())
+    rewrite_attention(folder, item=item[:, :3].copy())
+    with pytest.raises(ModelFolderError, match=r"item must be float32 \[60, 8\]"):
+        load_model(folder, InferenceOptions())
+    assert load_model(folder, InferenceOptions(search_kernel="onnx")).fused is None  # the setting skips the file
+
+
+def test_threshold_is_documented_in_the_settings() -> None:
+    from service.core.config import Settings
+
+    description = Settings.model_fields["search_kernel"].description or ""
+    assert f"{FUSED_MIN_HISTORY:,}" in description
