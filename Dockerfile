@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 dare \
     && useradd --system --uid 10001 --gid dare --home-dir /app --shell /usr/sbin/nologin dare
 WORKDIR /app
-COPY pyproject.toml deploy/requirements.py ./
+COPY pyproject.toml setup.py deploy/requirements.py ./
 
 # --------------------------------------------------------------------------------------------- serve
 FROM base AS serve
@@ -29,8 +29,16 @@ COPY dare ./dare
 COPY service ./service
 COPY training ./training
 COPY loadtest ./loadtest
-# --no-deps: the dependencies are already in the layer above; this only installs the `dare` entry point.
-RUN pip install --no-cache-dir --no-deps . \
+# --no-deps: the dependencies are already in the layer above; this installs the `dare` entry point and compiles
+# the fused search kernel (service/_search.c) with a C compiler that is removed again in the same layer. Distro
+# package versions are left to the base image's release (they are build tools, not part of what runs).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir --no-deps . \
+    && python -c "import service._search" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /models /app/var \
     && chown 10001:10001 /models /app/var
 USER 10001:10001
