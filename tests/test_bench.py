@@ -13,6 +13,7 @@ import pytest
 
 from dare.bench import BACKENDS, HTTP_STAGE, QUICK_WORKLOADS, STAGES, BenchConfig, quick_config, run, target_ratios
 from service.registry import IdMap
+from service.search import kernel_available
 
 RECORD_KEYS = {"att_dim": int, "workload": str, "backend": str, "stage": str, "p50_ms": float, "p99_ms": float}
 
@@ -72,7 +73,13 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
         (s, w.name) for s in ("id_mapping", "store_fetch") for w in QUICK_WORKLOADS
     } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]} | {
         (f"search.onnx, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS
-    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS}
+    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS} | (
+        {(f"search, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS} if kernel_available()[0] else set()
+    )
+    # The CPU-time search scaling is that of the search the service runs at W2: the fused kernel where it is usable.
+    scaling = next(r for r in meta["ratios"] if r["name"] == "search att_dim scaling (CPU time)")
+    assert scaling["detail"].startswith("fused search" if kernel_available()[0] else "search.onnx")
+    assert meta["fused_search"] == (kernel_available()[0] or kernel_available()[1])
     paired = meta["http_paired"]
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["http_stdlib_p50_ms"] > 0 for p in paired)
