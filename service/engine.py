@@ -37,6 +37,15 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """A user's history as read for one call (`ScoringEngine.fetch` / `afetch`)."""
+
+    history: History
+    degraded: bool  # the store failed and the history was taken as empty
+    seconds: float
+
+
+@dataclass(frozen=True)
 class GraphTimings:
     id_mapping: float
     search: float
@@ -87,6 +96,31 @@ class ScoringEngine:
         self.degraded_on_store_error = degraded_on_store_error
         self.metrics = metrics
 
+    def fetch(self, user_id: str) -> Fetched:
+        """The user's history from the store (blocking), or an empty degraded one when the store fails and
+        DARE_DEGRADED_ON_STORE_ERROR is on."""
+        t0 = time.perf_counter()
+        try:
+            return Fetched(self.store.read(user_id, self.max_history), False, time.perf_counter() - t0)
+        except StoreUnavailableError:
+            if not self.degraded_on_store_error:
+                raise
+            return self._degraded(t0)
+
+    async def afetch(self, user_id: str) -> Fetched:
+        """`fetch` on the event loop (the store's asyncio client; see SequenceStore.open_async)."""
+        t0 = time.perf_counter()
+        try:
+            return Fetched(await self.store.aread(user_id, self.max_history), False, time.perf_counter() - t0)
+        except StoreUnavailableError:
+            if not self.degraded_on_store_error:
+                raise
+            return self._degraded(t0)
+
+    @staticmethod
+    def _degraded(t0: float) -> Fetched:
+        return Fetched(History(np.empty(0, dtype=RECORD_DTYPE), 0, False), True, time.perf_counter() - t0)
+
     def score(
         self,
         user_id: str,
@@ -96,23 +130,18 @@ class ScoringEngine:
         model: LoadedModel | None = None,
         model_name: str | None = None,
         run_options: ort.RunOptions | None = None,
+        fetched: Fetched | None = None,
     ) -> ScoreResult:
         """Score candidates (int64 raw ids, [C] each) for a user with `model`, else the loaded `model_name`, else
-        the default model; raises the service's specific errors."""
+        the default model; the history is read from the store unless `fetched` brings it. Raises the service's
+        specific errors."""
         if model is None:
             model = self.registry.current.get(model_name)  # one snapshot for the whole call
-        t0 = time.perf_counter()
-        degraded = False
-        try:
-            hist: History = self.store.read(user_id, self.max_history)
-        except StoreUnavailableError:
-            if not self.degraded_on_store_error:
-                raise
-            hist = History(np.empty(0, dtype=RECORD_DTYPE), 0, False)
-            degraded = True
-        fetch = time.perf_counter() - t0
+        if fetched is None:
+            fetched = self.fetch(user_id)
+        hist, degraded = fetched.history, fetched.degraded
         prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options)
-        timings = {"store_fetch": fetch, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}
+        timings = {"store_fetch": fetched.seconds, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}
         if self.metrics is not None:
             name = model.name
             for stage, seconds in timings.items():

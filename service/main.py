@@ -239,6 +239,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter = anyio.CapacityLimiter(settings.scoring_threads)
         services = await anyio.to_thread.run_sync(build_services, settings, metrics, limiter)
+        if settings.inline_max_pairs > 0:
+            services.store.open_async()  # on this loop: small /score requests read the store without a thread
         app.state.services = services
         sighup = _install_sighup(services)
         watcher = None
@@ -253,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await watcher
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await services.store.aclose()
             services.store.close()
             if multiprocess_dir():
                 # Drop this worker's live gauges (dare_model_info) from the aggregated /metrics.

