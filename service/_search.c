@@ -39,6 +39,9 @@
 #define CT 32   /* candidates per tile: two 16-float vectors */
 #define BLOCK TT
 #define GROUP 4 /* blocks per pass over the candidate tiles */
+#ifndef AHEAD
+#define AHEAD 1 /* pass 2 prefetches the rows of the block this many ahead */
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -63,7 +66,8 @@ __attribute__((target("avx512f,fma"))) static inline void insert_max(v16 *top, i
 __attribute__((target("avx512f,fma"))) static void block_maxima(
     const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
     const int64_t *hist_cate, int64_t n, int64_t max_position, const float *qt, int64_t tiles, int64_t k,
-    float *bmax /* [nb][tiles * 32] */, v16 *top /* [tiles * 2][k] */, const float *zeros) {
+    float *bmax /* [nb][tiles * 32] */, float *bsecond, uint8_t *barg, v16 *top /* [tiles * 2][k] */,
+    const float *zeros) {
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     const int64_t lines = (d * 4 + 63) / 64;
     const v16 neg_inf = (v16)_mm512_set1_ps(-INFINITY);
@@ -118,16 +122,30 @@ __attribute__((target("avx512f,fma"))) static void block_maxima(
                         a[r][1] += h * q1;
                     }
                 }
-                v16 m0 = neg_inf, m1 = neg_inf;
+                /* Per candidate: the block's best score, its offset in the block (the first of equal ones), and
+                 * the second best (equal to the best on a tie), which says whether the block can hold two of the
+                 * candidate's K best. */
+                __m512 best[2] = {(__m512)neg_inf, (__m512)neg_inf}, second[2] = {(__m512)neg_inf, (__m512)neg_inf};
+                __m512i at[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 8
                 for (int r = 0; r < TT; r++) {
                     if (!valid[b - b0][r]) continue;
                     v16 p = (v16)_mm512_set1_ps(pos[b - b0][r]);
-                    m0 = (v16)_mm512_max_ps((__m512)(a[r][0] + p), (__m512)m0);
-                    m1 = (v16)_mm512_max_ps((__m512)(a[r][1] + p), (__m512)m1);
+                    for (int v = 0; v < 2; v++) {
+                        __m512 x = (__m512)(a[r][v] + p);
+                        __mmask16 gt = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
+                        second[v] = _mm512_max_ps(second[v], _mm512_min_ps(best[v], x));
+                        best[v] = _mm512_max_ps(best[v], x);
+                        at[v] = _mm512_mask_mov_epi32(at[v], gt, _mm512_set1_epi32(r));
+                    }
                 }
-                *(v16 *)(bmax + (b * tiles + ct) * CT) = m0;
-                *(v16 *)(bmax + (b * tiles + ct) * CT + 16) = m1;
+                const int64_t o = (b * tiles + ct) * CT;
+                for (int v = 0; v < 2; v++) {
+                    _mm512_store_ps(bmax + o + 16 * v, best[v]);
+                    _mm512_store_ps(bsecond + o + 16 * v, second[v]);
+                    _mm_storeu_si128((__m128i *)(barg + o + 16 * v), _mm512_cvtepi32_epi8(at[v]));
+                }
+                v16 m0 = (v16)best[0], m1 = (v16)best[1];
                 insert_max(top + (2 * ct) * k, k, m0);
                 insert_max(top + (2 * ct + 1) * k, k, m1);
             }
@@ -165,10 +183,36 @@ __attribute__((target("avx512f,fma"))) static inline float dot2(const float *qi,
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+/* Offer a hit to a candidate's sorted list of its K best (best first). */
+static inline void offer(Hit *best, int64_t *filled, int64_t k, float bound, Hit hit) {
+    /* Below the bound, or not better than the K-th so far: not one of the K best. */
+    if (hit.score < bound || (*filled == k && !worse(best[k - 1], hit))) return;
+    int64_t i = *filled < k ? (*filled)++ : k - 1;
+    for (; i > 0 && worse(best[i - 1], hit); i--) best[i] = best[i - 1];
+    best[i] = hit;
+}
+
+/* Score block b's events for one candidate (query q = [scale * item, scale * cate]) and offer them; returns how
+ * many events it scored. */
+__attribute__((target("avx512f,fma"))) static int64_t score_block(
+    const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
+    const int64_t *hist_cate, int64_t n, int64_t max_position, const float *q, int64_t b, float bound, Hit *best,
+    int64_t *filled, int64_t k) {
+    const int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
+    for (int64_t t = b * BLOCK; t < end; t++) {
+        const int64_t p = n - t;
+        offer(best, filled, k, bound,
+              (Hit){dot2(q, item + hist_item[t] * d, q + d, cate + hist_cate[t] * d, d) +
+                        poscol[p < max_position ? p : max_position],
+                    t});
+    }
+    return end - b * BLOCK;
+}
+
 __attribute__((target("avx512f,fma"))) static void exact_topk(
     const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
     const int64_t *hist_cate, int64_t n, int64_t max_position, const float *query /* [C][2d] */, int64_t c_count,
-    const float *bmax, const v16 *top, int64_t tiles, int64_t k, int64_t *out_index, float *out_weight, Hit *best,
+    const float *bmax, const float *bsecond, const uint8_t *barg, const v16 *top, int64_t tiles, int64_t k, int64_t *out_index, float *out_weight, Hit *best,
     int32_t *blocks /* [16][nb] */) {
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     for (int64_t cv = 0; cv < tiles * 2; cv++) {
@@ -186,39 +230,32 @@ __attribute__((target("avx512f,fma"))) static void exact_topk(
         }
         for (int lane = 0; lane < 16 && cv * 16 + lane < c_count; lane++) {
             const int64_t c = cv * 16 + lane;
-            const float *qi = query + c * 2 * d, *qc = qi + d;
-            /* thr, the K-th largest block maximum, is at most the K-th largest score: a token below it is not one
-             * of the K best. The block maxima and these scores are summed in different orders, so a token can
-             * land a rounding error below its own block's maximum; then fewer than K pass, and the candidate is
-             * scored again without the bound. */
+            const float *qi = query + c * 2 * d;
+            /* thr, the K-th largest block maximum, is at most the K-th largest score: an event below it is not
+             * one of the K best, and every one of the K best lies in a block whose maximum reaches it. */
             const float thr = top[(cv * k + k - 1)][lane];
             const int32_t *list = blocks + lane * nb;
+            const int64_t col = (cv / 2) * CT + (cv % 2) * 16 + lane, stride = tiles * CT;
             int64_t filled = 0, seen = 0; /* best[0..filled) sorted, best first */
-            for (float bound = thr;; bound = -INFINITY) {
-                filled = seen = 0;
-                for (int32_t s = 0; s < count[lane]; s++) {
-                    int64_t b = list[s];
-                    if (s + 1 < count[lane]) { /* the next block's rows, while this one is scored */
-                        int64_t t1 = (int64_t)list[s + 1] * BLOCK, e1 = t1 + BLOCK < n ? t1 + BLOCK : n;
-                        for (int64_t t = t1; t < e1; t++) {
-                            __builtin_prefetch(item + hist_item[t] * d);
-                            __builtin_prefetch(cate + hist_cate[t] * d);
-                        }
-                    }
-                    int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
-                    for (int64_t t = b * BLOCK; t < end; t++, seen++) {
-                        int64_t p = n - t;
-                        Hit hit = {dot2(qi, item + hist_item[t] * d, qc, cate + hist_cate[t] * d, d) +
-                                       poscol[p < max_position ? p : max_position],
-                                   t};
-                        /* Below the bound, or not better than the K-th so far: not one of the K best. */
-                        if (hit.score < bound || (filled == k && !worse(best[k - 1], hit))) continue;
-                        int64_t i = filled < k ? filled++ : k - 1;
-                        for (; i > 0 && worse(best[i - 1], hit); i--) best[i] = best[i - 1];
-                        best[i] = hit;
-                    }
+            /* A selected block whose second best is below thr holds one of the K best at most: its best, whose
+             * score and offset pass 1 kept. The others (and every block when there are fewer than K) are scored
+             * again event by event. */
+            for (int32_t s = 0; s < count[lane]; s++) {
+                const int64_t b = list[s];
+                if (bsecond[b * stride + col] < thr) {
+                    offer(best, &filled, k, thr, (Hit){bmax[b * stride + col], b * BLOCK + barg[b * stride + col]});
+                    seen++;
+                    continue;
                 }
-                if (filled == k || filled == seen || bound == -INFINITY) break;
+                seen += score_block(item, cate, d, poscol, hist_item, hist_cate, n, max_position, qi, b, thr, best, &filled, k);
+            }
+            /* Rescored events are summed in another order than pass 1's, so one can land a rounding error below
+             * thr; if that leaves fewer than K, the candidate's blocks are scored again without the bound. */
+            if (filled < k && filled < seen) {
+                filled = 0;
+                for (int32_t s = 0; s < count[lane]; s++)
+                    score_block(item, cate, d, poscol, hist_item, hist_cate, n, max_position, qi, list[s], -INFINITY,
+                                best, &filled, k);
             }
             float total = 0.0f;
             for (int64_t i = 0; i < filled; i++) total += expf(best[i].score - best[0].score);
@@ -242,7 +279,7 @@ typedef struct {
     size_t size;
 } Scratch;
 
-static __thread Scratch scratch[6];
+static __thread Scratch scratch[8];
 
 static void *scratch_get(int slot, size_t size) {
     Scratch *s = &scratch[slot];
@@ -313,7 +350,8 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     Buf b[9];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    float *qt = NULL, *query = NULL, *bmax = NULL, *zeros = NULL;
+    float *qt = NULL, *query = NULL, *bmax = NULL, *bsecond = NULL, *zeros = NULL;
+    uint8_t *barg = NULL;
     v16 *top = NULL;
     int32_t *blocks = NULL;
     Hit *best = NULL;
@@ -342,8 +380,10 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     zeros = scratch_get(3, (size_t)d * sizeof(float));
     top = scratch_get(4, (size_t)tiles * 2 * k * sizeof(v16));
     blocks = scratch_get(5, (size_t)16 * nb * sizeof(int32_t));
+    bsecond = scratch_get(6, (size_t)nb * tiles * CT * sizeof(float));
+    barg = scratch_get(7, (size_t)nb * tiles * CT);
     best = malloc((size_t)k * sizeof(Hit));
-    if (!qt || !query || !bmax || !zeros || !top || !blocks || !best) {
+    if (!qt || !query || !bmax || !zeros || !top || !blocks || !bsecond || !barg || !best) {
         PyErr_NoMemory();
         goto done;
     }
@@ -361,8 +401,8 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
         float *packed = qt + (c / CT) * (2 * d * CT) + c % CT;
         for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
     }
-    block_maxima(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, top, zeros);
-    exact_topk(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, top, tiles, k, b[7].view.buf,
+    block_maxima(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
+    exact_topk(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles, k, b[7].view.buf,
                b[8].view.buf, best, blocks);
     Py_END_ALLOW_THREADS;
     result = Py_None;
