@@ -16,7 +16,7 @@ import onnxruntime as ort
 from service.contract import PROB_OUTPUT, SEARCH_OUTPUTS
 from service.errors import StoreUnavailableError
 from service.registry import LoadedModel, ModelRegistry
-from service.search import FUSED_MIN_HISTORY
+from service.search import use_fused
 from service.store import RECORD_DTYPE, History, SequenceStore
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def run_graphs(
         "cand_cate": model.vocab.cate(cand_cate),  # [C]
     }
     t1 = time.perf_counter()
-    if model.fused is not None and len(history) >= FUSED_MIN_HISTORY:
+    if use_fused(model.fused, len(history)):
+        assert model.fused is not None
         topk_index, topk_weight = model.fused.run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
     else:
         topk_index, topk_weight = model.search.run(list(SEARCH_OUTPUTS), feeds, run_options)  # [C, K] each

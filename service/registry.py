@@ -33,7 +33,7 @@ from service.contract import (
     load_manifest,
 )
 from service.errors import NoModelLoadedError, UnknownModelError
-from service.search import FUSED_MIN_HISTORY, FusedSearch, SearchKernel
+from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, SearchKernel
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class LoadedModel:
             "data_fingerprint": m.data_fingerprint,
             "code_version": m.code_version,
             "created_at": m.created_at,
-            "search": f"fused kernel from {FUSED_MIN_HISTORY:,} events, else search.onnx" if self.fused else "search.onnx",
+            "search": (
+                f"fused kernel from {FUSED_MIN_HISTORY_PER_K * m.top_k:,} events, else search.onnx" if self.fused else "search.onnx"
+            ),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "default": default,
         }

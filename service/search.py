@@ -8,8 +8,8 @@ keeps one maximum per block of 8 events, and rescores exactly only the blocks th
 Same answers as search.onnx (the same retrieved events and weights; float32 sums in another order), checked when a
 model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
-Used for histories of at least FUSED_MIN_HISTORY events when the model folder carries attention.npz (`dare export`
-writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512; otherwise, and with
+Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
+(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512; otherwise, and with
 DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
 """
 
@@ -34,9 +34,15 @@ log = logging.getLogger("dare.service")
 
 SearchKernel = Literal["auto", "onnx"]
 
-# Below this history length search.onnx's single TopK is as fast or faster (W1, N = 200: 0.28 vs 0.22 ms at att 16,
-# 0.34 vs 0.44 ms at att 128), so short histories keep it; from here on the fused kernel wins at every dim.
-FUSED_MIN_HISTORY = 1_000
+# With fewer than ~K blocks of 8 events the kernel's block maxima prune nothing and it rescores every event, where
+# search.onnx's single TopK is as fast (C = 100, top-20, p50 ms, att 16 / 128: N = 100 0.21 / 0.33 fused against
+# 0.21 / 0.26; N = 200 0.18 / 0.31 against 0.28 / 0.34; N = 1,000 0.13 / 0.42 against 0.49 / 0.75; docs/performance.md,
+# round 5). From 10 x K events on (200 at top-20) the kernel is as fast or faster at every dim.
+FUSED_MIN_HISTORY_PER_K = 10
+
+
+def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
+    return fused is not None and history_length >= FUSED_MIN_HISTORY_PER_K * fused.top_k
 
 # The load-time check: one synthetic user scored both ways.
 _CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5

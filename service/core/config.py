@@ -70,8 +70,8 @@ class Settings(BaseSettings):
     ort_graph_optimization: GraphOptimization = Field("all", description="onnxruntime graph optimisation level")
     search_kernel: Literal["auto", "onnx"] = Field(
         "auto",
-        description="auto: the fused search kernel (service/search.py) for histories of 1,000+ events where the model "
-        "folder, the build and the CPU allow it, else search.onnx; onnx: always search.onnx",
+        description="auto: the fused search kernel (service/search.py) for histories of at least 10 x top-K events "
+        "where the model folder, the build and the CPU allow it, else search.onnx; onnx: always search.onnx",
     )
     inline_max_pairs: int = Field(
         50_000,

@@ -13,7 +13,7 @@ import pytest
 
 from service.contract import SEARCH_OUTPUTS, ModelFolderError, load_manifest, sha256_file
 from service.registry import InferenceOptions, load_model
-from service.search import FUSED_MIN_HISTORY, FusedSearch, kernel_available
+from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, kernel_available
 
 needs_kernel = pytest.mark.skipif(not kernel_available()[0], reason=f"fused search unavailable: {kernel_available()[1]}")
 
@@ -158,4 +158,4 @@ def test_threshold_is_documented_in_the_settings() -> None:
     from service.core.config import Settings
 
     description = Settings.model_fields["search_kernel"].description or ""
-    assert f"{FUSED_MIN_HISTORY:,}" in description
+    assert f"at least {FUSED_MIN_HISTORY_PER_K} x top-K events" in description

@@ -65,7 +65,7 @@ def torch_reference(run_dir: Path, model_dir: Path, history: np.ndarray, candida
     return prob, index[0].numpy(), weight[0].numpy()
 
 
-# 3,000 events: the fused search kernel (service/search.py; FUSED_MIN_HISTORY), where the CPU has AVX-512.
+# 300 and 3,000 events: the fused search kernel (service/search.py: from 10 x top-K events), where the CPU has AVX-512.
 @pytest.mark.parametrize(
     ("n", "max_history"), [(0, 100_000), (3, 100_000), (37, 100_000), (300, 100_000), (300, 120), (3_000, 100_000), (3_000, 1_500)]
 )
