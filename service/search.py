@@ -127,9 +127,10 @@ class FusedSearch:
         """Score one synthetic user with both; the retrieved events and weights must agree."""
         rng = np.random.default_rng(0)
         rows, cates = self.item.shape[0], self.cate.shape[0]
+        # Rows a request can carry: OOV (1) and up, never padding (0), whose zero row would make every event tie.
         feeds = {
-            "hist_item": rng.integers(0, rows, _CHECK_HISTORY), "hist_cate": rng.integers(0, cates, _CHECK_HISTORY),
-            "cand_item": rng.integers(0, rows, _CHECK_CANDIDATES), "cand_cate": rng.integers(0, cates, _CHECK_CANDIDATES),
+            "hist_item": rng.integers(1, rows, _CHECK_HISTORY), "hist_cate": rng.integers(1, cates, _CHECK_HISTORY),
+            "cand_item": rng.integers(1, rows, _CHECK_CANDIDATES), "cand_cate": rng.integers(1, cates, _CHECK_CANDIDATES),
         }  # fmt: skip
         want_index, want_weight = search.run(list(SEARCH_OUTPUTS), feeds)
         index, weight = self.run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
