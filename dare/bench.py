@@ -1091,7 +1091,9 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
                       "timing of the request (its /metrics: from the first ASGI call to the last byte handed to uvicorn; "
                       "both clients' requests); of that, the engine's stages. Outside the service = socket, kernel and "
                       "uvicorn's HTTP parsing, both ways; in the service, outside the engine = body parsing and validation, "
-                      "the hand-off to the worker thread and back, the response.", "",
+                      "the hand-off to a worker thread and back (W2, W3: more than DARE_INLINE_MAX_PAIRS; W1 stays on the "
+                      "event loop), the response. The service's store_fetch stage is its asyncio read for requests that "
+                      "stay on the loop.", "",
                       "| workload | att dim | in-process | POST /score | in the service | of which engine stages | in the service, outside the engine | outside the service |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
             for row in split:
@@ -1107,8 +1109,9 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             for level in ORT_LEVELS:
                 one, two = cell[(d, level, 1)], cell[(d, level, 2)]
                 lines.append(f"| {d} | {level} | {one['p50_ms']:.3f} ({one['cpu_p50_ms']:.3f}) | {two['p50_ms']:.3f} ({two['cpu_p50_ms']:.3f}) |")
-    lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (search.onnx / "
-              "CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
+    lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (the service's "
+              f"search: {'the fused kernel (service/search.py) from 10 x top-K events, else search.onnx' if meta.get('fused_search') is True else 'search.onnx'} "
+              "/ CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
               "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), one keep-alive connection, lean "
               "raw-socket client (the \"HTTP client\" rows above compare it with http.client).", ""]  # fmt: skip
     return "\n".join(lines)

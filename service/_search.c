@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -273,24 +274,55 @@ static int cpu_ok(void) { return 0; }
 #endif /* DARE_X86 */
 
 /* Scratch memory, kept per thread between calls (the service scores on a small pool of worker threads): fresh
- * multi-megabyte allocations per call would page-fault on every call. */
+ * multi-megabyte allocations per call would page-fault on every call. Freed when the thread exits (anyio retires
+ * idle worker threads), and not kept past a call when larger than SCRATCH_KEEP_BYTES (a rare huge request). */
+#define SCRATCH_SLOTS 8
+#define SCRATCH_KEEP_BYTES ((size_t)16 << 20)
+
 typedef struct {
-    void *ptr;
-    size_t size;
+    void *ptr[SCRATCH_SLOTS];
+    size_t size[SCRATCH_SLOTS];
 } Scratch;
 
-static __thread Scratch scratch[8];
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
-static void *scratch_get(int slot, size_t size) {
-    Scratch *s = &scratch[slot];
+static void scratch_release(void *p) {
+    Scratch *s = p;
+    for (int i = 0; i < SCRATCH_SLOTS; i++) free(s->ptr[i]);
+    free(s);
+}
+
+static void scratch_key_init(void) { (void)pthread_key_create(&scratch_key, scratch_release); }
+
+static Scratch *scratch_of_thread(void) {
+    pthread_once(&scratch_once, scratch_key_init);
+    Scratch *s = pthread_getspecific(scratch_key);
+    if (s == NULL && (s = calloc(1, sizeof(Scratch))) != NULL && pthread_setspecific(scratch_key, s) != 0) {
+        free(s);
+        s = NULL;
+    }
+    return s;
+}
+
+static void *scratch_get(Scratch *s, int slot, size_t size) {
     size = (size + 63) / 64 * 64;
     if (size == 0) size = 64;
-    if (s->size < size) {
-        free(s->ptr);
-        s->ptr = aligned_alloc(64, size);
-        s->size = s->ptr ? size : 0;
+    if (s->size[slot] < size) {
+        free(s->ptr[slot]);
+        s->ptr[slot] = aligned_alloc(64, size);
+        s->size[slot] = s->ptr[slot] ? size : 0;
     }
-    return s->ptr;
+    return s->ptr[slot];
+}
+
+static void scratch_trim(Scratch *s) {
+    for (int i = 0; i < SCRATCH_SLOTS; i++)
+        if (s->size[i] > SCRATCH_KEEP_BYTES) {
+            free(s->ptr[i]);
+            s->ptr[i] = NULL;
+            s->size[i] = 0;
+        }
 }
 
 /* ---------------------------------------------------------------------------------------------- the module */
@@ -374,14 +406,19 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     const float *item = b[0].view.buf, *cate = b[1].view.buf, *poscol = b[2].view.buf;
     const int64_t *hi = b[3].view.buf, *hc = b[4].view.buf, *ci = b[5].view.buf, *cc = b[6].view.buf;
     const int64_t tiles = (c_count + CT - 1) / CT, nb = (n + BLOCK - 1) / BLOCK;
-    qt = scratch_get(0, (size_t)tiles * 2 * d * CT * sizeof(float));
-    query = scratch_get(1, (size_t)c_count * 2 * d * sizeof(float));
-    bmax = scratch_get(2, (size_t)nb * tiles * CT * sizeof(float));
-    zeros = scratch_get(3, (size_t)d * sizeof(float));
-    top = scratch_get(4, (size_t)tiles * 2 * k * sizeof(v16));
-    blocks = scratch_get(5, (size_t)16 * nb * sizeof(int32_t));
-    bsecond = scratch_get(6, (size_t)nb * tiles * CT * sizeof(float));
-    barg = scratch_get(7, (size_t)nb * tiles * CT);
+    Scratch *sc = scratch_of_thread();
+    if (sc == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    qt = scratch_get(sc, 0, (size_t)tiles * 2 * d * CT * sizeof(float));
+    query = scratch_get(sc, 1, (size_t)c_count * 2 * d * sizeof(float));
+    bmax = scratch_get(sc, 2, (size_t)nb * tiles * CT * sizeof(float));
+    zeros = scratch_get(sc, 3, (size_t)d * sizeof(float));
+    top = scratch_get(sc, 4, (size_t)tiles * 2 * k * sizeof(v16));
+    blocks = scratch_get(sc, 5, (size_t)16 * nb * sizeof(int32_t));
+    bsecond = scratch_get(sc, 6, (size_t)nb * tiles * CT * sizeof(float));
+    barg = scratch_get(sc, 7, (size_t)nb * tiles * CT);
     best = malloc((size_t)k * sizeof(Hit));
     if (!qt || !query || !bmax || !zeros || !top || !blocks || !bsecond || !barg || !best) {
         PyErr_NoMemory();
@@ -404,6 +441,7 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     block_maxima(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
     exact_topk(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles, k, b[7].view.buf,
                b[8].view.buf, best, blocks);
+    scratch_trim(sc);
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);

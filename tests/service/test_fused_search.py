@@ -102,6 +102,24 @@ def test_fused_search_with_many_equal_scores(big_vocab_model: Path) -> None:
 
 
 @needs_kernel
+def test_fused_search_from_many_threads_at_once(big_vocab_model: Path) -> None:
+    """The kernel releases the GIL and keeps its scratch memory per thread: concurrent calls (short-lived threads,
+    as anyio's idle workers are retired) give the answers of sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fused = fused_of(big_vocab_model)
+    rng = np.random.default_rng(9)
+    users = [(rng.integers(1, 5_002, n), rng.integers(1, 102, n), rng.integers(1, 5_002, 64), rng.integers(1, 102, 64))
+             for n in (300, 5_000, 20_000, 1_000) * 4]  # fmt: skip
+    want = [fused.run(*u) for u in users]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:  # new threads each round
+            got = list(pool.map(lambda u: fused.run(*u), users))
+        for (gi, gw), (wi, ww) in zip(got, want):
+            assert np.array_equal(gi, wi) and np.array_equal(gw, ww)
+
+
+@needs_kernel
 def test_fused_search_rejects_out_of_range_rows(big_vocab_model: Path) -> None:
     fused = fused_of(big_vocab_model)
     ok = np.arange(30, dtype=np.int64)
