@@ -8,6 +8,12 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("service._search", ["service/_search.c"], extra_compile_args=["-O3", "-std=gnu11"], optional=True),
+        Extension(
+            "service._search",
+            ["service/_search.c"],
+            depends=["service/_search_kernel.h"],
+            extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
+            optional=True,
+        ),
     ]
 )

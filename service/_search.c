@@ -5,22 +5,25 @@
  * operators cost more than the MatMul itself at small attention dims (docs/performance.md, rounds 3-5). This kernel
  * computes the same scores tile by tile and keeps only what the exact top-K needs:
  *
- *   pass 1  for every block of BLOCK history events and every candidate, the block's maximum score, computed in
- *           registers (AVX-512: 8 events x 32 candidates per tile, the events' rows read straight from the
- *           embedding tables, no gathered copy);
- *   select  per candidate, the K-th largest block maximum: every one of its K best events lies in a block whose
- *           maximum reaches it;
- *   pass 2  per candidate, the exact scores of the events in those blocks only (K to a few K blocks); those that
- *           reach the K-th largest block maximum go into a sorted list of the K best (score, then lower index
- *           first), whose scores become softmax weights.
+ *   pass 1  tiles of 8 history events (one block) x 32 candidates, computed in registers, the events' rows read
+ *           straight from the embedding tables (no gathered copy). Per block and candidate it keeps the best
+ *           score, its offset in the block and the second-best score; per candidate, the K largest block maxima
+ *           so far (a 16-lane insertion network, run only when a lane improves);
+ *   select  a candidate's K best events all lie in blocks whose maximum reaches its K-th largest block maximum
+ *           (thr), which is at most its K-th best score; a selected block whose second best is below thr holds at
+ *           most one of them, its best, which pass 1 already has;
+ *   pass 2  rescores event by event only the selected blocks that may hold two, keeps a sorted list of the K best
+ *           (score, then the lower position first: search.onnx's rule for ties), and turns it into softmax
+ *           weights.
  *
  * Same arithmetic as search.onnx (UserSearchGraph with the position part folded): score(c, t) =
  * <scale * item[c], item[t]> + <scale * cate[c], cate[t]> + poscol[min(N - t, max_position)], summed in another
  * order (float32 rounding differs at the 1e-7 level, as between onnxruntime and PyTorch). Outputs: index [C, K]
  * (history positions, oldest = 0; -1 = padding when N < K) and weight [C, K] (softmax over the real ones).
  *
- * Built as the extension module service._search (setup.py); only the AVX-512 path exists: elsewhere
- * `supported()` is false and the service runs search.onnx (service/search.py).
+ * Built as the extension module service._search (setup.py). The kernel's body (_search_kernel.h) is compiled twice,
+ * for AVX-512F and for AVX2 + FMA, and the best one this CPU has runs; on a CPU with neither (or not x86-64) `isa()`
+ * is 0 and the service runs search.onnx (service/search.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,115 +49,13 @@
 
 typedef float v16 __attribute__((vector_size(64)));
 
-static int cpu_ok(void) {
+/* The best instruction set this CPU has for the kernel: 512 (AVX-512F), 256 (AVX2 + FMA) or 0 (neither). */
+static int cpu_isa(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("fma")) return 0;
+    if (__builtin_cpu_supports("avx512f")) return 512;
+    return __builtin_cpu_supports("avx2") ? 256 : 0;
 }
-
-/* ---------------------------------------------------------------- pass 1: block maxima and their K-th largest */
-
-/* Per candidate lane, `top` holds the K largest block maxima so far, in descending order (top[K-1] = the K-th). */
-__attribute__((target("avx512f,fma"))) static inline void insert_max(v16 *top, int64_t k, v16 x) {
-    __mmask16 m = _mm512_cmp_ps_mask((__m512)x, (__m512)top[k - 1], _CMP_GT_OQ);
-    if (!m) return;
-    for (int64_t i = 0; i < k; i++) {
-        v16 hi = (v16)_mm512_max_ps((__m512)top[i], (__m512)x);
-        x = (v16)_mm512_min_ps((__m512)top[i], (__m512)x);
-        top[i] = hi;
-    }
-}
-
-__attribute__((target("avx512f,fma"))) static void block_maxima(
-    const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
-    const int64_t *hist_cate, int64_t n, int64_t max_position, const float *qt, int64_t tiles, int64_t k,
-    float *bmax /* [nb][tiles * 32] */, float *bsecond, uint8_t *barg, v16 *top /* [tiles * 2][k] */,
-    const float *zeros) {
-    const int64_t nb = (n + BLOCK - 1) / BLOCK;
-    const int64_t lines = (d * 4 + 63) / 64;
-    const v16 neg_inf = (v16)_mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < tiles * 2 * k; i++) top[i] = neg_inf;
-    for (int64_t b0 = 0; b0 < nb; b0 += GROUP) {
-        /* GROUP blocks share each candidate tile's packed queries while they are in L1. */
-        const int64_t g_end = b0 + GROUP < nb ? b0 + GROUP : nb;
-        const float *irow[GROUP][TT], *crow[GROUP][TT];
-        float pos[GROUP][TT];
-        int valid[GROUP][TT];
-        for (int64_t b = b0; b < g_end; b++) {
-            for (int r = 0; r < TT; r++) {
-                int64_t t = b * BLOCK + r;
-                int ok = t < n;
-                valid[b - b0][r] = ok;
-                irow[b - b0][r] = ok ? item + hist_item[t] * d : zeros;
-                crow[b - b0][r] = ok ? cate + hist_cate[t] * d : zeros;
-                int64_t p = n - t;
-                pos[b - b0][r] = ok ? poscol[p < max_position ? p : max_position] : 0.0f;
-            }
-        }
-        /* The next group's rows are random table rows: fetch them while this group computes. */
-        for (int64_t t = g_end * BLOCK; t < (g_end + GROUP) * BLOCK && t < n; t++) {
-            const char *pi = (const char *)(item + hist_item[t] * d), *pc = (const char *)(cate + hist_cate[t] * d);
-            for (int64_t l = 0; l < lines; l++) {
-                __builtin_prefetch(pi + 64 * l);
-                __builtin_prefetch(pc + 64 * l);
-            }
-        }
-        for (int64_t ct = 0; ct < tiles; ct++) {
-            const float *q = qt + ct * (2 * d * CT); /* [2d][32] */
-            const float *qc = q + d * CT;
-            for (int64_t b = b0; b < g_end; b++) {
-                const float *const *ir = irow[b - b0], *const *cr = crow[b - b0];
-                v16 a[TT][2];
-                for (int r = 0; r < TT; r++) a[r][0] = a[r][1] = (v16){0};
-                for (int64_t j = 0; j < d; j++) {
-                    v16 q0 = *(const v16 *)(q + j * CT), q1 = *(const v16 *)(q + j * CT + 16);
-#pragma GCC unroll 8
-                    for (int r = 0; r < TT; r++) {
-                        float h = ir[r][j];
-                        a[r][0] += h * q0;
-                        a[r][1] += h * q1;
-                    }
-                }
-                for (int64_t j = 0; j < d; j++) {
-                    v16 q0 = *(const v16 *)(qc + j * CT), q1 = *(const v16 *)(qc + j * CT + 16);
-#pragma GCC unroll 8
-                    for (int r = 0; r < TT; r++) {
-                        float h = cr[r][j];
-                        a[r][0] += h * q0;
-                        a[r][1] += h * q1;
-                    }
-                }
-                /* Per candidate: the block's best score, its offset in the block (the first of equal ones), and
-                 * the second best (equal to the best on a tie), which says whether the block can hold two of the
-                 * candidate's K best. */
-                __m512 best[2] = {(__m512)neg_inf, (__m512)neg_inf}, second[2] = {(__m512)neg_inf, (__m512)neg_inf};
-                __m512i at[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-#pragma GCC unroll 8
-                for (int r = 0; r < TT; r++) {
-                    if (!valid[b - b0][r]) continue;
-                    v16 p = (v16)_mm512_set1_ps(pos[b - b0][r]);
-                    for (int v = 0; v < 2; v++) {
-                        __m512 x = (__m512)(a[r][v] + p);
-                        __mmask16 gt = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
-                        second[v] = _mm512_max_ps(second[v], _mm512_min_ps(best[v], x));
-                        best[v] = _mm512_max_ps(best[v], x);
-                        at[v] = _mm512_mask_mov_epi32(at[v], gt, _mm512_set1_epi32(r));
-                    }
-                }
-                const int64_t o = (b * tiles + ct) * CT;
-                for (int v = 0; v < 2; v++) {
-                    _mm512_store_ps(bmax + o + 16 * v, best[v]);
-                    _mm512_store_ps(bsecond + o + 16 * v, second[v]);
-                    _mm_storeu_si128((__m128i *)(barg + o + 16 * v), _mm512_cvtepi32_epi8(at[v]));
-                }
-                v16 m0 = (v16)best[0], m1 = (v16)best[1];
-                insert_max(top + (2 * ct) * k, k, m0);
-                insert_max(top + (2 * ct + 1) * k, k, m1);
-            }
-        }
-    }
-}
-
-/* ------------------------------------------------------------------------------------- pass 2: exact top-K */
 
 typedef struct {
     float score;
@@ -163,26 +64,6 @@ typedef struct {
 
 /* a is worse than b: a lower score, or the same score at a later position (lower index wins ties). */
 static inline int worse(Hit a, Hit b) { return a.score < b.score || (a.score == b.score && a.index > b.index); }
-
-/* <q_item, item_row> + <q_cate, cate_row> in one vector accumulator (masked loads for a d that is not a multiple
- * of 16). */
-__attribute__((target("avx512f,fma"))) static inline float dot2(const float *qi, const float *ri, const float *qc,
-                                                               const float *rc, int64_t d) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= d; j += 32) { /* four independent chains: the FMA latency, not its throughput, bounds one */
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + j), _mm512_loadu_ps(ri + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qc + j), _mm512_loadu_ps(rc + j), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + j + 16), _mm512_loadu_ps(ri + j + 16), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qc + j + 16), _mm512_loadu_ps(rc + j + 16), a3);
-    }
-    for (; j < d; j += 16) {
-        __mmask16 m = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qi + j), _mm512_maskz_loadu_ps(m, ri + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qc + j), _mm512_maskz_loadu_ps(m, rc + j), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
 
 /* Offer a hit to a candidate's sorted list of its K best (best first). */
 static inline void offer(Hit *best, int64_t *filled, int64_t k, float bound, Hit hit) {
@@ -193,84 +74,19 @@ static inline void offer(Hit *best, int64_t *filled, int64_t k, float bound, Hit
     best[i] = hit;
 }
 
-/* Score block b's events for one candidate (query q = [scale * item, scale * cate]) and offer them; returns how
- * many events it scored. */
-__attribute__((target("avx512f,fma"))) static int64_t score_block(
-    const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
-    const int64_t *hist_cate, int64_t n, int64_t max_position, const float *q, int64_t b, float bound, Hit *best,
-    int64_t *filled, int64_t k) {
-    const int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
-    for (int64_t t = b * BLOCK; t < end; t++) {
-        const int64_t p = n - t;
-        offer(best, filled, k, bound,
-              (Hit){dot2(q, item + hist_item[t] * d, q + d, cate + hist_cate[t] * d, d) +
-                        poscol[p < max_position ? p : max_position],
-                    t});
-    }
-    return end - b * BLOCK;
-}
+/* 64-byte vectors are passed between always-inlined helpers only, never across a call: the note that their calling
+ * convention depends on AVX-512 does not apply. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 
-__attribute__((target("avx512f,fma"))) static void exact_topk(
-    const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
-    const int64_t *hist_cate, int64_t n, int64_t max_position, const float *query /* [C][2d] */, int64_t c_count,
-    const float *bmax, const float *bsecond, const uint8_t *barg, const v16 *top, int64_t tiles, int64_t k, int64_t *out_index, float *out_weight, Hit *best,
-    int32_t *blocks /* [16][nb] */) {
-    const int64_t nb = (n + BLOCK - 1) / BLOCK;
-    for (int64_t cv = 0; cv < tiles * 2; cv++) {
-        /* For these 16 candidates, the blocks whose maximum reaches the candidate's K-th largest block maximum
-         * (at least K of them, all of them when there are fewer than K). */
-        int32_t count[16] = {0};
-        __m512 thr = (__m512)top[cv * k + k - 1];
-        for (int64_t b = 0; b < nb; b++) {
-            __mmask16 m = _mm512_cmp_ps_mask(_mm512_load_ps(bmax + b * tiles * CT + cv * 16), thr, _CMP_GE_OQ);
-            while (m) {
-                int lane = __builtin_ctz(m);
-                m &= m - 1;
-                blocks[lane * nb + count[lane]++] = (int32_t)b;
-            }
-        }
-        for (int lane = 0; lane < 16 && cv * 16 + lane < c_count; lane++) {
-            const int64_t c = cv * 16 + lane;
-            const float *qi = query + c * 2 * d;
-            /* thr, the K-th largest block maximum, is at most the K-th largest score: an event below it is not
-             * one of the K best, and every one of the K best lies in a block whose maximum reaches it. */
-            const float thr = top[(cv * k + k - 1)][lane];
-            const int32_t *list = blocks + lane * nb;
-            const int64_t col = (cv / 2) * CT + (cv % 2) * 16 + lane, stride = tiles * CT;
-            int64_t filled = 0, seen = 0; /* best[0..filled) sorted, best first */
-            /* A selected block whose second best is below thr holds one of the K best at most: its best, whose
-             * score and offset pass 1 kept. The others (and every block when there are fewer than K) are scored
-             * again event by event. */
-            for (int32_t s = 0; s < count[lane]; s++) {
-                const int64_t b = list[s];
-                if (bsecond[b * stride + col] < thr) {
-                    offer(best, &filled, k, thr, (Hit){bmax[b * stride + col], b * BLOCK + barg[b * stride + col]});
-                    seen++;
-                    continue;
-                }
-                seen += score_block(item, cate, d, poscol, hist_item, hist_cate, n, max_position, qi, b, thr, best, &filled, k);
-            }
-            /* Rescored events are summed in another order than pass 1's, so one can land a rounding error below
-             * thr; if that leaves fewer than K, the candidate's blocks are scored again without the bound. */
-            if (filled < k && filled < seen) {
-                filled = 0;
-                for (int32_t s = 0; s < count[lane]; s++)
-                    score_block(item, cate, d, poscol, hist_item, hist_cate, n, max_position, qi, list[s], -INFINITY,
-                                best, &filled, k);
-            }
-            float total = 0.0f;
-            for (int64_t i = 0; i < filled; i++) total += expf(best[i].score - best[0].score);
-            if (total < FLT_MIN) total = FLT_MIN;
-            for (int64_t i = 0; i < k; i++) {
-                out_index[c * k + i] = i < filled ? best[i].index : -1;
-                out_weight[c * k + i] = i < filled ? expf(best[i].score - best[0].score) / total : 0.0f;
-            }
-        }
-    }
-}
+#define KISA 512
+#include "_search_kernel.h"
+#undef KISA
+#define KISA 256
+#include "_search_kernel.h"
+#undef KISA
 
 #else
-static int cpu_ok(void) { return 0; }
+static int cpu_isa(void) { return 0; }
 #endif /* DARE_X86 */
 
 /* Scratch memory, kept per thread between calls (the service scores on a small pool of worker threads): fresh
@@ -369,11 +185,15 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     PyObject *o[11];
     double scale;
     long long d, max_position, k;
-    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
-                          &max_position, &k, &o[7], &o[8]))
+    int isa = 0;
+    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO|i", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
+                          &max_position, &k, &o[7], &o[8], &isa))
         return NULL;
-    if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX-512F/FMA, which the fused search needs");
+    const int best_isa = cpu_isa();
+    if (isa == 0) isa = best_isa;
+    if (best_isa == 0 || (isa != 512 && isa != 256) || isa > best_isa) {
+        PyErr_Format(PyExc_RuntimeError, "the fused search needs AVX2 + FMA or AVX-512F; this CPU offers %s, asked: %d",
+                     best_isa == 512 ? "AVX-512F" : best_isa == 256 ? "AVX2 + FMA" : "neither", isa);
         return NULL;
     }
     static const char *names[9] = {"item_table", "cate_table", "position_column", "hist_item", "hist_cate",
@@ -438,9 +258,15 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
         float *packed = qt + (c / CT) * (2 * d * CT) + c % CT;
         for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
     }
-    block_maxima(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
-    exact_topk(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles, k, b[7].view.buf,
-               b[8].view.buf, best, blocks);
+    if (isa == 512) {
+        block_maxima_avx512(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
+        exact_topk_avx512(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
+                          k, b[7].view.buf, b[8].view.buf, best, blocks);
+    } else {
+        block_maxima_avx2(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
+        exact_topk_avx2(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
+                        k, b[7].view.buf, b[8].view.buf, best, blocks);
+    }
     scratch_trim(sc);
     Py_END_ALLOW_THREADS;
     result = Py_None;
@@ -453,18 +279,19 @@ done:
 }
 #else
 static PyObject *py_search(PyObject *self, PyObject *args) {
-    PyErr_SetString(PyExc_RuntimeError, "the fused search needs an x86-64 CPU with AVX-512F");
+    PyErr_SetString(PyExc_RuntimeError, "the fused search needs an x86-64 CPU with AVX2 + FMA or AVX-512F");
     return NULL;
 }
 #endif
 
-static PyObject *py_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_ok()); }
+static PyObject *py_isa(PyObject *self, PyObject *unused) { return PyLong_FromLong(cpu_isa()); }
 
 static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS,
      "search(item_table, cate_table, position_column, d, hist_item, hist_cate, cand_item, cand_cate, scale, "
-     "max_position, k, out_index, out_weight) -> None: the fused search of one user (see service/search.py)."},
-    {"supported", py_supported, METH_NOARGS, "supported() -> bool: this CPU has the instructions the kernel needs."},
+     "max_position, k, out_index, out_weight, isa=0) -> None: the fused search of one user (see service/search.py); "
+     "isa 512 or 256 picks the AVX-512F or the AVX2 code, 0 the best this CPU has."},
+    {"isa", py_isa, METH_NOARGS, "isa() -> int: 512 (AVX-512F), 256 (AVX2 + FMA) or 0 (the kernel cannot run here)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_search", "The fused DARE search kernel.", -1, methods, NULL, NULL, NULL, NULL};

@@ -33,7 +33,7 @@ from service.contract import (
     load_manifest,
 )
 from service.errors import NoModelLoadedError, UnknownModelError
-from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, SearchKernel
+from service.search import FUSED_MIN_HISTORY_PER_K, ISA_NAMES, FusedSearch, SearchKernel, kernel_isa
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,9 @@ class LoadedModel:
             "code_version": m.code_version,
             "created_at": m.created_at,
             "search": (
-                f"fused kernel from {FUSED_MIN_HISTORY_PER_K * m.top_k:,} events, else search.onnx" if self.fused else "search.onnx"
+                f"fused kernel ({ISA_NAMES.get(kernel_isa(), '?')}) from {FUSED_MIN_HISTORY_PER_K * m.top_k:,} events, else search.onnx"
+                if self.fused
+                else "search.onnx"
             ),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "default": default,

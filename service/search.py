@@ -9,8 +9,10 @@ Same answers as search.onnx (the same retrieved events and weights; float32 sums
 model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
-(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512; otherwise, and with
-DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
+(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
+kernel is compiled for both and runs the best one; AVX2 does half as much per instruction: W2 search at att 16 /
+128, 2.1 / 11.8 ms against 1.5 / 5.8 with AVX-512 on the same AVX-512 machine, search.onnx there 2.4 / 7.6);
+otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
 """
 
 from __future__ import annotations
@@ -48,12 +50,21 @@ def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
 _CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5
 
 
+ISA_NAMES = {512: "AVX-512F", 256: "AVX2 + FMA"}
+
+
+def kernel_isa() -> int:
+    """The instruction set the kernel runs with here: 512 (AVX-512F), 256 (AVX2 + FMA), 0 (none: not built, or a CPU
+    with neither)."""
+    return 0 if _kernel is None else int(_kernel.isa())
+
+
 def kernel_available() -> tuple[bool, str]:
     """(usable, why not) for the compiled kernel on this machine."""
     if _kernel is None:
         return False, "service._search was not built (no C compiler at install time)"
-    if not _kernel.supported():
-        return False, "this CPU has no AVX-512F/FMA"
+    if not kernel_isa():
+        return False, "this CPU has neither AVX-512F nor AVX2 + FMA"
     return True, ""
 
 
@@ -65,6 +76,7 @@ class FusedSearch:
     scale: float
     max_position: int
     top_k: int
+    isa: int = 0  # 0: the best this CPU has; 512 or 256 to pick one (tests compare both)
 
     @property
     def att_dim(self) -> int:
@@ -83,7 +95,7 @@ class FusedSearch:
             self.item, self.cate, self.position_column, self.att_dim,
             np.ascontiguousarray(hist_item, dtype=np.int64), np.ascontiguousarray(hist_cate, dtype=np.int64),
             np.ascontiguousarray(cand_item, dtype=np.int64), np.ascontiguousarray(cand_cate, dtype=np.int64),
-            self.scale, self.max_position, self.top_k, index, weight,
+            self.scale, self.max_position, self.top_k, index, weight, self.isa,
         )  # fmt: skip
         return index, weight
 
@@ -98,6 +110,7 @@ class FusedSearch:
         if not usable:
             log.info("model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
             return None
+        log.info("model %s: fused search (%s)", folder.name, ISA_NAMES[kernel_isa()])
         path = folder / spec.file
         try:
             with np.load(path, allow_pickle=False) as npz:

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     search_kernel: Literal["auto", "onnx"] = Field(
         "auto",
         description="auto: the fused search kernel (service/search.py) for histories of at least 10 x top-K events "
-        "where the model folder, the build and the CPU allow it, else search.onnx; onnx: always search.onnx",
+        "where the model folder, the build and the CPU (AVX-512F or AVX2 + FMA) allow it, else search.onnx; onnx: "
+        "always search.onnx",
     )
     inline_max_pairs: int = Field(
         50_000,

@@ -13,9 +13,11 @@ import pytest
 
 from service.contract import SEARCH_OUTPUTS, ModelFolderError, load_manifest, sha256_file
 from service.registry import InferenceOptions, load_model
-from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, kernel_available
+from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, kernel_available, kernel_isa
 
 needs_kernel = pytest.mark.skipif(not kernel_available()[0], reason=f"fused search unavailable: {kernel_available()[1]}")
+# The kernel is compiled for AVX-512F and for AVX2 + FMA; a CPU with AVX-512F runs both, so both are checked there.
+ISAS = [isa for isa in (512, 256) if isa <= kernel_isa()] or [0]
 
 
 def retrieved_keys(index: np.ndarray, hist_item: np.ndarray, hist_cate: np.ndarray, max_position: int) -> np.ndarray:
@@ -51,18 +53,20 @@ def big_vocab_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     return folder
 
 
-def fused_of(folder: Path, top_k: int = 20, max_position: int = 200) -> FusedSearch:
+def fused_of(folder: Path, top_k: int = 20, max_position: int = 200, isa: int = 0) -> FusedSearch:
     with np.load(folder / "attention.npz") as npz:
         return FusedSearch(
             item=npz["item"], cate=npz["cate"], position_column=npz["position_column"],
             scale=json.loads((folder / "scale.json").read_text())["scale"], max_position=max_position, top_k=top_k,
+            isa=isa,
         )  # fmt: skip
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("n", "c"), [(0, 3), (1, 1), (7, 5), (19, 2), (20, 4), (21, 33), (200, 100), (1_000, 1), (10_000, 200), (50_000, 31)])
-def test_fused_search_equals_search_onnx(big_vocab_model: Path, n: int, c: int) -> None:
-    fused = fused_of(big_vocab_model)
+def test_fused_search_equals_search_onnx(big_vocab_model: Path, n: int, c: int, isa: int) -> None:
+    fused = fused_of(big_vocab_model, isa=isa)
     session = ort.InferenceSession(str(big_vocab_model / "search.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(n * 31 + c)
     feeds = {
@@ -84,10 +88,11 @@ def test_fused_search_equals_search_onnx(big_vocab_model: Path, n: int, c: int) 
 
 
 @needs_kernel
-def test_fused_search_with_many_equal_scores(big_vocab_model: Path) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_search_with_many_equal_scores(big_vocab_model: Path, isa: int) -> None:
     """5 distinct (item, category) pairs over 5,000 events: most events tie with many others (same rows, positions
     past max_position). Either copy of a tied event may be retrieved; what the score graph reads must not differ."""
-    fused = fused_of(big_vocab_model)
+    fused = fused_of(big_vocab_model, isa=isa)
     session = ort.InferenceSession(str(big_vocab_model / "search.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(5)
     pick = rng.integers(0, 5, 5_000)
@@ -117,6 +122,25 @@ def test_fused_search_from_many_threads_at_once(big_vocab_model: Path) -> None:
             got = list(pool.map(lambda u: fused.run(*u), users))
         for (gi, gw), (wi, ww) in zip(got, want):
             assert np.array_equal(gi, wi) and np.array_equal(gw, ww)
+
+
+@pytest.mark.skipif(kernel_isa() < 512, reason="needs a CPU with AVX-512F to run both instruction sets")
+def test_both_instruction_sets_retrieve_the_same_events(big_vocab_model: Path) -> None:
+    """Pass 1 sums each lane's products in the same order on both, so the retrieved events are identical; pass 2's
+    rescoring may round differently (weights within 1e-6)."""
+    rng = np.random.default_rng(11)
+    for n, c in ((5_000, 200), (777, 33), (20_000, 64)):
+        feeds = (rng.integers(1, 5_002, n), rng.integers(1, 102, n), rng.integers(1, 5_002, c), rng.integers(1, 102, c))
+        (i5, w5), (i2, w2) = fused_of(big_vocab_model, isa=512).run(*feeds), fused_of(big_vocab_model, isa=256).run(*feeds)
+        assert np.array_equal(i5, i2) and np.abs(w5 - w2).max() <= 1e-6
+
+
+@needs_kernel
+def test_fused_search_asked_for_an_instruction_set_this_cpu_lacks(big_vocab_model: Path) -> None:
+    fused = fused_of(big_vocab_model, isa=1024)
+    ok = np.arange(30, dtype=np.int64)
+    with pytest.raises(RuntimeError, match="AVX2 \\+ FMA or AVX-512F"):
+        fused.run(ok, ok, ok[:3], ok[:3])
 
 
 @needs_kernel
