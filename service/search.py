@@ -10,9 +10,8 @@ model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
 (`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
-kernel is compiled for both and runs the best one; AVX2 does half as much per instruction: W2 search at att 16 /
-128, 2.1 / 11.8 ms against 1.5 / 5.8 with AVX-512 on the same AVX-512 machine, search.onnx there 2.4 / 7.6);
-otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
+kernel is compiled for both and runs the best one; `dare bench` times both codes against search.onnx on an AVX-512
+machine, docs/performance.md round 5); otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
 """
 
 from __future__ import annotations
