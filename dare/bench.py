@@ -1244,6 +1244,11 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             raise BenchError(f"the exported models were rejected by the service: {report.rejected}")
         engine = ScoringEngine(store, registry, max_history=longest)
         loaded = {d: registry.current.get(model_name(d, cfg.repr_dim)) for d in cfg.att_dims}
+        from service.search import kernel_available
+
+        fused_search: bool | str = all(loaded[d].fused is not None for d in cfg.att_dims) or (
+            kernel_available()[1] or "the kernel's AVX2 code is not the default (DARE_SEARCH_KERNEL=fused)"
+        )
         torch_paths = {d: TorchPath(store, loaded[d], models[d], longest) for d in cfg.att_dims}
 
         client = None
@@ -1268,8 +1273,6 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         # Same weights and inputs: only float summation order may differ (and, rarely, a near-tie in the top-K).
         if diff > 1e-3:
             raise BenchError(f"{what} probabilities differ from in-process onnxruntime by {diff:g}: not the same model")
-    from service.search import kernel_available
-
     meta = {
         "command": command,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1287,7 +1290,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "changes": changes,
         "http_paired": http_paired,
         "ort_options": ort_options,
-        "fused_search": kernel_available()[0] or kernel_available()[1],  # True, or why search.onnx ran instead
+        "fused_search": fused_search,  # True, or why search.onnx ran instead
         "random_init": True,
         "synthetic_data": True,
     }

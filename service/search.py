@@ -9,9 +9,12 @@ Same answers as search.onnx (the same retrieved events and weights; float32 sums
 model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
-(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
-kernel is compiled for both and runs the best one; `dare bench` times both codes against search.onnx on an AVX-512
-machine, docs/performance.md round 5); otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs search.onnx.
+(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F; otherwise, and with
+DARE_SEARCH_KERNEL=onnx, the service runs search.onnx. The kernel is also compiled for AVX2 + FMA, which
+DARE_SEARCH_KERNEL=fused uses on a CPU without AVX-512: not by default, because that code has only been measured
+on an AVX-512 machine, where it beats search.onnx at small dims only (search.onnx there runs AVX-512 code, which it
+would not on an AVX2 machine; `dare bench` times both codes, docs/performance.md round 5). Measure on such a
+machine before turning it on.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ except ImportError:  # built without a C compiler: search.onnx only
 
 log = logging.getLogger("dare.service")
 
-SearchKernel = Literal["auto", "onnx"]
+SearchKernel = Literal["auto", "fused", "onnx"]
 
 # With fewer than ~K blocks of 8 events the kernel's block maxima prune nothing and it rescores every event, where
 # search.onnx's single TopK is as fast (C = 100, top-20, p50 ms, att 16 / 128: N = 100 0.21 / 0.33 fused against
@@ -106,6 +109,8 @@ class FusedSearch:
         if kernel == "onnx" or spec is None:
             return None
         usable, why = kernel_available()
+        if usable and kernel == "auto" and kernel_isa() < 512:
+            usable, why = False, "this CPU has AVX2 but not AVX-512F; DARE_SEARCH_KERNEL=fused runs the AVX2 code"
         if not usable:
             log.info("model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
             return None

@@ -68,11 +68,11 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=0, description="onnxruntime threads inside one operator (0 = ORT default)")
     ort_inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators (0 = ORT default)")
     ort_graph_optimization: GraphOptimization = Field("all", description="onnxruntime graph optimisation level")
-    search_kernel: Literal["auto", "onnx"] = Field(
+    search_kernel: Literal["auto", "fused", "onnx"] = Field(
         "auto",
         description="auto: the fused search kernel (service/search.py) for histories of at least 10 x top-K events "
-        "where the model folder, the build and the CPU (AVX-512F or AVX2 + FMA) allow it, else search.onnx; onnx: "
-        "always search.onnx",
+        "where the model folder, the build and the CPU (AVX-512F) allow it, else search.onnx; fused: the same, and "
+        "with AVX2 + FMA on a CPU without AVX-512F (not measured on such a CPU: measure first); onnx: always search.onnx",
     )
     inline_max_pairs: int = Field(
         50_000,
