@@ -43,9 +43,6 @@
 #define CT 32   /* candidates per tile: two 16-float vectors */
 #define BLOCK TT
 #define GROUP 4 /* blocks per pass over the candidate tiles */
-#ifndef AHEAD
-#define AHEAD 1 /* pass 2 prefetches the rows of the block this many ahead */
-#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 
