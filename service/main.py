@@ -40,6 +40,7 @@ from service.engine import ScoringEngine
 from service.errors import InvalidSequenceInput, ServiceError
 from service.metrics import ServiceMetrics, multiprocess_dir
 from service.registry import InferenceOptions, ModelRegistry, ModelSet
+from service.search import FusedSearch, kernel_isa
 
 log = logging.getLogger("service")
 
@@ -53,6 +54,13 @@ _HTTP_CODES = {
     413: "body_too_large",
     415: "unsupported_media_type",
 }
+
+
+def search_label(fused: FusedSearch | None) -> str:
+    """dare_model_info's `search` label: which code searches this model's long histories."""
+    if fused is None:
+        return "onnx"
+    return {512: "avx512", 256: "avx2"}.get(fused.isa or kernel_isa(), "onnx")
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.CapacityLimiter) -> Services:
@@ -73,7 +81,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.C
     def publish(models: ModelSet) -> None:
         metrics.set_models([
             (m.name, m.manifest.version, m.manifest.model_kind, str(m.manifest.att_dim), str(m.manifest.repr_dim),
-             str(m.manifest.top_k), str(m.name == models.default).lower())
+             str(m.manifest.top_k), str(m.name == models.default).lower(), search_label(m.fused))
             for m in models.models.values()
         ])  # fmt: skip
 

@@ -12,7 +12,8 @@ Exported series (all prefixed `dare_`):
 - history_length{model}, candidates_per_request{model}   histograms
 - store_errors_total{operation, kind}, corrupt_sequences_total, degraded_responses_total,
   events_appended_total, events_replayed_total   counters
-- model_info{model, version, kind, att_dim, repr_dim, top_k, default}   gauge, 1 while loaded
+- model_info{model, version, kind, att_dim, repr_dim, top_k, default, search}   gauge, 1 while loaded (search: the
+  fused kernel's instruction set, `avx512` or `avx2`, or `onnx` when search.onnx does the search)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _LATENCY_BUCKETS = (
 _HISTORY_BUCKETS = (0, 1, 10, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 _CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1_000, 2_000, 5_000)
 
-MODEL_INFO_LABELS = ("model", "version", "kind", "att_dim", "repr_dim", "top_k", "default")
+MODEL_INFO_LABELS = ("model", "version", "kind", "att_dim", "repr_dim", "top_k", "default", "search")
 
 
 def multiprocess_dir() -> str | None:
