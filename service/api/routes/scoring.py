@@ -12,6 +12,7 @@ rejects) goes to the FastAPI route unchanged, with the body replayed, so every 4
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import anyio
@@ -61,29 +62,32 @@ async def score_request(
 ) -> dict[str, object]:
     """Score and build the response body. A small request (history x candidates <= DARE_INLINE_MAX_PAIRS) that finds
     no other blocking work running stays on the event loop: its store read through the asyncio client (a stalled
-    store holds up this request, not the loop), its graphs inline (~1 ms at most). Everything else runs in a worker
-    thread, bounded in number and time: the thread hand-off costs ~0.2-0.3 ms inside a busy service (the back-to-back
-    HTTP split in docs/performance.md), most of a small request's HTTP overhead, but it lets concurrent requests
-    use every core."""
+    store holds up this request, not the loop), its graphs inline (~1 ms at most), saving the hand-off to a worker
+    thread and back (docs/performance.md, round 5). Everything else runs in a worker thread, bounded in number and
+    time, which lets concurrent requests use every core. The whole call is bounded by DARE_REQUEST_TIMEOUT_S."""
     engine, settings = services.engine, services.settings
     run_options = ort.RunOptions()
     fetched = None
+    timeout = settings.request_timeout_s
     if settings.inline_max_pairs > 0 and services.store.async_client is not None and services.limiter.borrowed_tokens == 0:
+        started = time.monotonic()
         try:
-            with anyio.fail_after(settings.request_timeout_s):
+            with anyio.fail_after(timeout):
                 fetched = await engine.afetch(body.user_id)
         except TimeoutError:
             raise RequestTimeoutError(
-                f"the store read did not finish within {settings.request_timeout_s:g} s (DARE_REQUEST_TIMEOUT_S)"
+                f"the store read did not finish within DARE_REQUEST_TIMEOUT_S ({timeout:g} s)"
             ) from None
         if len(fetched.history.events) * len(items) <= settings.inline_max_pairs:
             result = engine.score(body.user_id, items, cates, model=model, fetched=fetched)
             return score_body(body.user_id, result, explain=body.explain)
+        timeout -= time.monotonic() - started  # what the store read left of the request's time
     result = await run_blocking(
         services,
         partial(engine.score, body.user_id, items, cates, model=model, run_options=run_options, fetched=fetched),
         what="scoring",
         run_options=run_options,
+        timeout=timeout,
     )
     return score_body(body.user_id, result, explain=body.explain)
 
