@@ -179,7 +179,7 @@ static int ids_in_range(Buf *b, Py_ssize_t rows, const char *name) {
 
 #ifdef DARE_X86
 static PyObject *py_search(PyObject *self, PyObject *args) {
-    PyObject *o[11];
+    PyObject *o[9];
     double scale;
     long long d, max_position, k;
     int isa = 0;
