@@ -144,11 +144,11 @@ class ScoringEngine:
         prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options)
         timings = {"store_fetch": fetched.seconds, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}
         if self.metrics is not None:
-            name = model.name
+            series = self.metrics.scoring_series(model.name)
             for stage, seconds in timings.items():
-                self.metrics.stage_duration.labels(stage=stage, model=name).observe(seconds)
-            self.metrics.history_length.labels(model=name).observe(len(hist.events))
-            self.metrics.candidates.labels(model=name).observe(len(cand_item))
+                series.stages[stage].observe(seconds)
+            series.history_length.observe(len(hist.events))
+            series.candidates.observe(len(cand_item))
             if degraded:
                 self.metrics.degraded_responses.inc()
         return ScoreResult(

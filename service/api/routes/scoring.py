@@ -12,6 +12,7 @@ rejects) goes to the FastAPI route unchanged, with the body replayed, so every 4
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 
@@ -27,7 +28,7 @@ from service.api.concurrency import run_blocking
 from service.api.deps import ApiAuth, Services, ServicesDep, bearer_matches
 from service.api.middleware import replay_body
 from service.api.responses import JSON_OPTIONS, OrjsonResponse, errors, service_error_response
-from service.engine import ScoreResult
+from service.engine import Fetched, ScoreResult
 from service.errors import LimitExceededError, RequestTimeoutError, ServiceError
 from service.registry import LoadedModel
 from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
@@ -57,23 +58,61 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
     return model, items, cates
 
 
+def inline_allowed(services: Services) -> bool:
+    """Whether a small request may run on the event loop now: enabled, an asyncio store client, and no other
+    blocking work running in the process (under concurrency, requests spread over the worker threads and cores)."""
+    return (
+        services.settings.inline_max_pairs > 0
+        and services.store.async_client is not None
+        and services.limiter.borrowed_tokens == 0
+    )
+
+
+def start_prefetch(services: Services, data: object) -> asyncio.Task[Fetched] | None:
+    """Start reading the user's history while the rest of the request is validated (the fast path; see
+    `score_request`): a task, or None when the request will not read on the loop or names no usable user id.
+
+    The read is the same read-only MULTI/EXEC `score_request` would issue next; a request that then fails validation
+    cancels it (`cancel_prefetch`)."""
+    if type(data) is not dict or not inline_allowed(services):
+        return None
+    user_id = data.get("user_id")
+    if type(user_id) is not str or not 0 < len(user_id) <= services.settings.max_user_id_length:
+        return None
+    return asyncio.ensure_future(services.engine.afetch(user_id))
+
+
+def cancel_prefetch(prefetch: asyncio.Task[Fetched] | None) -> None:
+    if prefetch is None:
+        return
+    prefetch.cancel()
+    # A read that already failed (store down) must not be logged as an exception nobody retrieved.
+    prefetch.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+
 async def score_request(
-    services: Services, body: ScoreRequest, model: LoadedModel, items: np.ndarray, cates: np.ndarray
+    services: Services,
+    body: ScoreRequest,
+    model: LoadedModel,
+    items: np.ndarray,
+    cates: np.ndarray,
+    prefetch: asyncio.Task[Fetched] | None = None,
 ) -> dict[str, object]:
     """Score and build the response body. A small request (history x candidates <= DARE_INLINE_MAX_PAIRS) that finds
     no other blocking work running stays on the event loop: its store read through the asyncio client (a stalled
     store holds up this request, not the loop), its graphs inline (~1 ms at most), saving the hand-off to a worker
-    thread and back (docs/performance.md, round 5). Everything else runs in a worker thread, bounded in number and
-    time, which lets concurrent requests use every core. The whole call is bounded by DARE_REQUEST_TIMEOUT_S."""
+    thread and back (docs/performance.md, round 5). `prefetch` is that read already started by the fast path before
+    the body was validated, so the Redis round trip overlaps the validation (round 6). Everything else runs in a
+    worker thread, bounded in number and time, which lets concurrent requests use every core. The whole call is
+    bounded by DARE_REQUEST_TIMEOUT_S."""
     engine, settings = services.engine, services.settings
-    run_options = ort.RunOptions()
     fetched = None
     timeout = settings.request_timeout_s
-    if settings.inline_max_pairs > 0 and services.store.async_client is not None and services.limiter.borrowed_tokens == 0:
+    if prefetch is not None or inline_allowed(services):
         started = time.monotonic()
         try:
-            with anyio.fail_after(timeout):
-                fetched = await engine.afetch(body.user_id)
+            async with asyncio.timeout(timeout):
+                fetched = await (prefetch if prefetch is not None else engine.afetch(body.user_id))
         except TimeoutError:
             raise RequestTimeoutError(
                 f"the store read did not finish within DARE_REQUEST_TIMEOUT_S ({timeout:g} s)"
@@ -82,6 +121,7 @@ async def score_request(
             result = engine.score(body.user_id, items, cates, model=model, fetched=fetched)
             return score_body(body.user_id, result, explain=body.explain)
         timeout -= time.monotonic() - started  # what the store read left of the request's time
+    run_options = ort.RunOptions()
     result = await run_blocking(
         services,
         partial(engine.score, body.user_id, items, cates, model=model, run_options=run_options, fetched=fetched),
@@ -129,15 +169,29 @@ class ScoreFastPath:
         if raw is None:  # the client went away
             return
         try:
-            body = ScoreRequest.model_validate(orjson.loads(raw))
-        except (orjson.JSONDecodeError, ValidationError):
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             await self.app(scope, replay_body(raw, receive), send)  # FastAPI answers with the 422 naming the fields
+            return
+        # The store read starts now and overlaps the validation below (~0.1-0.15 ms for 100 candidates).
+        prefetch = start_prefetch(services, data)
+        if prefetch is not None:
+            await asyncio.sleep(0)  # one turn of the loop: the task sends its commands and waits for the reply
+        try:
+            body = ScoreRequest.model_validate(data)
+        except ValidationError:
+            cancel_prefetch(prefetch)
+            await self.app(scope, replay_body(raw, receive), send)
             return
         scope["route"] = SCORE_ROUTE  # what FastAPI would set: the request metrics' endpoint label
         try:
-            model, items, cates = checked_request(body, services)
+            try:
+                model, items, cates = checked_request(body, services)
+            except BaseException:
+                cancel_prefetch(prefetch)
+                raise
             scope.setdefault("state", {})["model"] = model.name
-            payload = orjson.dumps(await score_request(services, body, model, items, cates), option=JSON_OPTIONS)
+            payload = orjson.dumps(await score_request(services, body, model, items, cates, prefetch), option=JSON_OPTIONS)
         except ServiceError as exc:
             await service_error_response(exc, "POST", "/score")(scope, receive, send)
             return
