@@ -17,6 +17,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 import dare
 from service.api.deps import Services, require_admin_token, require_api_token
@@ -238,7 +240,7 @@ def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> DareApp:
     """The app; `settings` default to the DARE_* environment (read now, not at import)."""
     settings = settings if settings is not None else get_settings()
     metrics = ServiceMetrics()
@@ -271,7 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
                 multiprocess.mark_process_dead(os.getpid())
 
-    app = FastAPI(
+    app = DareApp(
         title="DARE scoring service",
         summary="CTR scores over lifelong behaviour sequences (DARE: decoupled attention and representation embeddings)",
         version=dare.__version__,
@@ -282,15 +284,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    # Added last = outermost: the duration histogram also sees the 413s of the body limit, and both apply to the
-    # fast path of POST /score as to every route.
-    app.add_middleware(ScoreFastPath, enabled=settings.score_fast_path)
+    # Added last = outermost: the duration histogram also sees the 413s of the body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.score_fast_path:
+        app.score_fast_path = ScoreFastPath(partial(FastAPI.__call__, app), metrics, settings.max_body_bytes)
     return app
 
 
-def create_app_from_env() -> FastAPI:
+class DareApp(FastAPI):
+    """FastAPI with POST /score's fast path in front of its middleware stack (`ScoreFastPath`, which applies the
+    stack's body limit, request metrics and error bodies itself and hands every other request to the stack)."""
+
+    score_fast_path: ScoreFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.score_fast_path
+        if fast is not None and fast.takes(scope):
+            scope["app"] = self  # what Starlette sets: the fast path finds the services in app.state
+            await fast(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app_from_env() -> DareApp:
     """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

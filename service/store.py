@@ -387,9 +387,46 @@ class SequenceStore:
             raise RuntimeError("aread needs open_async() first (and a non-Cluster store)")
         key = self._read_key(user_id, max_events)
         with self._errors("read", user_id, key):
-            pipe = self._queue_read(self.async_client.pipeline(transaction=True), key, max_events)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._aread_transaction(key, max_events)
         return self._parse_read(replies, user_id, key, max_events)
+
+    async def _aread_transaction(self, key: str, max_events: int) -> list[Any]:
+        """The MULTI/EXEC of `_queue_read` on one pooled connection of the asyncio client, without redis-py's
+        Pipeline object: its command stack, response callbacks and observability hooks cost more than the round
+        trip itself on the 2-core machine (docs/performance.md, round 6). The replies are EXEC's, as the pipeline
+        returns them with raise_on_error=False (a failed command is an exception in the list).
+
+        A connection error or timeout is retried as the client's retry policy says, on a fresh connection. A
+        failure or cancellation part-way (an error reply to a queued command included) drops the connection, so no
+        connection with unread replies goes back to the pool."""
+        assert self.async_client is not None
+        commands: list[tuple[Any, ...]] = [("MULTI",), ("TYPE", key), ("STRLEN", key), ("GETRANGE", key, 0, HEADER_SIZE - 1)]
+        if max_events > 0:
+            commands.append(("GETRANGE", key, -max_events * RECORD_SIZE, -1))
+        commands.append(("EXEC",))
+        pool = self.async_client.connection_pool
+        conn = await pool.get_connection()
+        packed = conn.pack_commands(commands)
+
+        async def round_trip() -> Any:
+            await conn.send_packed_command(packed)
+            for _ in range(len(commands) - 1):  # +OK for MULTI, +QUEUED for each command
+                await conn.read_response()
+            return await conn.read_response()
+
+        async def drop(error: Exception) -> None:
+            await conn.disconnect()
+
+        try:
+            replies = await conn.retry.call_with_retry(round_trip, drop)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+        if not isinstance(replies, list) or len(replies) != len(commands) - 2:
+            raise redis.ResponseError(f"unexpected reply to EXEC: {replies!r:.200}")
+        return replies
 
     def _read_key(self, user_id: str, max_events: int) -> str:
         if max_events < 0:

@@ -130,3 +130,34 @@ def test_fast_path_body_limit_still_applies(models_dir: Path, redis_url: str, tm
     with counting_app(settings) as (client, _):
         r = client.post("/score", json={"user_id": "u", "candidates": CANDIDATES * 40})
         assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_fast_path_unexpected_error_is_a_logged_json_500_and_counted(
+    models_dir: Path, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.engine import ScoringEngine
+
+    def broken(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ScoringEngine, "score", broken)
+    settings = Settings(redis_url=redis_url, models_dir=models_dir, data_dir=tmp_path / "var")
+    with counting_app(settings) as (client, reached):
+        r = client.post("/score", json={"user_id": "u", "candidates": CANDIDATES})
+        assert r.status_code == 500 and r.json() == {"error": "internal_error", "detail": "internal error (see the service log)"}
+        assert reached == []  # answered by the fast path, not FastAPI's error handler
+        assert "unhandled error on POST /score" in caplog.text and "boom" in caplog.text
+        metrics = client.get("/metrics").text
+        assert 'dare_http_request_duration_seconds_count{endpoint="/score",method="POST",model="dare-a",status="500"} 1.0' in metrics
+
+
+def test_fast_path_takes_only_declared_lengths_within_the_limit(models_dir: Path, redis_url: str, tmp_path: Path) -> None:
+    """A chunked upload (no Content-Length) is FastAPI's: its body limit counts the bytes as they arrive."""
+    settings = Settings(redis_url=redis_url, models_dir=models_dir, data_dir=tmp_path / "var", max_body_bytes=2048)
+    body = b'{"user_id": "u", "candidates": %s}' % str(CANDIDATES).replace("'", '"').encode()
+    with counting_app(settings) as (client, reached):
+        ok = client.post("/score", content=iter([body]), headers={"content-type": "application/json"})
+        assert ok.status_code == 200 and reached == ["/score"]
+        big = b'{"user_id": "u", "candidates": %s}' % str(CANDIDATES * 40).replace("'", '"').encode()
+        r = client.post("/score", content=iter([big[:1000], big[1000:]]), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"

@@ -339,3 +339,132 @@ def test_tls_with_password_via_rediss_url(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+# --- the asyncio read (SequenceStore.aread: small POST /score requests on the event loop) ---------------------------
+def run_async(store: SequenceStore, *reads: tuple[str, int]) -> list[object]:
+    """Each (user, max_events) through `aread` on one event loop; an exception is returned in its place."""
+    import asyncio
+
+    async def main() -> list[object]:
+        store.open_async()
+        try:
+            out: list[object] = []
+            for user, n in reads:
+                try:
+                    out.append(await store.aread(user, n))
+                except Exception as exc:  # noqa: BLE001 - compared by the test
+                    out.append(exc)
+            return out
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+def same_history(a: object, b: object) -> bool:
+    return (
+        a.exists == b.exists and a.stored_length == b.stored_length and a.events.tobytes() == b.events.tobytes()  # type: ignore[attr-defined]
+    )
+
+
+def test_aread_returns_what_read_returns(store: SequenceStore) -> None:
+    store.append("many", events(list(range(1, 301))))
+    store.append("few", events([5, 6]))
+    reads = [("many", 1000), ("many", 50), ("many", 0), ("few", 1000), ("nobody", 1000), ("nobody", 0)]
+    for (user, n), got in zip(reads, run_async(store, *reads)):
+        assert same_history(got, store.read(user, n)), (user, n)
+
+
+@pytest.mark.parametrize("make_bad", ["header", "wrong_type"])
+def test_aread_raises_the_errors_read_raises(store: SequenceStore, make_bad: str) -> None:
+    if make_bad == "header":
+        store.client.set("dare:{bad}:seq", b"JSON" + HEADER[4:] + b"\0" * RECORD_SIZE)
+    else:
+        store.client.rpush("dare:{bad}:seq", b"a")
+    store.append("good", events([1, 2, 3]))
+    bad, good = run_async(store, ("bad", 100), ("good", 100))
+    assert isinstance(bad, CorruptSequenceError)
+    with pytest.raises(CorruptSequenceError) as sync_error:
+        store.read("bad", 100)
+    assert str(bad) == str(sync_error.value)
+    assert same_history(good, store.read("good", 100))  # the same connection serves the next read correctly
+
+
+def test_aread_after_a_refused_queued_command_leaves_no_unread_replies(make_redis_server) -> None:
+    """An error reply to a queued command (here: an ACL that denies GETRANGE) arrives mid-transaction; the
+    connection is dropped, so the replies still on it never reach the next read of another user."""
+    server = make_redis_server()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-getrange")
+    writer = SequenceStore.from_url(server.url)
+    writer.append("alice", events([1, 2, 3]))
+    writer.append("bob", events([7, 8]))
+    reader = SequenceStore.from_url(f"redis://reader:pw@127.0.0.1:{server.port}/0", max_connections=1)
+
+    async def main() -> tuple[object, object, object]:
+        import asyncio
+
+        reader.open_async()  # one pooled connection: the second read must reuse it (or its replacement)
+        try:
+            try:
+                await reader.aread("alice", 10)
+                refused: object = None
+            except StoreUnavailableError as exc:
+                refused = exc
+            await asyncio.to_thread(admin.execute_command, "ACL", "SETUSER", "reader", "+getrange")
+            return refused, await reader.aread("alice", 10), await reader.aread("bob", 10)
+        finally:
+            await reader.aclose()
+
+    try:
+        import asyncio
+
+        refused, alice, bob = asyncio.run(main())
+        assert isinstance(refused, StoreUnavailableError) and "getrange" in str(refused).lower(), refused
+        assert same_history(alice, writer.read("alice", 10)) and same_history(bob, writer.read("bob", 10))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_cancelled_aread_does_not_leave_its_reply_for_the_next_one(make_redis_server) -> None:
+    """Cancelled while Redis is stalled (the fast path cancels a read whose request failed validation): the
+    connection with the late reply on it is dropped, and the next read of another user gets its own history."""
+    import asyncio
+
+    server = make_redis_server("--enable-debug-command", "yes")
+    store = SequenceStore.from_url(server.url, socket_timeout_s=10.0)
+    store.append("alice", events([1, 2, 3]))
+    store.append("bob", events([7, 8]))
+
+    async def main() -> object:
+        store.open_async()
+        try:
+            sleeper = server.stall(1.0)
+            task = asyncio.ensure_future(store.aread("alice", 10))
+            await asyncio.sleep(0.2)  # the transaction is sent; its reply waits for the stall
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(sleeper.join)
+            return await store.aread("bob", 10)
+        finally:
+            await store.aclose()
+
+    try:
+        bob = asyncio.run(main())
+        assert same_history(bob, store.read("bob", 10))
+    finally:
+        store.close()
+
+
+def test_aread_with_the_store_down_is_store_unavailable(make_redis_server) -> None:
+    server = make_redis_server()
+    store = SequenceStore.from_url(server.url, connect_timeout_s=0.5, socket_timeout_s=0.5)
+    server.stop()
+    try:
+        (error,) = run_async(store, ("alice", 10))
+        assert isinstance(error, StoreUnavailableError)
+    finally:
+        store.close()
