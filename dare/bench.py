@@ -45,7 +45,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -283,14 +284,30 @@ class HttpClient:
     def _read_more(self, buf: bytes) -> bytes:
         chunk = self.sock.recv(1 << 16)
         if not chunk:
-            raise BenchError("`dare serve` closed the connection")
+            raise BenchError(f"the server on port {self.port} closed the connection")
         return buf + chunk
 
     def score(self, body: bytes) -> tuple[np.ndarray, float]:
         import orjson
 
         t0 = time.perf_counter()
-        self.sock.sendall(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status, payload = self._exchange(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if status != 200:
+            raise BenchError(f"POST /score answered {status}: {payload[:300]!r}")
+        scores = orjson.loads(payload)["scores"]
+        elapsed = time.perf_counter() - t0
+        return np.asarray(scores, dtype=np.float32), elapsed
+
+    def get(self, path: str = "/") -> float:
+        """GET `path` (the HTTP floor servers, `dare.http_floor`): seconds to the whole answer."""
+        t0 = time.perf_counter()
+        status, payload = self._exchange(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
+        if status != 200:
+            raise BenchError(f"GET {path} on port {self.port} answered {status}: {payload[:300]!r}")
+        return time.perf_counter() - t0
+
+    def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
         buf = self.pending
         while b"\r\n\r\n" not in buf:
             buf = self._read_more(buf)
@@ -299,15 +316,11 @@ class HttpClient:
         status = int(lines[0].split(b" ", 2)[1])
         lengths = [int(line.split(b":", 1)[1]) for line in lines[1:] if line.lower().startswith(b"content-length:")]
         if len(lengths) != 1:
-            raise BenchError(f"POST /score answered without one Content-Length: {head[:300]!r}")
+            raise BenchError(f"port {self.port} answered without one Content-Length: {head[:300]!r}")
         while len(rest) < lengths[0]:
             rest = self._read_more(rest)
         payload, self.pending = rest[: lengths[0]], rest[lengths[0] :]
-        if status != 200:
-            raise BenchError(f"POST /score answered {status}: {payload[:300]!r}")
-        scores = orjson.loads(payload)["scores"]
-        elapsed = time.perf_counter() - t0
-        return np.asarray(scores, dtype=np.float32), elapsed
+        return status, payload
 
     def close(self) -> None:
         self.sock.close()
@@ -337,22 +350,27 @@ class StdlibHttpClient:
         self.conn.close()
 
 
-def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int) -> list[dict[str, Any]]:
+def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int,
+                        floors: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """In-process call, POST /score with the lean client and POST /score with http.client, back to back on the same
     user and candidates (rotating their order), for every workload and dim: p50 of each.
 
     The main table interleaves every (workload, dim, backend) in shuffled order, so `dare serve` idles between two of
     its calls while this process runs the others, and each HTTP call also pays for waking the server's event loop and
     worker thread and for its caches gone cold. Here the service is kept as busy as the in-process engine, as under
-    steady traffic. The http.client column shows what the standard library's client adds by itself."""
+    steady traffic. The http.client column shows what the standard library's client adds by itself. `floors`
+    (name -> port of a `dare.http_floor` server) adds a GET to each in the same rotation: the HTTP floor."""
     import orjson
 
-    clients = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
+    floors = floors or {}
+    clients: dict[str, Any] = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
+    clients.update({f"floor_{name}": HttpClient(floor_port) for name, floor_port in floors.items()})
+    names = ("in_process", "http", "http_stdlib", *(f"floor_{name}" for name in floors))
     rows: list[dict[str, Any]] = []
     try:
         for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
             for d in cfg.att_dims:
-                timings: dict[str, list[float]] = {"in_process": [], "http": [], "http_stdlib": []}
+                timings: dict[str, list[float]] = {name: [] for name in names}
                 server_before: dict[str, float] = {}
                 # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
                 # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
@@ -367,12 +385,14 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                     items, cates = data.candidates[w.name][r % cfg.candidate_sets]
                     body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
                                          "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
-                    order = ("in_process", "http", "http_stdlib")[r % 3 :] + ("in_process", "http", "http_stdlib")[: r % 3]
+                    order = names[r % len(names) :] + names[: r % len(names)]
                     for name in order:
                         if name == "in_process":
                             t0 = time.perf_counter()
                             engine.score(user, items, cates, model=loaded[d])
                             seconds = time.perf_counter() - t0
+                        elif name.startswith("floor_"):
+                            seconds = clients[name].get()
                         else:
                             _, seconds = clients[name].score(body)
                         if r >= cfg.warmup:
@@ -383,7 +403,8 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                 rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
                              "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"],
                              "pairs": len(timings["http"]), "in_process_mean_ms": round(float(np.mean(timings["in_process"])) * 1000.0, 4),
-                             "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server})  # fmt: skip
+                             "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server,
+                             **{f"{name}_p50_ms": p50[name] for name in names if name.startswith("floor_")}})  # fmt: skip
     finally:
         for client in clients.values():
             client.close()
@@ -432,6 +453,38 @@ def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> 
            "DARE_REQUEST_TIMEOUT_S": "60"}  # fmt: skip
     process = start_dare_serve(["--models", str(models_dir), "--workers", "1"], port, log, env, error=BenchError, ready_within_s=180)
     return process, port
+
+
+FLOOR_SERVERS = ("uvicorn", "raw")
+
+
+@contextmanager
+def floor_server(name: str, log: Path) -> Iterator[int]:
+    """A `dare.http_floor` server (`uvicorn` or `raw`) on a free port, for the run: yields the port once it answers."""
+    from loadtest.redis_server import free_port
+
+    port = free_port()
+    with log.open("wb") as fh:
+        process = subprocess.Popen([sys.executable, "-m", "dare.http_floor", "--server", name, "--port", str(port)],
+                                   cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"the {name} HTTP floor server exited with code {process.returncode}; see {log}")
+            try:
+                client = HttpClient(port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the {name} HTTP floor server did not answer within 60 s; see {log}") from None
+                time.sleep(0.1)
+                continue
+            client.get()
+            client.close()
+            break
+        yield port
+    finally:
+        stop_process(process)
 
 
 def _progress(items: Any, cfg: BenchConfig, desc: str) -> Any:
@@ -1109,6 +1162,20 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
                 http, server, stages = row["http_mean_ms"], row["server_request_mean_ms"], row["server_stages_mean_ms"]
                 lines.append(f"| {row['workload']} | {row['att_dim']} | {row['in_process_mean_ms']:.3f} | {http:.3f} | {server:.3f} | {stages:.3f} | "
                              f"{server - stages:.3f} | {http - server:.3f} |")
+    floors = [row for row in meta.get("http_paired", []) if "floor_uvicorn_p50_ms" in row]
+    if floors:
+        lines += ["", "## The HTTP floor, same rotation (p50 ms)", "",
+                  "GET / to `dare.http_floor` servers, in the same back-to-back rotation as the calls above: a bare "
+                  "ASGI app on uvicorn (what `dare serve` runs on, without any of the service's code) and a raw uvloop "
+                  "protocol (the socket round trip and the wake-ups alone). No service on that server can add less to "
+                  "the in-process call than its floor: the floor ratio = (in-process + floor) / in-process is the lowest "
+                  "POST /score / in-process ratio it could reach.", "",
+                  "| workload | att dim | in-process | POST /score minus in-process | uvicorn floor | floor ratio | raw uvloop floor | floor ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for row in floors:
+            o, fu, fr = row["in_process_p50_ms"], row["floor_uvicorn_p50_ms"], row.get("floor_raw_p50_ms")
+            raw = f"{fr:.3f} | {(o + fr) / o:.2f}" if fr is not None else " | "
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {row['http_p50_ms'] - o:.3f} | {fu:.3f} | {(o + fu) / o:.2f} | {raw} |")
     if meta.get("ort_options"):
         first = meta["ort_options"][0]
         lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",
@@ -1264,7 +1331,10 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         changes += measure_graph_changes(cfg, data, store, loaded, models, work / "plain-graphs")
         changes += measure_validation_change(cfg, data)
         changes += measure_fused_change(cfg, data, store, loaded)
-        http_paired = measure_http_paired(cfg, data, engine, loaded, client.port) if client is not None else []
+        http_paired = []
+        if client is not None:
+            floors = {name: stack.enter_context(floor_server(name, work / f"floor-{name}.log")) for name in FLOOR_SERVERS}
+            http_paired = measure_http_paired(cfg, data, engine, loaded, client.port, floors)
         ort_options = measure_ort_options(cfg, data, store, loaded)
         profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
 
