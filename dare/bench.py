@@ -365,46 +365,60 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
     floors = floors or {}
     clients: dict[str, Any] = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
     clients.update({f"floor_{name}": HttpClient(floor_port) for name, floor_port in floors.items()})
-    names = ("in_process", "http", "http_stdlib", *(f"floor_{name}" for name in floors))
     rows: list[dict[str, Any]] = []
+
+    def rotate(w: Workload, d: int, names: tuple[str, ...], on_timed_start: Any = None) -> dict[str, list[float]]:
+        """Rounds of `names` (rotating their order) on the same user and candidates per round: seconds per name."""
+        timings: dict[str, list[float]] = {name: [] for name in names}
+        # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
+        # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
+        started, r = time.perf_counter(), 0
+        min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
+        while r < cfg.warmup + cfg.repeats or (time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats):
+            if r == cfg.warmup and on_timed_start is not None:
+                on_timed_start()
+            user = data.users[w.name][r % cfg.users]
+            items, cates = data.candidates[w.name][r % cfg.candidate_sets]
+            body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
+                                 "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                if name == "in_process":
+                    t0 = time.perf_counter()
+                    engine.score(user, items, cates, model=loaded[d])
+                    seconds = time.perf_counter() - t0
+                elif name.startswith("floor_"):
+                    seconds = clients[name].get()
+                else:
+                    _, seconds = clients[name].score(body)
+                if r >= cfg.warmup:
+                    timings[name].append(seconds)
+            r += 1
+        return timings
+
+    def p50_ms(values: list[float]) -> float:
+        return round(float(np.median(values)) * 1000.0, 4)
+
     try:
         for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
             for d in cfg.att_dims:
-                timings: dict[str, list[float]] = {name: [] for name in names}
                 server_before: dict[str, float] = {}
-                # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
-                # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
-                started, r = time.perf_counter(), 0
-                min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
-                while r < cfg.warmup + cfg.repeats or (
-                    time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats
-                ):
-                    if r == cfg.warmup:  # the service's own timings of the timed rounds only
-                        server_before = server_time_sums(port, model_name(d, cfg.repr_dim))
-                    user = data.users[w.name][r % cfg.users]
-                    items, cates = data.candidates[w.name][r % cfg.candidate_sets]
-                    body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
-                                         "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
-                    order = names[r % len(names) :] + names[: r % len(names)]
-                    for name in order:
-                        if name == "in_process":
-                            t0 = time.perf_counter()
-                            engine.score(user, items, cates, model=loaded[d])
-                            seconds = time.perf_counter() - t0
-                        elif name.startswith("floor_"):
-                            seconds = clients[name].get()
-                        else:
-                            _, seconds = clients[name].score(body)
-                        if r >= cfg.warmup:
-                            timings[name].append(seconds)
-                    r += 1
+
+                def mark() -> None:  # the service's own timings of the timed rounds only
+                    server_before.update(server_time_sums(port, model_name(d, cfg.repr_dim)))
+
+                timings = rotate(w, d, ("in_process", "http", "http_stdlib"), mark)
                 server = server_time_means(server_before, server_time_sums(port, model_name(d, cfg.repr_dim)))
-                p50 = {k: round(float(np.median(v)) * 1000.0, 4) for k, v in timings.items()}
-                rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
-                             "http_p50_ms": p50["http"], "http_stdlib_p50_ms": p50["http_stdlib"],
-                             "pairs": len(timings["http"]), "in_process_mean_ms": round(float(np.mean(timings["in_process"])) * 1000.0, 4),
-                             "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server,
-                             **{f"{name}_p50_ms": p50[name] for name in names if name.startswith("floor_")}})  # fmt: skip
+                row = {"workload": w.name, "att_dim": d, "in_process_p50_ms": p50_ms(timings["in_process"]),
+                       "http_p50_ms": p50_ms(timings["http"]), "http_stdlib_p50_ms": p50_ms(timings["http_stdlib"]),
+                       "pairs": len(timings["http"]), "in_process_mean_ms": round(float(np.mean(timings["in_process"])) * 1000.0, 4),
+                       "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server}  # fmt: skip
+                if floors:
+                    # Its own rotation, so the floor servers do not disturb the calls above: the in-process call,
+                    # then a GET to each floor server, as POST /score follows the in-process call above.
+                    floor = rotate(w, d, ("in_process", *(f"floor_{name}" for name in floors)))
+                    row["floor_in_process_p50_ms"] = p50_ms(floor["in_process"])
+                    row.update({f"floor_{name}_p50_ms": p50_ms(floor[f"floor_{name}"]) for name in floors})
+                rows.append(row)
     finally:
         for client in clients.values():
             client.close()
@@ -1164,18 +1178,20 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
                              f"{server - stages:.3f} | {http - server:.3f} |")
     floors = [row for row in meta.get("http_paired", []) if "floor_uvicorn_p50_ms" in row]
     if floors:
-        lines += ["", "## The HTTP floor, same rotation (p50 ms)", "",
-                  "GET / to `dare.http_floor` servers, in the same back-to-back rotation as the calls above: a bare "
+        lines += ["", "## The HTTP floor (p50 ms)", "",
+                  "GET / to `dare.http_floor` servers, each right after the in-process call in a rotation of their own "
+                  "(run after the one above, as many rounds): a bare "
                   "ASGI app on uvicorn (what `dare serve` runs on, without any of the service's code) and a raw uvloop "
                   "protocol (the socket round trip and the wake-ups alone). No service on that server can add less to "
                   "the in-process call than its floor: the floor ratio = (in-process + floor) / in-process is the lowest "
                   "POST /score / in-process ratio it could reach.", "",
-                  "| workload | att dim | in-process | POST /score minus in-process | uvicorn floor | floor ratio | raw uvloop floor | floor ratio |",
+                  "| workload | att dim | in-process (this rotation) | POST /score minus in-process (above) | uvicorn floor | floor ratio | raw uvloop floor | floor ratio |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in floors:
-            o, fu, fr = row["in_process_p50_ms"], row["floor_uvicorn_p50_ms"], row.get("floor_raw_p50_ms")
+            o, fu, fr = row["floor_in_process_p50_ms"], row["floor_uvicorn_p50_ms"], row.get("floor_raw_p50_ms")
             raw = f"{fr:.3f} | {(o + fr) / o:.2f}" if fr is not None else " | "
-            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {row['http_p50_ms'] - o:.3f} | {fu:.3f} | {(o + fu) / o:.2f} | {raw} |")
+            added = row["http_p50_ms"] - row["in_process_p50_ms"]
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {added:.3f} | {fu:.3f} | {(o + fu) / o:.2f} | {raw} |")
     if meta.get("ort_options"):
         first = meta["ort_options"][0]
         lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",
