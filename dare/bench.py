@@ -364,7 +364,6 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
 
     floors = floors or {}
     clients: dict[str, Any] = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
-    clients.update({f"floor_{name}": HttpClient(floor_port) for name, floor_port in floors.items()})
     rows: list[dict[str, Any]] = []
 
     def rotate(w: Workload, d: int, names: tuple[str, ...], on_timed_start: Any = None) -> dict[str, list[float]]:
@@ -415,7 +414,12 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
                 if floors:
                     # Its own rotation, so the floor servers do not disturb the calls above: the in-process call,
                     # then a GET to each floor server, as POST /score follows the in-process call above.
+                    # Fresh connections: uvicorn closes one idle for 5 s (its keep-alive timeout) meanwhile.
+                    for name, floor_port in floors.items():
+                        clients[f"floor_{name}"] = HttpClient(floor_port)
                     floor = rotate(w, d, ("in_process", *(f"floor_{name}" for name in floors)))
+                    for name in floors:
+                        clients.pop(f"floor_{name}").close()
                     row["floor_in_process_p50_ms"] = p50_ms(floor["in_process"])
                     row.update({f"floor_{name}_p50_ms": p50_ms(floor[f"floor_{name}"]) for name in floors})
                 rows.append(row)
