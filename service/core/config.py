@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     score_fast_path: bool = Field(
-        True, description="answer well-formed POST /score requests without FastAPI's routing (same responses, less overhead)"
+        True,
+        description="answer well-formed POST /score requests in front of FastAPI's middleware and routing (same responses, "
+        "less overhead; with false, FastAPI's own OpenTelemetry instrumentation, where configured, sees them too)",
     )
 
     # --- server (used by `dare serve`) --------------------------------------------------------------------------
