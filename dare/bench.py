@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -366,7 +366,7 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
     clients: dict[str, Any] = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
     rows: list[dict[str, Any]] = []
 
-    def rotate(w: Workload, d: int, names: tuple[str, ...], on_timed_start: Any = None) -> dict[str, list[float]]:
+    def rotate(w: Workload, d: int, names: tuple[str, ...], on_timed_start: Callable[[], None] | None = None) -> dict[str, list[float]]:
         """Rounds of `names` (rotating their order) on the same user and candidates per round: seconds per name."""
         timings: dict[str, list[float]] = {name: [] for name in names}
         # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to

@@ -107,6 +107,4 @@ class RequestMetrics:
             # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:user_id}").
             endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             model = str(scope.get("state", {}).get("model", ""))
-            self.metrics.request_duration.labels(
-                endpoint=endpoint, method=scope["method"], model=model, status=str(status)
-            ).observe(time.perf_counter() - started)
+            self.metrics.request_series(endpoint, scope["method"], model, str(status)).observe(time.perf_counter() - started)

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from functools import partial
-from typing import Any
 
 import anyio
 import numpy as np
@@ -156,15 +155,14 @@ class ScoreFastPath:
     413), the request-duration histogram (observed here for the requests it answers; the stack's RequestMetrics
     observes the ones it hands over), the service's error bodies, and a logged JSON 500 for an unexpected error.
 
-    Skipping the stack's seven ASGI layers (FastAPI's and Starlette's own included) and their send wrappers saves
-    ~7% of a W1 request's time in the service (docs/performance.md, round 6). With DARE_SCORE_FAST_PATH=false every
+    Skipping the stack's seven ASGI layers (FastAPI's and Starlette's own included) and their send wrappers is part
+    of what round 6 took off the service's own code (docs/bench/asgi_overhead.py; docs/performance.md, round 6). With DARE_SCORE_FAST_PATH=false every
     request goes through FastAPI, including FastAPI's native OpenTelemetry instrumentation when it is configured."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
         self.app = app  # the full stack: FastAPI's middleware, routing and the FastAPI route
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self._series: dict[tuple[str, int], Any] = {}
 
     def takes(self, scope: Scope) -> bool:
         """A POST /score with a JSON body of a declared length within the limit (the rest: the full stack)."""
@@ -229,11 +227,7 @@ class ScoreFastPath:
             self._observe(model_name, response.status_code, started)
 
     def _observe(self, model: str, status: int, started: float) -> None:
-        series = self._series.get((model, status))
-        if series is None:  # bound once per (model, status): labels() costs more than observe()
-            series = self.metrics.request_duration.labels(endpoint="/score", method="POST", model=model, status=str(status))
-            self._series[(model, status)] = series
-        series.observe(time.perf_counter() - started)
+        self.metrics.request_series("/score", "POST", model, str(status)).observe(time.perf_counter() - started)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
