@@ -391,7 +391,7 @@ class SequenceStore:
         return self._parse_read(replies, user_id, key, max_events)
 
     async def _aread_transaction(self, key: str, max_events: int) -> list[Any]:
-        """The MULTI/EXEC of `_queue_read` on one pooled connection of the asyncio client, without redis-py's
+        """The MULTI/EXEC of `_read_commands` on one pooled connection of the asyncio client, without redis-py's
         Pipeline object: its command stack, response callbacks and observability hooks cost more than the round
         trip itself on the 2-core machine (docs/performance.md, round 6). The replies are EXEC's, as the pipeline
         returns them with raise_on_error=False (a failed command is an exception in the list).
@@ -400,10 +400,7 @@ class SequenceStore:
         failure or cancellation part-way (an error reply to a queued command included) drops the connection, so no
         connection with unread replies goes back to the pool."""
         assert self.async_client is not None
-        commands: list[tuple[Any, ...]] = [("MULTI",), ("TYPE", key), ("STRLEN", key), ("GETRANGE", key, 0, HEADER_SIZE - 1)]
-        if max_events > 0:
-            commands.append(("GETRANGE", key, -max_events * RECORD_SIZE, -1))
-        commands.append(("EXEC",))
+        commands = [("MULTI",), *self._read_commands(key, max_events), ("EXEC",)]
         pool = self.async_client.connection_pool
         conn = await pool.get_connection()
         packed = conn.pack_commands(commands)
@@ -434,13 +431,18 @@ class SequenceStore:
         return self.key(user_id)
 
     @staticmethod
-    def _queue_read(pipe: Any, key: str, max_events: int) -> Any:
-        pipe.type(key)
-        pipe.strlen(key)
-        pipe.getrange(key, 0, HEADER_SIZE - 1)
+    def _read_commands(key: str, max_events: int) -> list[tuple[Any, ...]]:
+        """The commands of a read, run inside MULTI/EXEC (`read`, `aread`)."""
+        commands: list[tuple[Any, ...]] = [("TYPE", key), ("STRLEN", key), ("GETRANGE", key, 0, HEADER_SIZE - 1)]
         if max_events > 0:
             # From the end; Redis clamps a start before the beginning, so a short value comes back whole.
-            pipe.getrange(key, -max_events * RECORD_SIZE, -1)
+            commands.append(("GETRANGE", key, -max_events * RECORD_SIZE, -1))
+        return commands
+
+    @classmethod
+    def _queue_read(cls, pipe: Any, key: str, max_events: int) -> Any:
+        for command in cls._read_commands(key, max_events):
+            pipe.execute_command(*command)
         return pipe
 
     def _parse_read(self, replies: list[Any], user_id: str, key: str, max_events: int) -> History:
