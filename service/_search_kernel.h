@@ -56,20 +56,31 @@ KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const flo
         }
     }
 #else
-    /* 16 ymm registers: 8 events x 8 candidates at a time, four times. */
+    /* 4 events x 16 candidates at a time (8 accumulators), four times: each step loads two query vectors and
+     * broadcasts four row values for eight FMAs. (8 events x 8 candidates, as many accumulators, broadcast eight
+     * row values per query vector: the loads, not the FMAs, bound that tile.) */
     float *out = (float *)a; /* [TT][32] */
-    for (int quarter = 0; quarter < 4; quarter++) {
-        __m256 acc[TT];
-        for (int r = 0; r < TT; r++) acc[r] = _mm256_setzero_ps();
-        for (int part = 0; part < 2; part++) {
-            const float *const *row = rows[part], *qp = queries[part] + 8 * quarter;
-            for (int64_t j = 0; j < d; j++) {
-                __m256 qv = _mm256_load_ps(qp + j * CT);
-#pragma GCC unroll 8
-                for (int r = 0; r < TT; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(row[r] + j), qv, acc[r]);
+    for (int eh = 0; eh < TT / 4; eh++) {
+        for (int ch = 0; ch < 2; ch++) {
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int part = 0; part < 2; part++) {
+                const float *const *row = rows[part] + 4 * eh, *qp = queries[part] + 16 * ch;
+                for (int64_t j = 0; j < d; j++) {
+                    __m256 q0 = _mm256_load_ps(qp + j * CT), q1 = _mm256_load_ps(qp + j * CT + 8);
+#pragma GCC unroll 4
+                    for (int r = 0; r < 4; r++) {
+                        __m256 h = _mm256_broadcast_ss(row[r] + j);
+                        acc[r][0] = _mm256_fmadd_ps(h, q0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(h, q1, acc[r][1]);
+                    }
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                _mm256_storeu_ps(out + (4 * eh + r) * CT + 16 * ch, acc[r][0]);
+                _mm256_storeu_ps(out + (4 * eh + r) * CT + 16 * ch + 8, acc[r][1]);
             }
         }
-        for (int r = 0; r < TT; r++) _mm256_storeu_ps(out + r * CT + 8 * quarter, acc[r]);
     }
 #endif
 }
