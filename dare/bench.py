@@ -1334,7 +1334,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         from service.search import kernel_available
 
         fused_search: bool | str = all(loaded[d].fused is not None for d in cfg.att_dims) or (
-            kernel_available()[1] or "the kernel's AVX2 code is not the default (DARE_SEARCH_KERNEL=fused)"
+            kernel_available()[1] or "the models carry no attention.npz"
         )
         torch_paths = {d: TorchPath(store, loaded[d], models[d], longest) for d in cfg.att_dims}
 

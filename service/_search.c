@@ -223,6 +223,7 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     const float *item = b[0].view.buf, *cate = b[1].view.buf, *poscol = b[2].view.buf;
     const int64_t *hi = b[3].view.buf, *hc = b[4].view.buf, *ci = b[5].view.buf, *cc = b[6].view.buf;
     const int64_t tiles = (c_count + CT - 1) / CT, nb = (n + BLOCK - 1) / BLOCK;
+    const int last_halves = c_count - (tiles - 1) * CT > 16 ? 2 : 1;
     Scratch *sc = scratch_of_thread();
     if (sc == NULL) {
         PyErr_NoMemory();
@@ -256,11 +257,11 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
         for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
     }
     if (isa == 512) {
-        block_maxima_avx512(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
+        block_maxima_avx512(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros, last_halves);
         exact_topk_avx512(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
                           k, b[7].view.buf, b[8].view.buf, best, blocks);
     } else {
-        block_maxima_avx2(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros);
+        block_maxima_avx2(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros, last_halves);
         exact_topk_avx2(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
                         k, b[7].view.buf, b[8].view.buf, best, blocks);
     }

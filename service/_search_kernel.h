@@ -35,10 +35,12 @@ KINLINE unsigned KFN(mask_ge)(const float *a, const float *b) {
 #endif
 
 /* One tile: a[r][v] = the scores of the 8 events (rows ir[r], cr[r]) for candidates 16v..16v+15 of the tile
- * (packed queries q, qc: [d][32] each), without the position part. Each lane: the item products over j, then the
+ * (packed queries q, qc: [d][32] each), without the position part. With halves = 1 (a last tile that holds 16
+ * candidates or fewer) the AVX2 code skips candidates 16..31 and leaves zeros there; the AVX-512 code computes
+ * both halves in the same instructions anyway. Each lane: the item products over j, then the
  * category products over j, each added with one fused multiply-add. */
 KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const float *q, const float *qc,
-                                     int64_t d, v16 a[TT][2]) {
+                                     int64_t d, int halves, v16 a[TT][2]) {
     const float *const *rows[2] = {ir, cr}; /* the item products first, then the category products */
     const float *queries[2] = {q, qc};
 #if KISA == 512
@@ -62,6 +64,10 @@ KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const flo
     float *out = (float *)a; /* [TT][32] */
     for (int eh = 0; eh < TT / 4; eh++) {
         for (int ch = 0; ch < 2; ch++) {
+            if (ch >= halves) { /* no candidates there */
+                for (int r = 0; r < 4; r++) memset(out + (4 * eh + r) * CT + 16 * ch, 0, 16 * sizeof(float));
+                continue;
+            }
             __m256 acc[4][2];
             for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
             for (int part = 0; part < 2; part++) {
@@ -208,7 +214,7 @@ KTARGET static void KFN(block_maxima)(
     const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
     const int64_t *hist_cate, int64_t n, int64_t max_position, const float *qt, int64_t tiles, int64_t k,
     float *bmax /* [nb][tiles * 32] */, float *bsecond, uint8_t *barg, v16 *top /* [tiles * 2][k] */,
-    const float *zeros) {
+    const float *zeros, int last_halves /* 16-candidate halves of the last tile that hold candidates: 1 or 2 */) {
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     const int64_t lines = (d * 4 + 63) / 64;
     for (int64_t i = 0; i < tiles * 2 * k; i++)
@@ -244,14 +250,15 @@ KTARGET static void KFN(block_maxima)(
             for (int64_t b = b0; b < g_end; b++) {
                 const float *const *ir = irow[b - b0], *const *cr = crow[b - b0];
                 v16 a[TT][2];
-                KFN(tile)(ir, cr, q, qc, d, a);
+                const int halves = ct == tiles - 1 ? last_halves : 2;
+                KFN(tile)(ir, cr, q, qc, d, halves, a);
                 /* Per candidate: the block's best score, its offset in the block (the first of equal ones), and
                  * the second best (equal to the best on a tie), which says whether the block can hold two of the
                  * candidate's K best. */
                 const int64_t o = (b * tiles + ct) * CT;
                 KFN(epilogue)(a, valid[b - b0], pos[b - b0], bmax + o, bsecond + o, barg + o);
                 KFN(insert_max)(top + (2 * ct) * k, k, bmax + o);
-                KFN(insert_max)(top + (2 * ct + 1) * k, k, bmax + o + 16);
+                if (halves == 2) KFN(insert_max)(top + (2 * ct + 1) * k, k, bmax + o + 16);
             }
         }
     }
@@ -282,7 +289,7 @@ KTARGET static void KFN(exact_topk)(
     const float *bmax, const float *bsecond, const uint8_t *barg, const v16 *top, int64_t tiles, int64_t k, int64_t *out_index, float *out_weight, Hit *best,
     int32_t *blocks /* [16][nb] */) {
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
-    for (int64_t cv = 0; cv < tiles * 2; cv++) {
+    for (int64_t cv = 0; cv < tiles * 2 && cv * 16 < c_count; cv++) { /* a last half without candidates: none */
         /* For these 16 candidates, the blocks whose maximum reaches the candidate's K-th largest block maximum
          * (at least K of them, all of them when there are fewer than K). */
         int32_t count[16] = {0};

@@ -9,12 +9,11 @@ Same answers as search.onnx (the same retrieved events and weights; float32 sums
 model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
-(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F; otherwise, and with
-DARE_SEARCH_KERNEL=onnx, the service runs search.onnx. The kernel is also compiled for AVX2 + FMA, which
-DARE_SEARCH_KERNEL=fused uses on a CPU without AVX-512: not by default, because that code has only been measured
-on an AVX-512 machine, where it beats search.onnx at small dims only (search.onnx there runs AVX-512 code, which it
-would not on an AVX2 machine; `dare bench` times both codes, docs/performance.md round 5). Measure on such a
-machine before turning it on.
+(`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
+kernel is compiled for both and runs the best one); otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs
+search.onnx. On an AVX2-only CPU (AMD EPYC, Zen 3) `dare bench` measured the AVX2 code 1.1-1.9x as fast as
+search.onnx at W1 and W2 at every dim, and as fast to 1.1x at W3 (docs/performance.md, round 7). On an AVX-512 CPU
+the kernel's AVX-512 code runs; its AVX2 code there only beat search.onnx's AVX-512 code at small dims (round 5).
 """
 
 from __future__ import annotations
@@ -109,10 +108,9 @@ class FusedSearch:
         if kernel == "onnx" or spec is None:
             return None
         usable, why = kernel_available()
-        if usable and kernel == "auto" and kernel_isa() < 512:
-            usable, why = False, "this CPU has AVX2 but not AVX-512F; DARE_SEARCH_KERNEL=fused runs the AVX2 code"
         if not usable:
-            log.info("model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
+            # Asked for by name (fused), its absence is worth a warning; under auto it is the expected fallback.
+            log.log(logging.WARNING if kernel == "fused" else logging.INFO, "model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
             return None
         log.info("model %s: fused search (%s)", folder.name, ISA_NAMES[kernel_isa()])
         path = folder / spec.file

@@ -13,7 +13,7 @@ import pytest
 
 from dare.bench import BACKENDS, HTTP_STAGE, QUICK_WORKLOADS, STAGES, BenchConfig, quick_config, run, target_ratios
 from service.registry import IdMap
-from service.search import kernel_isa
+from service.search import kernel_available, kernel_isa
 
 RECORD_KEYS = {"att_dim": int, "workload": str, "backend": str, "stage": str, "p50_ms": float, "p99_ms": float}
 
@@ -74,16 +74,17 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]} | {
         (f"search.onnx, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS
     } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS} | (
-        {(f"search, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS} if kernel_isa() == 512 else set()
+        {(f"search, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS} if kernel_available()[0] else set()
     )
     # The kernel against search.onnx, and (on an AVX-512 CPU) its AVX2 code too.
     fused_rows = {c["after"] for c in changes if c["before"] == "search.onnx"}
-    assert fused_rows == ({"fused kernel", "fused kernel, AVX2 code"} if kernel_isa() == 512 else set())
+    expected_rows = {512: {"fused kernel", "fused kernel, AVX2 code"}, 256: {"fused kernel"}}.get(kernel_isa(), set())
+    assert fused_rows == (expected_rows if kernel_available()[0] else set())
     # The CPU-time search scaling is that of the search the service runs at W2: the fused kernel where it is usable.
     scaling = next(r for r in meta["ratios"] if r["name"] == "search att_dim scaling (CPU time)")
-    # The service runs the kernel by default only with AVX-512F (service/search.py).
-    assert scaling["detail"].startswith("fused search" if kernel_isa() == 512 else "search.onnx")
-    assert (meta["fused_search"] is True) == (kernel_isa() == 512)
+    # The service runs the kernel by default wherever it runs: AVX-512F or AVX2 + FMA (service/search.py).
+    assert scaling["detail"].startswith("fused search" if kernel_available()[0] else "search.onnx")
+    assert (meta["fused_search"] is True) == kernel_available()[0]
     paired = meta["http_paired"]
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["http_stdlib_p50_ms"] > 0 for p in paired)

@@ -158,7 +158,7 @@ def test_folder_loads_with_the_fused_search_or_without_it(tmp_path: Path, export
     shutil.copytree(exported_model_dir, folder)
     assert load_manifest(folder).attention is not None  # dare export writes attention.npz for DARE
     model = load_model(folder, InferenceOptions())
-    assert (model.fused is not None) == (kernel_isa() == 512)  # auto: AVX-512F only
+    assert (model.fused is not None) == kernel_available()[0]  # auto: the kernel wherever it runs (AVX-512F or AVX2)
     assert load_model(folder, InferenceOptions(search_kernel="onnx")).fused is None
     assert (load_model(folder, InferenceOptions(search_kernel="fused")).fused is not None) == kernel_available()[0]
     assert "search" in model.info(default=True)
