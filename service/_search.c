@@ -42,7 +42,6 @@
 #define TT 8    /* history events per tile = per block */
 #define CT 32   /* candidates per tile: two 16-float vectors */
 #define BLOCK TT
-#define GROUP 4 /* blocks per pass over the candidate tiles */
 
 typedef float v16 __attribute__((vector_size(64)));
 

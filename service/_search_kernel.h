@@ -3,12 +3,18 @@
  * (each lane sums the same products in the same order), so they retrieve the same events; pass 2's rescoring sums
  * in another order on each. See _search.c for what the passes do. */
 
+/* GROUP: blocks per pass over the candidate tiles in pass 1. The AVX-512 code was tuned on AVX-512 machines with 4
+ * (the blocks share each tile's packed queries while they are in L1); on an AVX2-only EPYC (Zen 3) one block per
+ * pass was 1.2x faster at N = 10,000 and att 16 and as fast at att 128, interleaved call by call
+ * (docs/performance.md, round 7). */
 #if KISA == 512
 #define KTARGET __attribute__((target("avx512f,fma")))
 #define KFN(x) x##_avx512
+#define GROUP 4
 #else
 #define KTARGET __attribute__((target("avx2,fma")))
 #define KFN(x) x##_avx2
+#define GROUP 1
 #endif
 #define KINLINE KTARGET __attribute__((always_inline)) static inline
 
@@ -346,3 +352,4 @@ KTARGET static void KFN(exact_topk)(
 #undef KINLINE
 #undef KTARGET
 #undef KFN
+#undef GROUP
