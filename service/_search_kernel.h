@@ -5,8 +5,8 @@
 
 /* GROUP: blocks per pass over the candidate tiles in pass 1. The AVX-512 code was tuned on AVX-512 machines with 4
  * (the blocks share each tile's packed queries while they are in L1); on an AVX2-only EPYC (Zen 3) one block per
- * pass was 1.2x faster at N = 10,000 and att 16 and as fast at att 128, interleaved call by call
- * (docs/performance.md, round 7). */
+ * pass was 1.32x as fast at N = 10,000 and att 16 and 1.04x at att 128, interleaved call by call
+ * (docs/bench/kernel_ab_group.md, docs/performance.md round 7). */
 #if KISA == 512
 #define KTARGET __attribute__((target("avx512f,fma")))
 #define KFN(x) x##_avx512

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -24,6 +24,9 @@ from types import ModuleType
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from dare.bench import _machine  # noqa: E402
 SOURCES = ("service/_search.c", "service/_search_kernel.h")
 WORKLOADS = (("W1", 200, 100), ("W2", 10_000, 200), ("W3", 50_000, 200))
 ITEM_ROWS, CATE_ROWS, MAX_POSITION, TOP_K = 95_002, 1_002, 200, 20
@@ -104,7 +107,7 @@ def main() -> None:
     text = "\n".join([
         "# The fused search kernel: before / now (`docs/bench/kernel_ab.py`)", "",
         f"Command: `.venv/bin/python docs/bench/kernel_ab.py --before {args.before} --out {args.out}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, instruction set {ISA_NAMES.get(isa, isa)}; "
+        f"Machine: {_machine()['cpu']}, instruction set {ISA_NAMES.get(isa, isa)}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.  ",
         f"`before` = service/_search.c at {args.before}, `now` = the working tree; both compiled with setup.py's flags and "
         "called on the same users in alternating order; p50 ms over the calls.", "",
