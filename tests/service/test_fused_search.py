@@ -4,6 +4,7 @@ opt in or out of it. The HTTP contract test (test_scoring.py, N = 3,000) checks 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -168,6 +169,25 @@ def test_folder_loads_with_the_fused_search_or_without_it(tmp_path: Path, export
     (folder / "attention.npz").unlink()
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert load_model(folder, InferenceOptions()).fused is None
+
+
+def test_kernel_unavailable_falls_back_to_search_onnx_and_fused_warns(
+    tmp_path: Path, exported_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the kernel cannot run (no build, or a CPU with neither instruction set), every setting serves the folder
+    with search.onnx; under `auto` that is expected (INFO), asked for by name (`fused`) it is a WARNING."""
+    import service.search
+
+    folder = tmp_path / "dare-a"
+    shutil.copytree(exported_model_dir, folder)
+    monkeypatch.setattr(service.search, "kernel_available", lambda: (False, "this CPU has neither AVX-512F nor AVX2 + FMA"))
+    for setting, level in (("auto", logging.INFO), ("fused", logging.WARNING)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dare.service"):
+            assert load_model(folder, InferenceOptions(search_kernel=setting)).fused is None
+        said = [r for r in caplog.records if "fused search unavailable" in r.getMessage()]
+        assert [r.levelno for r in said] == [level], setting
+        assert "neither AVX-512F nor AVX2 + FMA" in said[0].getMessage()
 
 
 @needs_kernel
