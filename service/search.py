@@ -11,9 +11,10 @@ model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
 (`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
 kernel is compiled for both and runs the best one); otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs
-search.onnx. On an AVX2-only CPU (AMD EPYC, Zen 3) `dare bench` measured the AVX2 code 1.1-1.9x as fast as
-search.onnx at W1 and W2 at every dim, and as fast to 1.1x at W3 (docs/performance.md, round 7). On an AVX-512 CPU
-the kernel's AVX-512 code runs; its AVX2 code there only beat search.onnx's AVX-512 code at small dims (round 5).
+search.onnx. On an AVX2-only CPU (AMD EPYC, Zen 3) `dare bench` measured the AVX2 code, interleaved with search.onnx,
+1.0-1.6x as fast at W1, 1.1-1.5x at W2 and 1.2-1.7x at W3 (docs/bench/bench.md, docs/performance.md round 7). On an
+AVX-512 CPU the kernel's AVX-512 code runs; its AVX2 code there only beat search.onnx's AVX-512 code at small dims
+(round 5).
 """
 
 from __future__ import annotations
