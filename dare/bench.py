@@ -479,22 +479,29 @@ FLOOR_SERVERS = ("uvicorn", "raw")
 @contextmanager
 def floor_server(name: str, log: Path) -> Iterator[int]:
     """A `dare.http_floor` server (`uvicorn` or `raw`) on a free port, for the run: yields the port once it answers."""
+    command = [sys.executable, "-m", "dare.http_floor", "--server", name, "--port"]
+    with http_server(lambda port: [*command, str(port)], f"the {name} HTTP floor server", log) as port:
+        yield port
+
+
+@contextmanager
+def http_server(command: Callable[[int], list[str]], what: str, log: Path) -> Iterator[int]:
+    """Start command(port) on a free port (output to log) and yield the port once GET / answers; stop it after."""
     from loadtest.redis_server import free_port
 
     port = free_port()
     with log.open("wb") as fh:
-        process = subprocess.Popen([sys.executable, "-m", "dare.http_floor", "--server", name, "--port", str(port)],
-                                   cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(command(port), cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                raise BenchError(f"the {name} HTTP floor server exited with code {process.returncode}; see {log}")
+                raise BenchError(f"{what} exited with code {process.returncode}; see {log}")
             try:
                 client = HttpClient(port)
             except OSError:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"the {name} HTTP floor server did not answer within 60 s; see {log}") from None
+                    raise BenchError(f"{what} did not answer within 60 s; see {log}") from None
                 time.sleep(0.1)
                 continue
             client.get()

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from dare.bench import _machine  # noqa: E402
+from service.search import ISA_NAMES  # noqa: E402
 SOURCES = ("service/_search.c", "service/_search_kernel.h")
 WORKLOADS = (("W1", 200, 100), ("W2", 10_000, 200), ("W3", 50_000, 200))
 ITEM_ROWS, CATE_ROWS, MAX_POSITION, TOP_K = 95_002, 1_002, 200, 20
-ISA_NAMES = {512: "AVX-512F", 256: "AVX2 + FMA"}
 
 
 def build(sources: dict[str, bytes], out: Path) -> ModuleType:
