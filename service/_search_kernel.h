@@ -3,18 +3,17 @@
  * (each lane sums the same products in the same order), so they retrieve the same events; pass 2's rescoring sums
  * in another order on each. See _search.c for what the passes do. */
 
-/* GROUP: blocks per pass over the candidate tiles in pass 1. The AVX-512 code was tuned on AVX-512 machines with 4
- * (the blocks share each tile's packed queries while they are in L1); on an AVX2-only EPYC (Zen 3) one block per
- * pass was 1.32x as fast at N = 10,000 and att 16 and 1.04x at att 128, interleaved call by call
- * (docs/bench/kernel_ab_group.md, docs/performance.md round 7). */
+/* GROUP: blocks per pass over the candidate tiles in pass 1 (they share each tile's packed queries while those are
+ * in L1). The AVX-512 code was tuned with 4 on the AVX-512 machines of rounds 5 and 6; one block per pass was 1.32x
+ * as fast at N = 10,000 and att 16 on an AVX2-only EPYC (Zen 3, round 7, docs/bench/kernel_ab_group.md) and 1.20x
+ * with AVX-512 on an EPYC Zen 5 (round 8, docs/bench/kernel_ab_round8.md), 1.04x at att 128 on both. */
+#define GROUP 1
 #if KISA == 512
 #define KTARGET __attribute__((target("avx512f,fma")))
 #define KFN(x) x##_avx512
-#define GROUP 4
 #else
 #define KTARGET __attribute__((target("avx2,fma")))
 #define KFN(x) x##_avx2
-#define GROUP 1
 #endif
 #define KINLINE KTARGET __attribute__((always_inline)) static inline
 
@@ -40,16 +39,12 @@ KINLINE unsigned KFN(mask_ge)(const float *a, const float *b) {
 }
 #endif
 
-/* One tile: a[r][v] = the scores of the 8 events (rows ir[r], cr[r]) for candidates 16v..16v+15 of the tile
- * (packed queries q, qc: [d][32] each), without the position part. With halves = 1 (a last tile that holds 16
- * candidates or fewer) the AVX2 code skips candidates 16..31 and leaves zeros there; the AVX-512 code computes
- * both halves in the same instructions anyway. Each lane: the item products over j, then the
- * category products over j, each added with one fused multiply-add. */
-KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const float *q, const float *qc,
-                                     int64_t d, int halves, v16 a[TT][2]) {
+#if KISA == 512
+/* The AVX-512 tile for `halves` (a constant 1 or 2 where it is inlined) 16-candidate halves. */
+KINLINE void KFN(tile_halves)(const float *const *ir, const float *const *cr, const float *q, const float *qc,
+                              int64_t d, const int halves, v16 a[TT][2]) {
     const float *const *rows[2] = {ir, cr}; /* the item products first, then the category products */
     const float *queries[2] = {q, qc};
-#if KISA == 512
     for (int r = 0; r < TT; r++) a[r][0] = a[r][1] = (v16){0};
     for (int part = 0; part < 2; part++) {
         const float *const *row = rows[part], *qp = queries[part];
@@ -59,11 +54,27 @@ KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const flo
             for (int r = 0; r < TT; r++) {
                 float h = row[r][j];
                 a[r][0] += h * q0;
-                a[r][1] += h * q1;
+                if (halves == 2) a[r][1] += h * q1;
             }
         }
     }
+}
+#endif
+
+/* One tile: a[r][v] = the scores of the 8 events (rows ir[r], cr[r]) for candidates 16v..16v+15 of the tile
+ * (packed queries q, qc: [d][32] each), without the position part. With halves = 1 (a last tile that holds 16
+ * candidates or fewer) candidates 16..31 are skipped and left at zero. Each lane: the item products over j, then
+ * the category products over j, each added with one fused multiply-add. */
+KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const float *q, const float *qc,
+                                     int64_t d, int halves, v16 a[TT][2]) {
+#if KISA == 512
+    if (halves == 2)
+        KFN(tile_halves)(ir, cr, q, qc, d, 2, a);
+    else
+        KFN(tile_halves)(ir, cr, q, qc, d, 1, a);
 #else
+    const float *const *rows[2] = {ir, cr}; /* the item products first, then the category products */
+    const float *queries[2] = {q, qc};
     /* 4 events x 16 candidates at a time (8 accumulators), four times: each step loads two query vectors and
      * broadcasts four row values for eight FMAs. (8 events x 8 candidates, as many accumulators, broadcast eight
      * row values per query vector: the loads, not the FMAs, bound that tile.) */
@@ -302,6 +313,10 @@ KTARGET static void KFN(exact_topk)(
         const float *thr = (const float *)&top[cv * k + k - 1];
         for (int64_t b = 0; b < nb; b++) {
             unsigned m = KFN(mask_ge)(bmax + b * tiles * CT + cv * 16, thr);
+            if (m) { /* the selected blocks' second bests and offsets are read below: fetch them now */
+                __builtin_prefetch(bsecond + b * tiles * CT + cv * 16);
+                __builtin_prefetch(barg + b * tiles * CT + cv * 16);
+            }
             while (m) {
                 int lane = __builtin_ctz(m);
                 m &= m - 1;
