@@ -110,8 +110,9 @@ KINLINE void KFN(tile)(const float *const *ir, const float *const *cr, const flo
 
 /* From one tile's scores (a, without the position part) and the events' positions: per candidate, the block's best
  * score, its offset in the block (the first of equal ones) and its second best (equal to the best on a tie),
- * stored at max, second and arg (32 candidates each). */
-KINLINE void KFN(epilogue)(v16 a[TT][2], const int *valid, const float *pos, float *max, float *second, uint8_t *arg) {
+ * stored at max, second and arg (32 candidates each; the AVX2 code only the first 16 when halves = 1). */
+KINLINE void KFN(epilogue)(v16 a[TT][2], const int *valid, const float *pos, int halves, float *max, float *second,
+                           uint8_t *arg) {
 #if KISA == 512
     __m512 best[2], sec[2];
     __m512i at[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
@@ -128,6 +129,7 @@ KINLINE void KFN(epilogue)(v16 a[TT][2], const int *valid, const float *pos, flo
             at[v] = _mm512_mask_mov_epi32(at[v], gt, _mm512_set1_epi32(r));
         }
     }
+    (void)halves; /* both halves: a loop bound known only at run time cost the AVX-512 code more than it saved */
     for (int v = 0; v < 2; v++) {
         _mm512_store_ps(max + 16 * v, best[v]);
         _mm512_store_ps(second + 16 * v, sec[v]);
@@ -135,7 +137,7 @@ KINLINE void KFN(epilogue)(v16 a[TT][2], const int *valid, const float *pos, flo
     }
 #else
     const float *s = (const float *)a; /* [TT][32], written by the AVX2 tile */
-    for (int h = 0; h < 4; h++) {     /* 8 candidates at a time */
+    for (int h = 0; h < 2 * halves; h++) { /* 8 candidates at a time */
         __m256 best = _mm256_set1_ps(-INFINITY), sec = best, at = _mm256_setzero_ps();
 #pragma GCC unroll 8
         for (int r = 0; r < TT; r++) {
@@ -273,7 +275,7 @@ KTARGET static void KFN(block_maxima)(
                  * the second best (equal to the best on a tie), which says whether the block can hold two of the
                  * candidate's K best. */
                 const int64_t o = (b * tiles + ct) * CT;
-                KFN(epilogue)(a, valid[b - b0], pos[b - b0], bmax + o, bsecond + o, barg + o);
+                KFN(epilogue)(a, valid[b - b0], pos[b - b0], halves, bmax + o, bsecond + o, barg + o);
                 KFN(insert_max)(top + (2 * ct) * k, k, bmax + o);
                 if (halves == 2) KFN(insert_max)(top + (2 * ct + 1) * k, k, bmax + o + 16);
             }
