@@ -28,6 +28,7 @@ redis+cluster://host:port (redis.cluster.RedisCluster). `EmbeddedRedis` starts a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
@@ -297,6 +299,9 @@ class SequenceStore:
         # `open_async` calls `connect_async` (from_url: the same server and settings; None for Cluster).
         self._connect_async = connect_async
         self.async_client: Any = None
+        # aread's connections (see `_aread_transaction`): idle ones, and how many exist (at most the pool's limit).
+        self._loop_idle: list[Any] = []
+        self._loop_made = 0
 
     @classmethod
     def from_url(
@@ -391,25 +396,37 @@ class SequenceStore:
         return self._parse_read(replies, user_id, key, max_events)
 
     async def _aread_transaction(self, key: str, max_events: int) -> list[Any]:
-        """The MULTI/EXEC of `_read_commands` on one pooled connection of the asyncio client, without redis-py's
-        Pipeline object: its command stack, response callbacks and observability hooks cost more than the round
-        trip itself on the 2-core machine (docs/performance.md, round 6). The replies are EXEC's, as the pipeline
-        returns them with raise_on_error=False (a failed command is an exception in the list).
+        """The MULTI/EXEC of `_read_commands` on one of the asyncio client's connections; the replies are EXEC's,
+        as the pipeline returns them with raise_on_error=False (a failed command is an exception in the list).
+
+        Lean on purpose: this read is on the path of every small POST /score. redis-py's asyncio pool and reply
+        reading (a lock, observability hooks and a readiness check per checkout, a timeout context per reply) cost
+        about as much as the round trip itself (docs/performance.md, rounds 6 and 8). So the store keeps its own
+        idle connections (made by the client's pool, so the URL's password, TLS, database and timeouts are
+        redis-py's; at most the pool's max_connections), sends the packed commands in one write and parses all
+        replies with hiredis under one timeout (the client's socket timeout).
 
         A connection error or timeout is retried as the client's retry policy says, on a fresh connection. A
-        failure or cancellation part-way (an error reply to a queued command included) drops the connection, so no
-        connection with unread replies goes back to the pool."""
+        failure or cancellation part-way drops the connection, so no connection with unread replies is reused. An
+        error reply to a queued command (all replies are read first) is raised as redis.ResponseError."""
         assert self.async_client is not None
         commands = [("MULTI",), *self._read_commands(key, max_events), ("EXEC",)]
         pool = self.async_client.connection_pool
-        conn = await pool.get_connection()
-        packed = conn.pack_commands(commands)
+        if self._loop_idle:
+            conn = self._loop_idle.pop()
+        elif self._loop_made < pool.max_connections:
+            conn = pool.make_connection()
+            self._loop_made += 1
+        else:
+            raise redis.ConnectionError(f"too many connections: {self._loop_made} reads in flight (DARE_REDIS_MAX_CONNECTIONS)")
+        packed = pack_commands(commands)
 
-        async def round_trip() -> Any:
-            await conn.send_packed_command(packed)
-            for _ in range(len(commands) - 1):  # +OK for MULTI, +QUEUED for each command
-                await conn.read_response()
-            return await conn.read_response()
+        async def round_trip() -> list[Any]:
+            if not conn.is_connected:
+                # One connect and handshake per attempt: `connect()` would retry them itself under the same
+                # policy, and a stalled store would then hold the read for twice the retries' time.
+                await conn.connect_check_health(check_health=True, retry_socket_connect=False)
+            return await _exchange(conn, packed, len(commands))
 
         async def drop(error: Exception) -> None:
             await conn.disconnect()
@@ -420,10 +437,16 @@ class SequenceStore:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            await pool.release(conn)
-        if not isinstance(replies, list) or len(replies) != len(commands) - 2:
-            raise redis.ResponseError(f"unexpected reply to EXEC: {replies!r:.200}")
-        return replies
+            self._loop_idle.append(conn)  # connected or not: the next read reconnects it
+        for reply in replies[:-1]:  # +OK for MULTI, +QUEUED for each command, or an error
+            if isinstance(reply, Exception):
+                raise reply
+        exec_reply = replies[-1]
+        if isinstance(exec_reply, Exception):
+            raise exec_reply
+        if not isinstance(exec_reply, list) or len(exec_reply) != len(commands) - 2:
+            raise redis.ResponseError(f"unexpected reply to EXEC: {exec_reply!r:.200}")
+        return exec_reply
 
     def _read_key(self, user_id: str, max_events: int) -> str:
         if max_events < 0:
@@ -479,6 +502,9 @@ class SequenceStore:
     async def aclose(self) -> None:
         if self.async_client is not None:
             client, self.async_client = self.async_client, None
+            idle, self._loop_idle, self._loop_made = self._loop_idle, [], 0
+            for conn in idle:
+                await conn.disconnect()
             await client.aclose()
 
     def delete(self, user_id: str) -> None:
@@ -534,6 +560,42 @@ class SequenceStore:
         except OSError as exc:
             self._count_error(operation, "os")
             raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
+
+
+def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
+    """Commands of str and int arguments in RESP, as redis-py packs them (str as UTF-8, int in decimal), in a
+    fraction of its time: redis-py's packer costs ~45% of an asyncio read's Python time (docs/performance.md,
+    round 8). tests/service/test_store.py checks it against redis-py's."""
+    out = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            data = arg.encode() if type(arg) is str else b"%d" % arg
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:
+    """Write `packed` on a connected redis.asyncio connection and read `count` replies off its stream with hiredis
+    (error replies as redis.ResponseError objects), all within the connection's socket timeout. Failures are
+    redis-py's exceptions, so the retry policy and `SequenceStore._errors` treat them as for any other command."""
+    parser = hiredis.Reader(protocolError=redis.InvalidResponse, replyError=redis.ResponseError)
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            conn._writer.write(packed)  # redis-py's own stream pair: the public API reads one reply at a time
+            while len(replies) < count:
+                data = await conn._reader.read(1 << 16)
+                if not data:
+                    raise redis.ConnectionError("connection closed by the server")
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    replies.append(reply)
+    except TimeoutError:
+        raise redis.TimeoutError(f"no reply within {conn.socket_timeout:g} s") from None
+    except OSError as exc:
+        raise redis.ConnectionError(f"error talking to the server: {exc}") from None
+    return replies
 
 
 class EmbeddedRedis:

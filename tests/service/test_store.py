@@ -468,3 +468,105 @@ def test_aread_with_the_store_down_is_store_unavailable(make_redis_server) -> No
         assert isinstance(error, StoreUnavailableError)
     finally:
         store.close()
+
+
+def test_aread_reuses_its_connection_and_aclose_closes_it(make_redis_server) -> None:
+    """aread keeps its own idle connections: one read after another uses one connection, and aclose closes it."""
+    import asyncio
+
+    server = make_redis_server()
+    admin = server.client()
+    store = SequenceStore.from_url(server.url)
+    store.append("alice", events([1, 2, 3]))
+
+    def connections() -> int:
+        return int(admin.info("clients")["connected_clients"])
+
+    async def main() -> tuple[int, int]:
+        store.open_async()
+        before = connections()
+        for _ in range(20):
+            assert (await store.aread("alice", 10)).events["item_id"].tolist() == [1, 2, 3]
+        during = connections()
+        await store.aclose()
+        return before, during
+
+    try:
+        before, during = asyncio.run(main())
+        assert during == before + 1, (before, during)
+        deadline = time.monotonic() + 5
+        while connections() != before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert connections() == before
+    finally:
+        store.close()
+
+
+def test_aread_after_the_server_closed_its_connection_reconnects(make_redis_server) -> None:
+    """An idle connection the server has closed (CLIENT KILL, a restart, the server's idle timeout) fails the first
+    attempt; the retry policy reconnects and the read succeeds."""
+    import asyncio
+
+    server = make_redis_server()
+    admin = server.client()
+    store = SequenceStore.from_url(server.url)
+    store.append("alice", events([1, 2, 3]))
+
+    async def main() -> list[int]:
+        store.open_async()
+        try:
+            await store.aread("alice", 10)
+            killed = await asyncio.to_thread(admin.execute_command, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            assert killed >= 1
+            return (await store.aread("alice", 10)).events["item_id"].tolist()
+        finally:
+            await store.aclose()
+
+    try:
+        assert asyncio.run(main()) == [1, 2, 3]
+    finally:
+        store.close()
+
+
+def test_aread_beyond_max_connections_is_store_unavailable_and_the_others_succeed(make_redis_server) -> None:
+    """With DARE_REDIS_MAX_CONNECTIONS reads already in flight (Redis stalled), one more fails at once with a 503
+    reason naming the limit, as redis-py's pool would; the reads in flight finish."""
+    import asyncio
+
+    server = make_redis_server("--enable-debug-command", "yes")
+    store = SequenceStore.from_url(server.url, socket_timeout_s=10.0, max_connections=2)
+    store.append("alice", events([1, 2, 3]))
+
+    async def main() -> tuple[list[object], object]:
+        store.open_async()
+        try:
+            await store.aread("alice", 10)  # one connection exists and is idle
+            sleeper = server.stall(0.5)
+            in_flight = [asyncio.ensure_future(store.aread("alice", 10)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            try:
+                await store.aread("alice", 10)
+                extra: object = None
+            except StoreUnavailableError as exc:
+                extra = exc
+            done = await asyncio.gather(*in_flight, return_exceptions=True)
+            await asyncio.to_thread(sleeper.join)
+            return done, extra
+        finally:
+            await store.aclose()
+
+    try:
+        done, extra = asyncio.run(main())
+        assert isinstance(extra, StoreUnavailableError) and "too many connections" in str(extra).lower(), extra
+        assert all(same_history(h, store.read("alice", 10)) for h in done), done
+    finally:
+        store.close()
+
+
+def test_pack_commands_packs_what_redis_py_packs() -> None:
+    from redis.asyncio.connection import Connection
+
+    from service.store import pack_commands
+
+    commands = [("MULTI",), *SequenceStore._read_commands("dare:{üser 1}:seq", 200), ("GETRANGE", "k", -1, 0), ("EXEC",)]
+    assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
