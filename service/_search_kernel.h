@@ -6,7 +6,7 @@
 /* GROUP: blocks per pass over the candidate tiles in pass 1 (they share each tile's packed queries while those are
  * in L1). The AVX-512 code was tuned with 4 on the AVX-512 machines of rounds 5 and 6; one block per pass was 1.32x
  * as fast at N = 10,000 and att 16 on an AVX2-only EPYC (Zen 3, round 7, docs/bench/kernel_ab_group.md) and 1.20x
- * with AVX-512 on an EPYC Zen 5 (round 8, docs/bench/kernel_ab_round8.md), 1.04x at att 128 on both. */
+ * with AVX-512 on an EPYC Zen 5 (round 8, a scratch A/B: docs/performance.md), 1.04x at att 128 on both. */
 #define GROUP 1
 #if KISA == 512
 #define KTARGET __attribute__((target("avx512f,fma")))

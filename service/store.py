@@ -437,7 +437,10 @@ class SequenceStore:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            self._loop_idle.append(conn)  # connected or not: the next read reconnects it
+            if self.async_client is not None:
+                self._loop_idle.append(conn)  # connected or not: the next read reconnects it
+            else:  # aclose ran while this read was in flight
+                await conn.disconnect(nowait=True)
         for reply in replies[:-1]:  # +OK for MULTI, +QUEUED for each command, or an error
             if isinstance(reply, Exception):
                 raise reply
