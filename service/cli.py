@@ -82,6 +82,7 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
+            http="service.api.protocol:ScoreHttpProtocol",  # uvicorn's httptools protocol + POST /score's fast path
             log_level=settings.log_level,
             timeout_graceful_shutdown=10,
         )

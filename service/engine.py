@@ -17,7 +17,7 @@ from service.contract import PROB_OUTPUT, SEARCH_OUTPUTS
 from service.errors import StoreUnavailableError
 from service.registry import LoadedModel, ModelRegistry
 from service.search import use_fused
-from service.store import RECORD_DTYPE, History, SequenceStore
+from service.store import RECORD_DTYPE, History, PendingRead, SequenceStore
 
 if TYPE_CHECKING:
     from service.metrics import ServiceMetrics
@@ -108,15 +108,22 @@ class ScoringEngine:
                 raise
             return self._degraded(t0)
 
-    async def afetch(self, user_id: str) -> Fetched:
-        """`fetch` on the event loop (the store's asyncio client; see SequenceStore.open_async)."""
-        t0 = time.perf_counter()
+    def begin_afetch(self, user_id: str) -> PendingRead:
+        """Start `afetch`'s store read now (its commands are sent before this returns; see
+        SequenceStore.begin_aread); `afetch(user_id, pending)` then waits for it."""
+        return self.store.begin_aread(user_id, self.max_history)
+
+    async def afetch(self, user_id: str, pending: PendingRead | None = None) -> Fetched:
+        """`fetch` on the event loop (the store's asyncio client; see SequenceStore.open_async), optionally of a read
+        `begin_afetch` started (its time counts from then)."""
+        if pending is None:
+            pending = self.begin_afetch(user_id)
         try:
-            return Fetched(await self.store.aread(user_id, self.max_history), False, time.perf_counter() - t0)
+            return Fetched(await pending.result(), False, time.perf_counter() - pending.started)
         except StoreUnavailableError:
             if not self.degraded_on_store_error:
                 raise
-            return self._degraded(t0)
+            return self._degraded(pending.started)
 
     @staticmethod
     def _degraded(t0: float) -> Fetched:

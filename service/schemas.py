@@ -17,8 +17,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Stri
 
 from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
 
+try:
+    from service import _ids  # the compiled candidate check (service/_ids.c), optional
+except ImportError:  # pragma: no cover - built by every install with a C compiler
+    _ids = None
+
 # The hard ceiling of the schema; the configured limit (DARE_MAX_USER_ID_LENGTH) is checked by the routes.
 USER_ID_MAX_CHARS = 1024
+MODEL_NAME_MAX_CHARS = 200
 # POST /events' Idempotency-Key header: printable ASCII without spaces (a UUID, a hash, a client's request id).
 IDEMPOTENCY_KEY_MAX_CHARS = 128
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+$"
@@ -77,8 +83,18 @@ def _candidate_arrays(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     accepts exactly the input pydantic would accept unchanged: a list of objects with the two keys only, whose ids
     are JSON integers (Python `int`, not `bool`) in range. Everything else (fractions, 7.0, strings, missing or extra
     keys, out-of-range ids, an empty list) runs through the full `list[Candidate]` validation, so the 422 messages
-    name the same fields as before.
+    name the same fields as before. service/_ids.c applies this rule in one C loop where it was built (round 9);
+    `_candidate_arrays_py` is the same in Python.
     """
+    if _ids is None:
+        return _candidate_arrays_py(value, handler)
+    found = _ids.candidate_ids(value, MAX_ITEM_ID, MAX_CATEGORY_ID)
+    if found is None:
+        return handler(value)
+    return CandidateIds(np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64))
+
+
+def _candidate_arrays_py(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # map() and set() keep the per-candidate loops in C: a generator or comprehension costs ~3x more per id.
     if type(value) is not list or not value or set(map(type, value)) != {dict}:
         return handler(value)
@@ -102,7 +118,7 @@ class ScoreRequest(_Strict):
     candidates: Annotated[list[Candidate], WrapValidator(_candidate_arrays)] = Field(
         min_length=1, description="at least one; at most DARE_MAX_CANDIDATES (default 1,000); duplicates are scored"
     )
-    model: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+    model: Annotated[StrictStr, Field(min_length=1, max_length=MODEL_NAME_MAX_CHARS)] | None = Field(
         None, description="a loaded model's name (GET /models); default: the service's default model"
     )
     explain: StrictBool = Field(False, description="also return the top-K retrieved behaviours per candidate")
@@ -121,6 +137,30 @@ class ScoreRequest(_Strict):
             ]
         },
     )
+
+
+_REQUEST_KEYS = frozenset(ScoreRequest.model_fields)
+
+
+def parse_score_request(data: Any) -> ScoreRequest:
+    """`ScoreRequest.model_validate(data)` (raising its ValidationError), with the common case checked here first:
+    the keys, user_id, model and explain by their types and lengths, the candidates by service/_ids.c. A body this
+    check accepts is one the schema accepts unchanged, so it is built without running pydantic's validators, which
+    cost ~0.1 ms with the caches cold after a scoring call (docs/performance.md, round 9); anything else is
+    validated by the schema. tests/service/test_schemas.py holds the two to the same answers."""
+    if type(data) is dict and _ids is not None and data.keys() <= _REQUEST_KEYS:
+        user_id, model, explain = data.get("user_id"), data.get("model"), data.get("explain", False)
+        if (
+            type(user_id) is str
+            and 0 < len(user_id) <= USER_ID_MAX_CHARS
+            and (model is None or (type(model) is str and 0 < len(model) <= MODEL_NAME_MAX_CHARS))
+            and type(explain) is bool
+        ):
+            found = _ids.candidate_ids(data.get("candidates"), MAX_ITEM_ID, MAX_CATEGORY_ID)
+            if found is not None:
+                candidates = CandidateIds(np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64))
+                return ScoreRequest.model_construct(user_id=user_id, candidates=candidates, model=model, explain=explain)
+    return ScoreRequest.model_validate(data)
 
 
 class RetrievedBehaviour(BaseModel):

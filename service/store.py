@@ -388,45 +388,56 @@ class SequenceStore:
     async def aread(self, user_id: str, max_events: int) -> History:
         """`read` on the running event loop, through the asyncio client (`open_async`): the same commands and checks;
         a slow or stalled store delays this request only, never the loop."""
+        return await self.begin_aread(user_id, max_events).result()
+
+    def begin_aread(self, user_id: str, max_events: int) -> PendingRead:
+        """`aread` whose commands are sent before this returns (on an idle connected connection; otherwise, when it
+        is awaited): the store works on them while the caller does something else (POST /score validates its body),
+        then `await pending.result()`. A read the caller no longer wants must be `abandon()`ed."""
         if self.async_client is None:
             raise RuntimeError("aread needs open_async() first (and a non-Cluster store)")
-        key = self._read_key(user_id, max_events)
-        with self._errors("read", user_id, key):
-            replies = await self._aread_transaction(key, max_events)
-        return self._parse_read(replies, user_id, key, max_events)
+        return PendingRead(self, user_id, self._read_key(user_id, max_events), max_events)
 
-    async def _aread_transaction(self, key: str, max_events: int) -> list[Any]:
-        """The MULTI/EXEC of `_read_commands` on one of the asyncio client's connections; the replies are EXEC's,
-        as the pipeline returns them with raise_on_error=False (a failed command is an exception in the list).
+    def _checkout(self) -> Any:
+        """One of aread's connections: an idle one, else a new one (made by the asyncio client's pool, so the URL's
+        password, TLS, database and timeouts are redis-py's), at most the pool's max_connections in all."""
+        assert self.async_client is not None
+        pool = self.async_client.connection_pool
+        if self._loop_idle:
+            return self._loop_idle.pop()
+        if self._loop_made < pool.max_connections:
+            self._loop_made += 1
+            return pool.make_connection()
+        raise redis.ConnectionError(f"too many connections: {self._loop_made} reads in flight (DARE_REDIS_MAX_CONNECTIONS)")
+
+    async def _aread_transaction(self, read: PendingRead) -> list[Any]:
+        """The MULTI/EXEC of `_read_commands` on `read`'s connection; the replies are EXEC's, as the pipeline returns
+        them with raise_on_error=False (a failed command is an exception in the list).
 
         Lean on purpose: this read is on the path of every small POST /score. redis-py's asyncio pool and reply
         reading (a lock, observability hooks and a readiness check per checkout, a timeout context per reply) cost
         about as much as the round trip itself (docs/performance.md, rounds 6 and 8). So the store keeps its own
-        idle connections (made by the client's pool, so the URL's password, TLS, database and timeouts are
-        redis-py's; at most the pool's max_connections), sends the packed commands in one write and parses all
-        replies with hiredis under one timeout (the client's socket timeout).
+        idle connections (`_checkout`), sends the packed commands in one write and parses all replies with hiredis
+        under one timeout (the client's socket timeout).
 
-        A connection error or timeout is retried as the client's retry policy says, on a fresh connection. A
-        failure or cancellation part-way drops the connection, so no connection with unread replies is reused. An
-        error reply to a queued command (all replies are read first) is raised as redis.ResponseError."""
-        assert self.async_client is not None
-        commands = [("MULTI",), *self._read_commands(key, max_events), ("EXEC",)]
-        pool = self.async_client.connection_pool
-        if self._loop_idle:
-            conn = self._loop_idle.pop()
-        elif self._loop_made < pool.max_connections:
-            conn = pool.make_connection()
-            self._loop_made += 1
-        else:
-            raise redis.ConnectionError(f"too many connections: {self._loop_made} reads in flight (DARE_REDIS_MAX_CONNECTIONS)")
-        packed = pack_commands(commands)
+        A connection error or timeout is retried as the client's retry policy says, on a fresh connection (the first
+        attempt may have been sent by `begin_aread` already). A failure or cancellation part-way drops the
+        connection, so no connection with unread replies is reused. An error reply to a queued command (all replies
+        are read first) is raised as redis.ResponseError."""
+        conn, count = read.conn, len(read.commands)
+        sent = read.sent
 
         async def round_trip() -> list[Any]:
+            nonlocal sent
+            if sent:  # the first attempt's commands are on the wire: its replies
+                sent = False
+                return await _read_replies(conn, count)
             if not conn.is_connected:
                 # One connect and handshake per attempt: `connect()` would retry them itself under the same
                 # policy, and a stalled store would then hold the read for twice the retries' time.
                 await conn.connect_check_health(check_health=True, retry_socket_connect=False)
-            return await _exchange(conn, packed, len(commands))
+            conn._writer.write(read.packed)
+            return await _read_replies(conn, count)
 
         async def drop(error: Exception) -> None:
             await conn.disconnect()
@@ -447,7 +458,7 @@ class SequenceStore:
         exec_reply = replies[-1]
         if isinstance(exec_reply, Exception):
             raise exec_reply
-        if not isinstance(exec_reply, list) or len(exec_reply) != len(commands) - 2:
+        if not isinstance(exec_reply, list) or len(exec_reply) != count - 2:
             raise redis.ResponseError(f"unexpected reply to EXEC: {exec_reply!r:.200}")
         return exec_reply
 
@@ -578,17 +589,16 @@ def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
     return b"".join(out)
 
 
-async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:
-    """Write `packed` on a connected redis.asyncio connection and read `count` replies off its stream with hiredis
-    (error replies as redis.ResponseError objects), all within the connection's socket timeout. Failures are
-    redis-py's exceptions, so the retry policy and `SequenceStore._errors` treat them as for any other command."""
+async def _read_replies(conn: Any, count: int) -> list[Any]:
+    """Read `count` replies off a connected redis.asyncio connection's stream with hiredis (error replies as
+    redis.ResponseError objects), all within the connection's socket timeout. Failures are redis-py's exceptions,
+    so the retry policy and `SequenceStore._errors` treat them as for any other command."""
     parser = hiredis.Reader(protocolError=redis.InvalidResponse, replyError=redis.ResponseError)
     replies: list[Any] = []
     try:
         async with asyncio.timeout(conn.socket_timeout):
-            conn._writer.write(packed)  # redis-py's own stream pair: the public API reads one reply at a time
             while len(replies) < count:
-                data = await conn._reader.read(1 << 16)
+                data = await conn._reader.read(1 << 16)  # redis-py's own stream: its API reads one reply at a time
                 if not data:
                     raise redis.ConnectionError("connection closed by the server")
                 parser.feed(data)
@@ -599,6 +609,60 @@ async def _exchange(conn: Any, packed: bytes, count: int) -> list[Any]:
     except OSError as exc:
         raise redis.ConnectionError(f"error talking to the server: {exc}") from None
     return replies
+
+
+class PendingRead:
+    """A read of one user's history started by `SequenceStore.begin_aread`: its connection, and whether its
+    commands are already sent. Exactly one of `result()` (awaited once) and `abandon()` must follow."""
+
+    def __init__(self, store: SequenceStore, user_id: str, key: str, max_events: int) -> None:
+        self.store, self.user_id, self.key, self.max_events = store, user_id, key, max_events
+        self.started = time.perf_counter()
+        self.commands = [("MULTI",), *store._read_commands(key, max_events), ("EXEC",)]
+        self.packed = pack_commands(self.commands)
+        self.conn: Any = None
+        self.sent = False
+        self._checkout_error: redis.ConnectionError | None = None
+        try:
+            self.conn = store._checkout()
+        except redis.ConnectionError as exc:
+            self._checkout_error = exc  # raised by result(), as a read that could not start
+            return
+        if self.conn.is_connected:
+            try:
+                self.conn._writer.write(self.packed)  # the transport sends it now, or buffers it for the loop
+                self.sent = True
+            except Exception:  # a transport that is already closing: result() reconnects
+                pass
+
+    async def result(self) -> History:
+        store = self.store
+        with store._errors("read", self.user_id, self.key):
+            if self._checkout_error is not None:
+                raise self._checkout_error
+            replies = await store._aread_transaction(self)
+        return store._parse_read(replies, self.user_id, self.key, self.max_events)
+
+    def abandon(self) -> None:
+        """For a read that will not be awaited (its request failed validation): its replies are read and dropped
+        in the background, so its connection goes back idle with nothing unread."""
+        if self.conn is None:
+            return
+        if not self.sent:
+            self.store._loop_idle.append(self.conn)
+            return
+        task = asyncio.ensure_future(self.result())
+        _draining.add(task)
+        task.add_done_callback(_drained)
+
+
+_draining: set[asyncio.Task[History]] = set()  # abandoned reads being drained (the loop keeps only weak references)
+
+
+def _drained(task: asyncio.Task[History]) -> None:
+    _draining.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed drain is not an error anyone waits for
 
 
 class EmbeddedRedis:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import anyio
@@ -29,11 +30,12 @@ from service.api.concurrency import run_blocking
 from service.api.deps import ApiAuth, Services, ServicesDep, bearer_matches
 from service.api.middleware import replay_body
 from service.api.responses import JSON_OPTIONS, OrjsonResponse, error_response, errors, service_error_response
-from service.engine import Fetched, ScoreResult
+from service.engine import ScoreResult
 from service.metrics import ServiceMetrics
 from service.errors import LimitExceededError, RequestTimeoutError, ServiceError
 from service.registry import LoadedModel
-from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
+from service.schemas import CandidateIds, ScoreRequest, ScoreResponse, parse_score_request
+from service.store import PendingRead
 
 log = logging.getLogger("service")
 router = APIRouter(tags=["scoring"])
@@ -71,26 +73,24 @@ def inline_allowed(services: Services) -> bool:
     )
 
 
-def start_prefetch(services: Services, data: object) -> asyncio.Task[Fetched] | None:
-    """Start reading the user's history while the rest of the request is validated (the fast path; see
-    `score_request`): a task, or None when the request will not read on the loop or names no usable user id.
+def start_prefetch(services: Services, data: object) -> PendingRead | None:
+    """Start reading the user's history before the rest of the request is validated (the fast path; see
+    `score_request`): the read's commands are on their way to the store when this returns, or None when the request
+    will not read on the loop or names no usable user id.
 
     The read is the same read-only MULTI/EXEC `score_request` would issue next; a request that then fails validation
-    cancels it (`cancel_prefetch`)."""
+    abandons it (`cancel_prefetch`)."""
     if type(data) is not dict or not inline_allowed(services):
         return None
     user_id = data.get("user_id")
     if type(user_id) is not str or not 0 < len(user_id) <= services.settings.max_user_id_length:
         return None
-    return asyncio.ensure_future(services.engine.afetch(user_id))
+    return services.engine.begin_afetch(user_id)
 
 
-def cancel_prefetch(prefetch: asyncio.Task[Fetched] | None) -> None:
-    if prefetch is None:
-        return
-    prefetch.cancel()
-    # A read that already failed (store down) must not be logged as an exception nobody retrieved.
-    prefetch.add_done_callback(lambda task: task.cancelled() or task.exception())
+def cancel_prefetch(prefetch: PendingRead | None) -> None:
+    if prefetch is not None:
+        prefetch.abandon()
 
 
 async def score_request(
@@ -99,13 +99,13 @@ async def score_request(
     model: LoadedModel,
     items: np.ndarray,
     cates: np.ndarray,
-    prefetch: asyncio.Task[Fetched] | None = None,
+    prefetch: PendingRead | None = None,
 ) -> dict[str, object]:
     """Score and build the response body. A small request (history x candidates <= DARE_INLINE_MAX_PAIRS) that finds
     no other blocking work running stays on the event loop: its store read through the asyncio client (a stalled
     store holds up this request, not the loop), its graphs inline (~1 ms at most), saving the hand-off to a worker
     thread and back (docs/performance.md, round 5). `prefetch` is that read already started by the fast path before
-    the body was validated, so the Redis round trip overlaps the validation (round 6). Everything else runs in a
+    the body was validated, so the Redis round trip overlaps the validation (rounds 6 and 9). Everything else runs in a
     worker thread, bounded in number and time, which lets concurrent requests use every core. The whole call is
     bounded by DARE_REQUEST_TIMEOUT_S."""
     engine, settings = services.engine, services.settings
@@ -115,7 +115,7 @@ async def score_request(
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                fetched = await (prefetch if prefetch is not None else engine.afetch(body.user_id))
+                fetched = await engine.afetch(body.user_id, prefetch)
         except TimeoutError:
             raise RequestTimeoutError(
                 f"the store read did not finish within DARE_REQUEST_TIMEOUT_S ({timeout:g} s)"
@@ -148,12 +148,28 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
     return OrjsonResponse(await score_request(services, body, model, items, cates))
 
 
+@dataclass
+class Prepared:
+    """A POST /score body the fast path takes: validated, checked, and its store read on its way (or the service
+    error the checks raised, answered as such)."""
+
+    body: ScoreRequest | None = None
+    model: LoadedModel | None = None
+    items: np.ndarray | None = None
+    cates: np.ndarray | None = None
+    prefetch: PendingRead | None = None
+    error: ServiceError | None = None
+
+
 class ScoreFastPath:
-    """Pure-ASGI `POST /score` for well-formed JSON requests, called by `service.main.DareApp` *before* FastAPI's
-    middleware stack (see the module docstring). It applies what that stack would: the body size limit (it takes
-    only requests whose Content-Length is within DARE_MAX_BODY_BYTES; the others go to the stack, which answers
-    413), the request-duration histogram (observed here for the requests it answers; the stack's RequestMetrics
-    observes the ones it hands over), the service's error bodies, and a logged JSON 500 for an unexpected error.
+    """`POST /score` for well-formed JSON requests without FastAPI, in two places: as pure ASGI, called by
+    `service.main.DareApp` *before* FastAPI's middleware stack, and from `dare serve`'s HTTP protocol
+    (`service.api.protocol.ScoreHttpProtocol`), which skips the ASGI round as well. Both use `prepare` (parse,
+    start the store read, validate, check) and `answer` (score, render), so they answer alike. It applies what the
+    stack would: the body size limit (it takes only requests whose Content-Length is within DARE_MAX_BODY_BYTES;
+    the others go to the stack, which answers 413), the request-duration histogram (observed here for the requests
+    it answers; the stack's RequestMetrics observes the ones it hands over), the service's error bodies, and a
+    logged JSON 500 for an unexpected error.
 
     Skipping the stack's seven ASGI layers (FastAPI's and Starlette's own included) and their send wrappers is part
     of what round 6 took off the service's own code (docs/bench/asgi_overhead.py; docs/performance.md, round 6). With DARE_SCORE_FAST_PATH=false every
@@ -171,62 +187,77 @@ class ScoreFastPath:
         declared = _header(scope, b"content-length")
         return declared is not None and declared.isdigit() and int(declared) <= self.max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        services: Services = scope["app"].state.services
-        if not _authorized(scope, services):
-            await self.app(scope, receive, send)  # FastAPI's dependency answers the 401
-            return
-        raw = await _read_body(receive)
-        if raw is None:  # the client went away
-            self._observe("", 500, started)
-            return
+    def authorized(self, scope: Scope, services: Services) -> bool:
+        """The check of `require_api_token`; a request that fails it goes to FastAPI for the 401."""
+        token = services.settings.api_token
+        # Header values decoded as Starlette decodes them (latin-1), so both paths compare the same string.
+        return token is None or bearer_matches((_header(scope, b"authorization") or b"").decode("latin-1"), token)
+
+    def prepare(self, services: Services, raw: bytes | bytearray) -> Prepared | None:
+        """Parse and validate a body; None hands the request to FastAPI (which answers with the 422 naming the
+        fields). The store read starts (is sent) before the validation, which it overlaps (~0.05-0.15 ms for 100
+        candidates)."""
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            await self.app(scope, replay_body(raw, receive), send)  # FastAPI answers with the 422 naming the fields
-            return
-        # The store read starts now and overlaps the validation below (~0.1-0.15 ms for 100 candidates).
+            return None
         prefetch = start_prefetch(services, data)
-        if prefetch is not None:
-            await asyncio.sleep(0)  # one turn of the loop: the task sends its commands and waits for the reply
         try:
-            body = ScoreRequest.model_validate(data)
+            body = parse_score_request(data)
         except ValidationError:
             cancel_prefetch(prefetch)
-            await self.app(scope, replay_body(raw, receive), send)
-            return
-        model_name = ""
+            return None
         try:
-            try:
-                model, items, cates = checked_request(body, services)
-            except BaseException:
-                cancel_prefetch(prefetch)
-                raise
-            model_name = model.name
-            payload = orjson.dumps(await score_request(services, body, model, items, cates, prefetch), option=JSON_OPTIONS)
+            model, items, cates = checked_request(body, services)
+        except ServiceError as exc:
+            cancel_prefetch(prefetch)
+            return Prepared(error=exc)
+        except BaseException:
+            cancel_prefetch(prefetch)
+            raise
+        return Prepared(body, model, items, cates, prefetch)
+
+    async def answer(self, services: Services, prepared: Prepared) -> tuple[int, list[tuple[bytes, bytes]], bytes, str]:
+        """Status, headers, body and model name of the answer to a prepared request."""
+        body, model = prepared.body, prepared.model
+        model_name = model.name if model is not None else ""
+        try:
+            if prepared.error is not None:
+                raise prepared.error
+            assert body is not None and model is not None and prepared.items is not None and prepared.cates is not None
+            result = await score_request(services, body, model, prepared.items, prepared.cates, prepared.prefetch)
+            payload = orjson.dumps(result, option=JSON_OPTIONS)
         except ServiceError as exc:
             response = service_error_response(exc, "POST", "/score")
         except Exception:
             log.exception("unhandled error on POST /score")
             response = error_response(500, "internal_error", "internal error (see the service log)")
         else:
-            try:
-                await send({
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-                })  # fmt: skip
-                await send({"type": "http.response.body", "body": payload})
-            finally:
-                self._observe(model_name, 200, started)
-            return
-        try:
-            await response(scope, receive, send)
-        finally:
-            self._observe(model_name, response.status_code, started)
+            return 200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))], payload, model_name
+        return response.status_code, response.raw_headers, bytes(response.body), model_name
 
-    def _observe(self, model: str, status: int, started: float) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        services: Services = scope["app"].state.services
+        if not self.authorized(scope, services):
+            await self.app(scope, receive, send)  # FastAPI's dependency answers the 401
+            return
+        raw = await _read_body(receive)
+        if raw is None:  # the client went away
+            self.observe("", 500, started)
+            return
+        prepared = self.prepare(services, raw)
+        if prepared is None:
+            await self.app(scope, replay_body(raw, receive), send)
+            return
+        status, headers, payload, model_name = await self.answer(services, prepared)
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+        finally:
+            self.observe(model_name, status, started)
+
+    def observe(self, model: str, status: int, started: float) -> None:
         self.metrics.request_series("/score", "POST", model, str(status)).observe(time.perf_counter() - started)
 
 
@@ -240,13 +271,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 def _is_json(scope: Scope) -> bool:
     content_type = _header(scope, b"content-type")
     return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"application/json"
-
-
-def _authorized(scope: Scope, services: Services) -> bool:
-    """The check of `require_api_token`; a request that fails it goes to FastAPI for the 401."""
-    token = services.settings.api_token
-    # Header values decoded as Starlette decodes them (latin-1), so both paths compare the same string.
-    return token is None or bearer_matches((_header(scope, b"authorization") or b"").decode("latin-1"), token)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
