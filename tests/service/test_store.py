@@ -570,3 +570,65 @@ def test_pack_commands_packs_what_redis_py_packs() -> None:
 
     commands = [("MULTI",), *SequenceStore._read_commands("dare:{üser 1}:seq", 200), ("GETRANGE", "k", -1, 0), ("EXEC",)]
     assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
+
+
+def test_begin_aread_sends_before_it_returns_and_an_abandoned_read_leaves_nothing_unread(make_redis_server) -> None:
+    """POST /score's fast path sends the read before validating the body (begin_aread) and abandons it when the body
+    is refused: the abandoned read's replies are drained, so the next read on that connection gets its own."""
+    import asyncio
+
+    server = make_redis_server()
+    store = SequenceStore.from_url(server.url)
+    store.append("alice", events([1, 2, 3]))
+    store.append("bob", events([7, 8]))
+
+    async def main() -> tuple[bool, bool, list[int], list[int], int]:
+        store.open_async()
+        try:
+            first = store.begin_aread("alice", 10)  # no connection yet: sent when awaited, after connecting
+            first_sent = first.sent
+            assert (await first.result()).events["item_id"].tolist() == [1, 2, 3]
+            abandoned = store.begin_aread("alice", 10)  # the idle connection: sent now
+            abandoned_sent = abandoned.sent
+            abandoned.abandon()
+            bob = (await store.aread("bob", 10)).events["item_id"].tolist()  # a second connection (the first drains)
+            for _ in range(50):  # the drain is a background task: let it finish
+                await asyncio.sleep(0.01)
+                if len(store._loop_idle) == 2:
+                    break
+            again = [(await store.aread("bob", 10)).events["item_id"].tolist() for _ in range(4)]
+            return first_sent, abandoned_sent, bob, sorted({tuple(a) for a in again}), store._loop_made
+        finally:
+            await store.aclose()
+
+    try:
+        first_sent, abandoned_sent, bob, again, made = asyncio.run(main())
+        assert not first_sent and abandoned_sent
+        assert bob == [7, 8] and again == [(7, 8)]
+        assert made == 2  # the drained connection went back idle: no third one
+    finally:
+        store.close()
+
+
+def test_begin_aread_beyond_max_connections_fails_when_awaited(make_redis_server) -> None:
+    import asyncio
+
+    server = make_redis_server()
+    store = SequenceStore.from_url(server.url, max_connections=1)
+    store.append("alice", events([1]))
+
+    async def main() -> object:
+        store.open_async()
+        try:
+            held = store.begin_aread("alice", 10)
+            refused = store.begin_aread("alice", 10)  # does not raise here: the request's await does
+            with pytest.raises(StoreUnavailableError, match="too many connections"):
+                await refused.result()
+            return (await held.result()).events["item_id"].tolist()
+        finally:
+            await store.aclose()
+
+    try:
+        assert asyncio.run(main()) == [1]
+    finally:
+        store.close()
