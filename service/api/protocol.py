@@ -50,6 +50,11 @@ class ScoreHttpProtocol(HttpToolsProtocol):
             return
         super()._start_asgi_task(cycle, app)
 
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)  # which pauses reading past 64 kB of unread body; an ASGI `receive` would resume it
+        if self._waiting is not None:
+            self.flow.resume_reading()  # the fast path reads the whole body (at most DARE_MAX_BODY_BYTES: `takes`)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         cycle, self._waiting = self._waiting, None

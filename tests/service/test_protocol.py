@@ -230,3 +230,20 @@ def test_well_formed_requests_skip_the_asgi_app(settings: Settings, monkeypatch:
             conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             assert conn.response()[0] == 200
         assert reached == expected, http
+
+
+def test_a_body_past_uvicorns_read_buffer_is_read_whole(settings: Settings) -> None:
+    """uvicorn pauses reading past 64 kB of unread body until the app reads; the protocol reads on to the end."""
+    many = orjson.dumps({"user_id": "alice", "candidates": CANDIDATES * 400})  # ~90 kB, 2,000 candidates
+    assert len(many) > 65536
+    with served(settings) as (port, _):
+        conn = Conn(port)
+        request = post(many)
+        split = request.index(b"\r\n\r\n") + 4 + 65_600  # past the limit in one read, then the rest
+        conn.send(request[:split])
+        time.sleep(0.2)
+        conn.send(request[split:])
+        status, _, body = conn.response()
+        assert status == 422 and orjson.loads(body)["fields"][0]["field"] == "candidates"  # over DARE_MAX_CANDIDATES
+        conn.send(post(BODY))
+        assert conn.response()[0] == 200

@@ -204,11 +204,10 @@ class ScoreFastPath:
         prefetch = start_prefetch(services, data)
         try:
             body = parse_score_request(data)
+            model, items, cates = checked_request(body, services)
         except ValidationError:
             cancel_prefetch(prefetch)
             return None
-        try:
-            model, items, cates = checked_request(body, services)
         except ServiceError as exc:
             cancel_prefetch(prefetch)
             return Prepared(error=exc)
