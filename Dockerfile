@@ -30,13 +30,14 @@ COPY service ./service
 COPY training ./training
 COPY loadtest ./loadtest
 # --no-deps: the dependencies are already in the layer above; this installs the `dare` entry point and compiles
-# the fused search kernel (service/_search.c) with a C compiler that is removed again in the same layer. Distro
+# the fused search kernel (service/_search.c) and the candidate check (service/_ids.c) with a C compiler that is
+# removed again in the same layer. Distro
 # package versions are left to the base image's release (they are build tools, not part of what runs).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir --no-deps . \
-    && python -c "import service._search" \
+    && python -c "import service._search, service._ids" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /models /app/var \

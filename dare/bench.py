@@ -431,7 +431,7 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
 
 def server_time_sums(port: int, model: str) -> dict[str, float]:
     """From the service's own /metrics: the count and summed seconds of its POST /score requests for `model` (as its
-    middleware times them, from the first ASGI call to the last byte handed to uvicorn) and of its engine stages."""
+    HTTP protocol times them, from the end of the request's parsing to the response's write) and of its engine stages."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
@@ -1175,9 +1175,10 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         split = [row for row in meta["http_paired"] if "server_request_mean_ms" in row and "http_mean_ms" in row]
         if split:
             lines += ["", "Where the HTTP time goes, same calls (means, ms): the lean client's whole call; the service's own "
-                      "timing of the request (its /metrics: from the first ASGI call to the last byte handed to uvicorn; "
-                      "both clients' requests); of that, the engine's stages. Outside the service = socket, kernel and "
-                      "uvicorn's HTTP parsing, both ways; in the service, outside the engine = body parsing and validation, "
+                      "timing of the request (its /metrics: from the end of the request's parsing by `dare serve`'s HTTP "
+                      "protocol to the response's write; both clients' requests); of that, the engine's stages. Outside "
+                      "the service = socket, kernel and HTTP parsing, both ways; in the service, outside the engine = body "
+                      "parsing and validation, "
                       "the hand-off to a worker thread and back (W2, W3: more than DARE_INLINE_MAX_PAIRS; W1 stays on the "
                       "event loop), the response. The service's store_fetch stage is its asyncio read for requests that "
                       "stay on the loop.", "",
