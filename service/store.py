@@ -436,7 +436,10 @@ class SequenceStore:
                 # One connect and handshake per attempt: `connect()` would retry them itself under the same
                 # policy, and a stalled store would then hold the read for twice the retries' time.
                 await conn.connect_check_health(check_health=True, retry_socket_connect=False)
-            conn._writer.write(read.packed)
+            try:
+                conn._writer.write(read.packed)
+            except (OSError, RuntimeError) as exc:  # a transport already closing (uvloop raises RuntimeError)
+                raise redis.ConnectionError(f"error writing to the server: {exc}") from None
             return await _read_replies(conn, count)
 
         async def drop(error: Exception) -> None:

@@ -36,15 +36,15 @@ class ScoreHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Called by on_headers_complete for a request that is not queued behind another (and when a queued one's
         # turn comes: that one always goes to ASGI). `app` is uvicorn's 503 app when over --limit-concurrency.
+        fast = self._fast()
         if (
-            app is self.app
+            fast is not None
+            and app is self.app
             and cycle is self.cycle
-            and cycle.more_body
+            and cycle.more_body  # the body is still to come (a queued request's may be complete: ASGI)
             and not cycle.waiting_for_100_continue
-            and cycle.keep_alive
-            and self.scope.get("http_version") == "1.1"
-            and self._fast() is not None
-            and self._fast().takes(cycle.scope)  # type: ignore[union-attr]
+            and cycle.keep_alive  # HTTP/1.1 without Connection: close
+            and fast.takes(cycle.scope)
         ):
             self._waiting = cycle
             return

@@ -1,10 +1,12 @@
 """POST /score: the FastAPI route (the OpenAPI document, and every request the fast path hands over) and
-`ScoreFastPath`, the same endpoint as a pure-ASGI handler in front of FastAPI.
+`ScoreFastPath`, the same endpoint without FastAPI: a pure-ASGI handler in front of it, and the core of `dare serve`'s
+HTTP protocol (service/api/protocol.py), which calls it below the ASGI round.
 
 Why two: FastAPI's routing, dependency solving, stdlib JSON parsing and response machinery cost 0.15 ms (W1: N=200,
 C=100) to 0.5 ms (W2: C=200) per request on the 2-core machine (docs/performance.md, round 3). The fast path answers
-the common case, a well-formed JSON request, with the same validation (`ScoreRequest`), the same checks
-(`checked_request`), the same scoring call (`score_request`) and the same error bodies (`service_error_response`).
+the common case, a well-formed JSON request, with the same validation (`ScoreRequest`, through
+`parse_score_request`), the same checks (`checked_request`), the same scoring call (`score_request`) and the same
+error bodies (`service_error_response`).
 Anything else (not `application/json`, a wrong or missing bearer token, JSON orjson refuses, a body `ScoreRequest`
 rejects) goes to the FastAPI route unchanged, with the body replayed, so every 4xx is produced in one place.
 `DARE_SCORE_FAST_PATH=false` routes every request through FastAPI (identical answers: tests/service/test_fast_path.py).
