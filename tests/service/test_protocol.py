@@ -247,3 +247,41 @@ def test_a_body_past_uvicorns_read_buffer_is_read_whole(settings: Settings) -> N
         assert status == 422 and orjson.loads(body)["fields"][0]["field"] == "candidates"  # over DARE_MAX_CANDIDATES
         conn.send(post(BODY))
         assert conn.response()[0] == 200
+
+
+def test_concurrent_connections_each_get_their_own_answers(settings: Settings) -> None:
+    """Six connections at once, each a mix of stored and cold users and a body FastAPI refuses: every answer is the
+    one the same body gets alone, and every request is counted once."""
+    bodies = [BODY, orjson.dumps({"user_id": "nobody", "candidates": CANDIDATES[:3]}),
+              orjson.dumps({"user_id": "alice", "candidates": CANDIDATES[::-1], "explain": True}),
+              b'{"user_id": "alice", "candidates": [{"item_id": -1, "category_id": 1}]}']  # fmt: skip
+    with served(settings) as (port, _):
+        alone = Conn(port)
+        expected = []
+        for body in bodies:
+            alone.send(post(body))
+            status, _, payload = alone.response()
+            expected.append((status, _comparable(orjson.loads(payload))))
+        assert [e[0] for e in expected] == [200, 200, 200, 422]
+        failures: list[str] = []
+
+        def client(seed: int) -> None:
+            conn = Conn(port)
+            for i in range(40):
+                k = (seed + i) % len(bodies)
+                conn.send(post(bodies[k]))
+                status, _, payload = conn.response()
+                if (status, _comparable(orjson.loads(payload))) != expected[k]:
+                    failures.append(f"client {seed}, request {i}: {status} {payload[:200]!r}")
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures, failures[:3]
+        alone.send(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        metrics = alone.response()[2].decode()
+        answered = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith('dare_http_request_duration_seconds_count{endpoint="/score",method="POST"'))  # fmt: skip
+        assert answered == len(bodies) + 6 * 40
