@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 import dare
+from service.api.concurrency import BlockingPool
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.responses import OrjsonResponse, error_response, service_error_response
@@ -65,7 +66,7 @@ def search_label(fused: FusedSearch | None) -> str:
     return {512: "avx512", 256: "avx2"}.get(fused.isa or kernel_isa(), "onnx")
 
 
-def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.CapacityLimiter) -> Services:
+def build_services(settings: Settings, metrics: ServiceMetrics, blocking: BlockingPool) -> Services:
     """Connect the store and load the models (blocking; called from the lifespan in a thread)."""
     from service.store import SequenceStore
 
@@ -114,7 +115,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics, limiter: anyio.C
         ", ".join(report.rejected) or "none",
         "bearer token required" if settings.api_token else "open (DARE_API_TOKEN not set)",
     )
-    return Services(settings=settings, store=store, registry=registry, engine=engine, metrics=metrics, limiter=limiter)
+    return Services(settings=settings, store=store, registry=registry, engine=engine, metrics=metrics, blocking=blocking)
 
 
 async def _reload(services: Services, why: str) -> None:
@@ -247,8 +248,8 @@ def create_app(settings: Settings | None = None) -> DareApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limiter = anyio.CapacityLimiter(settings.scoring_threads)
-        services = await anyio.to_thread.run_sync(build_services, settings, metrics, limiter)
+        blocking = BlockingPool(settings.scoring_threads)
+        services = await anyio.to_thread.run_sync(build_services, settings, metrics, blocking)
         if settings.inline_max_pairs > 0:
             services.store.open_async()  # on this loop: small /score requests read the store without a thread
         app.state.services = services
@@ -267,6 +268,7 @@ def create_app(settings: Settings | None = None) -> DareApp:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await services.store.aclose()
             services.store.close()
+            services.blocking.shutdown()
             if multiprocess_dir():
                 # Drop this worker's live gauges (dare_model_info) from the aggregated /metrics.
                 from prometheus_client import multiprocess

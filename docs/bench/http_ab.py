@@ -1,8 +1,8 @@
-"""Round 9: a small POST /score over HTTP at an earlier commit and now, in one run, beside the in-process call.
+"""Round 9: POST /score over HTTP at an earlier commit and now, in one run, beside the in-process call.
 
 For each source tree (the one at `--before`, checked out in a temporary git worktree, and this one) a real
 `dare serve` (uvicorn, 1 worker) runs on the same private redis-server and model folder (a RANDOMLY INITIALISED
-att-16 DARE model, W1: N=200, C=100), beside the two HTTP floor servers (`dare.http_floor`: a bare ASGI app on
+att-16 DARE model; W1: N=200, C=100, or with --workload W2: N=10,000, C=200, which takes the worker thread), beside the two HTTP floor servers (`dare.http_floor`: a bare ASGI app on
 uvicorn, a raw uvloop protocol). This process times, in a rotation that changes the order every call:
 
 - `in-process`: `ScoringEngine.score` (blocking store read), what `dare bench` calls the in-process total;
@@ -14,6 +14,7 @@ reports them (`timings_ms`) show that the engine is not what differs. p50 over `
 of them as warm-up.
 
     .venv/bin/python docs/bench/http_ab.py --before d8f776d --out docs/bench/http_ab_round9.md
+    .venv/bin/python docs/bench/http_ab.py --before 0f1e2d3 --workload W2 --calls 600 --out docs/bench/http_ab_round9_w2.md
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = {"W1": (200, 100), "W2": (10_000, 200)}  # history length N, candidates C
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str) -> None:
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the earlier commit")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=3000, help="rotations (each times every call once)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -74,12 +77,13 @@ def main() -> None:
     try:
         # Each tree builds its own compiled modules (the kernel, and since round 9 the candidate check).
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=before_tree, check=True, capture_output=True)
-        cfg = BenchConfig(out=work / "x.json", att_dims=(16,), workloads=(Workload("W1", 200, 100),), progress=False)
-        store = SequenceStore(connect(redis.url, socket_timeout_s=30.0), lifelong_max_events=200)
+        n, c = WORKLOADS[args.workload]
+        cfg = BenchConfig(out=work / "x.json", att_dims=(16,), workloads=(Workload(args.workload, n, c),), progress=False)
+        store = SequenceStore(connect(redis.url, socket_timeout_s=30.0), lifelong_max_events=n)
         data = make_data(cfg, store, work)
         build_models(cfg, data, work / "models")
-        items, cates = data.candidates["W1"][0]
-        user = data.users["W1"][0]
+        items, cates = data.candidates[args.workload][0]
+        user = data.users[args.workload][0]
         name = model_name(16, cfg.repr_dim)
         body = orjson.dumps({"user_id": user, "model": name,
                              "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
@@ -155,10 +159,11 @@ def main() -> None:
     stage_names = ("store_fetch", "id_mapping", "search", "scoring")
     load = os.getloadavg()[0]
     lines = [
-        "# A small POST /score over HTTP, before and now, beside the in-process call (one run)",
+        f"# POST /score over HTTP ({args.workload}), before and now, beside the in-process call (one run)",
         "",
-        f"Command: `.venv/bin/python docs/bench/http_ab.py --before {args.before} --out {args.out}`  ",
-        f"W1 request (N=200, C=100), att-16 DARE model (RANDOMLY INITIALISED), private redis-server; {args.calls} "
+        f"Command: `.venv/bin/python docs/bench/http_ab.py --before {args.before} --out {args.out}"
+        + (f" --workload {args.workload}" if args.workload != "W1" else "") + (f" --calls {args.calls}" if args.calls != 3000 else "") + "`  ",
+        f"{args.workload} request (N={n:,}, C={c}), att-16 DARE model (RANDOMLY INITIALISED), private redis-server; {args.calls} "
         f"rotations of the five calls, first {skip} dropped; p50 ms; 1-minute load average after the run {load:.2f}.",
         "",
         "| call | p50 ms | / in-process | minus in-process, ms | " + " | ".join(f"{s} (p50)" for s in stage_names) + " |",

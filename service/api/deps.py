@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import anyio
 from fastapi import Depends, HTTPException, Request, status
 from pydantic import SecretStr
 
@@ -18,6 +17,9 @@ from service.engine import ScoringEngine
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.store import SequenceStore
+
+if TYPE_CHECKING:
+    from service.api.concurrency import BlockingPool
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Services:
     registry: ModelRegistry
     engine: ScoringEngine
     metrics: ServiceMetrics
-    limiter: anyio.CapacityLimiter  # bounds concurrent blocking work (scoring, store calls) per process
+    blocking: BlockingPool  # bounds concurrent blocking work (scoring, store calls) per process
 
 
 async def get_services(request: Request) -> Services:

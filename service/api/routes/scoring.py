@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import anyio
 import numpy as np
 import onnxruntime as ort
 import orjson
@@ -71,7 +70,7 @@ def inline_allowed(services: Services) -> bool:
     return (
         services.settings.inline_max_pairs > 0
         and services.store.async_client is not None
-        and services.limiter.borrowed_tokens == 0
+        and services.blocking.busy == 0
     )
 
 

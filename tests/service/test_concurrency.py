@@ -1,0 +1,100 @@
+"""`BlockingPool` and `run_blocking`: at most N calls at once, the wait in line counted against the timeout, a call
+still waiting at its timeout dropped, a running one abandoned (and counted until it ends), the caller's context
+carried into the thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from service.api.concurrency import BlockingPool, run_blocking
+from service.errors import RequestTimeoutError
+
+REQUEST = contextvars.ContextVar("REQUEST", default="none")
+
+
+def services(pool: BlockingPool, timeout_s: float = 5.0) -> SimpleNamespace:
+    return SimpleNamespace(blocking=pool, settings=SimpleNamespace(request_timeout_s=timeout_s))
+
+
+def test_at_most_n_calls_run_at_once_and_busy_counts_them() -> None:
+    pool = BlockingPool(2)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def call() -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return REQUEST.get()
+
+    async def main() -> tuple[list[str], int, int]:
+        REQUEST.set("req-7")
+        futures = [pool.submit(call) for _ in range(6)]
+        busy_during = pool.busy
+        results = await asyncio.gather(*futures)
+        await asyncio.sleep(0.01)
+        return list(results), busy_during, pool.busy
+
+    try:
+        results, busy_during, busy_after = asyncio.run(main())
+        assert results == ["req-7"] * 6  # the caller's context, in the worker thread
+        assert peak[0] == 2 and busy_during == 6 and busy_after == 0
+    finally:
+        pool.shutdown()
+
+
+def test_timeouts_drop_a_waiting_call_and_abandon_a_running_one() -> None:
+    pool = BlockingPool(1)
+    release, ran = threading.Event(), []
+
+    def slow() -> None:
+        release.wait(5)
+        ran.append("slow")
+
+    def queued() -> None:
+        ran.append("queued")
+
+    async def main() -> tuple[int, int]:
+        svc = services(pool, timeout_s=0.2)
+        with pytest.raises(RequestTimeoutError, match="scoring did not finish"):
+            await asyncio.gather(run_blocking(svc, slow, what="scoring"), run_blocking(svc, queued, what="scoring"))
+        await asyncio.sleep(0.05)
+        busy_abandoned = pool.busy  # the running call, abandoned, still runs; the waiting one is gone
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if pool.busy == 0:
+                break
+        return busy_abandoned, pool.busy
+
+    try:
+        busy_abandoned, busy_after = asyncio.run(main())
+        assert busy_abandoned == 1 and busy_after == 0
+        assert ran == ["slow"]  # the waiting call never ran
+    finally:
+        pool.shutdown()
+
+
+def test_errors_in_the_thread_reach_the_caller() -> None:
+    pool = BlockingPool(1)
+
+    def broken() -> None:
+        raise ValueError("in the thread")
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="in the thread"):
+            await run_blocking(services(pool), broken, what="x")
+        assert pool.busy == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
