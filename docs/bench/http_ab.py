@@ -14,7 +14,7 @@ reports them (`timings_ms`) show that the engine is not what differs. p50 over `
 of them as warm-up.
 
     .venv/bin/python docs/bench/http_ab.py --before d8f776d --out docs/bench/http_ab_round9.md
-    .venv/bin/python docs/bench/http_ab.py --before 0f1e2d3 --workload W2 --calls 600 --out docs/bench/http_ab_round9_w2.md
+    .venv/bin/python docs/bench/http_ab.py --before 643c883 --workload W2 --calls 1500 --out docs/bench/http_ab_round9_w2.md
 """
 
 from __future__ import annotations
