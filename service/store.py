@@ -436,10 +436,7 @@ class SequenceStore:
                 # One connect and handshake per attempt: `connect()` would retry them itself under the same
                 # policy, and a stalled store would then hold the read for twice the retries' time.
                 await conn.connect_check_health(check_health=True, retry_socket_connect=False)
-            try:
-                conn._writer.write(read.packed)
-            except (OSError, RuntimeError) as exc:  # a transport already closing (uvloop raises RuntimeError)
-                raise redis.ConnectionError(f"error writing to the server: {exc}") from None
+            _send(conn, read.packed)
             return await _read_replies(conn, count)
 
         async def drop(error: Exception) -> None:
@@ -451,10 +448,7 @@ class SequenceStore:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            if self.async_client is not None:
-                self._loop_idle.append(conn)  # connected or not: the next read reconnects it
-            else:  # aclose ran while this read was in flight
-                await conn.disconnect(nowait=True)
+            await self._give_back(conn)
         for reply in replies[:-1]:  # +OK for MULTI, +QUEUED for each command, or an error
             if isinstance(reply, Exception):
                 raise reply
@@ -464,6 +458,12 @@ class SequenceStore:
         if not isinstance(exec_reply, list) or len(exec_reply) != count - 2:
             raise redis.ResponseError(f"unexpected reply to EXEC: {exec_reply!r:.200}")
         return exec_reply
+
+    async def _give_back(self, conn: Any) -> None:
+        if self.async_client is not None:
+            self._loop_idle.append(conn)  # connected or not: the next read reconnects it
+        else:  # aclose ran while this read was in flight
+            await conn.disconnect(nowait=True)
 
     def _read_key(self, user_id: str, max_events: int) -> str:
         if max_events < 0:
@@ -592,6 +592,14 @@ def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
     return b"".join(out)
 
 
+def _send(conn: Any, packed: bytes) -> None:
+    """Hand `packed` to a connected redis.asyncio connection's transport (sent now, or buffered for the loop)."""
+    try:
+        conn._writer.write(packed)  # redis-py's own stream: its API writes and reads one command at a time
+    except (OSError, RuntimeError) as exc:  # a transport already closing (uvloop raises RuntimeError)
+        raise redis.ConnectionError(f"error writing to the server: {exc}") from None
+
+
 async def _read_replies(conn: Any, count: int) -> list[Any]:
     """Read `count` replies off a connected redis.asyncio connection's stream with hiredis (error replies as
     redis.ResponseError objects), all within the connection's socket timeout. Failures are redis-py's exceptions,
@@ -633,9 +641,9 @@ class PendingRead:
             return
         if self.conn.is_connected:
             try:
-                self.conn._writer.write(self.packed)  # the transport sends it now, or buffers it for the loop
+                _send(self.conn, self.packed)
                 self.sent = True
-            except Exception:  # a transport that is already closing: result() reconnects
+            except redis.ConnectionError:  # a transport that is already closing: result() reconnects
                 pass
 
     async def result(self) -> History:
@@ -647,22 +655,30 @@ class PendingRead:
         return store._parse_read(replies, self.user_id, self.key, self.max_events)
 
     def abandon(self) -> None:
-        """For a read that will not be awaited (its request failed validation): its replies are read and dropped
-        in the background, so its connection goes back idle with nothing unread."""
+        """For a read that will not be awaited (its request failed validation): in the background, its replies (if
+        it was sent) are read and dropped, unparsed and uncounted, and its connection goes back idle with nothing
+        unread, or is dropped if that fails."""
         if self.conn is None:
             return
-        if not self.sent:
-            self.store._loop_idle.append(self.conn)
-            return
-        task = asyncio.ensure_future(self.result())
+        task = asyncio.ensure_future(self._drain())
         _draining.add(task)
         task.add_done_callback(_drained)
 
+    async def _drain(self) -> None:
+        try:
+            if self.sent:
+                await _read_replies(self.conn, len(self.commands))
+        except BaseException:
+            await self.conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self.store._give_back(self.conn)
 
-_draining: set[asyncio.Task[History]] = set()  # abandoned reads being drained (the loop keeps only weak references)
+
+_draining: set[asyncio.Task[None]] = set()  # abandoned reads being drained (the loop keeps only weak references)
 
 
-def _drained(task: asyncio.Task[History]) -> None:
+def _drained(task: asyncio.Task[None]) -> None:
     _draining.discard(task)
     if not task.cancelled():
         task.exception()  # retrieved: a failed drain is not an error anyone waits for
