@@ -3,9 +3,9 @@
 A model folder holds:
 
     manifest.json   this module's `Manifest`, the only description the service trusts
-    model.onnx      the full graph: history + candidates -> prob, topk_index, topk_weight
     search.onnx     the attention path alone (the GSU): history + candidates -> topk_index, topk_weight
     score.onnx      the representation path alone (the ESU + MLP): history + candidates + search output -> prob
+    attention.npz   optional: the attention tables as plain arrays for the fused search kernel (`AttentionSpec`)
     vocab.npz       raw id -> embedding row maps (see `VOCAB_ARRAYS`); loaded with allow_pickle=False
 
 The service owns this module; `training.export` imports it to write manifests, so neither side can drift.
@@ -32,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dare.errors import DareError
 
-SCHEMA_VERSION = 1
+# 2 (2026-12): the model follows the authors' code (MLP input [v_t, p, v_t ⊙ p], the score's semantic and position
+# parts scaled separately), and the never-served model.onnx is gone. Version 1 folders are refused: re-export.
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.npz"
 PAD_INDEX = 0
@@ -40,8 +42,8 @@ OOV_INDEX = 1
 # vocab.npz arrays: `<field>_raw` is the sorted raw ids (int64), `<field>_index` the row for each (int64, >= 2).
 VOCAB_ARRAYS = ("item_raw", "item_index", "cate_raw", "cate_index")
 
-GraphRole = Literal["full", "search", "score"]
-GRAPH_FILES: dict[str, str] = {"full": "model.onnx", "search": "search.onnx", "score": "score.onnx"}
+GraphRole = Literal["search", "score"]
+GRAPH_FILES: dict[str, str] = {"search": "search.onnx", "score": "score.onnx"}
 
 # Names and dtypes of every graph's inputs and outputs; the exporter must produce exactly these.
 HISTORY_INPUTS = ("hist_item", "hist_cate")
@@ -49,7 +51,6 @@ CANDIDATE_INPUTS = ("cand_item", "cand_cate")
 SEARCH_OUTPUTS = ("topk_index", "topk_weight")
 PROB_OUTPUT = "prob"
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "full": (HISTORY_INPUTS + CANDIDATE_INPUTS, (PROB_OUTPUT,) + SEARCH_OUTPUTS),
     "search": (HISTORY_INPUTS + CANDIDATE_INPUTS, SEARCH_OUTPUTS),
     "score": (HISTORY_INPUTS + CANDIDATE_INPUTS + SEARCH_OUTPUTS, (PROB_OUTPUT,)),
 }
@@ -102,7 +103,7 @@ class AttentionSpec(BaseModel):
     """The attention tables as plain arrays, for the service's fused search kernel (service/search.py): the same
     numbers search.onnx holds as initializers. attention.npz: `item` float32 [item_rows, att_dim], `cate` float32
     [cate_rows, att_dim], `position_column` float32 [max_position + 1] (row p: the position part of every score,
-    <E_pos[p], v_tpos> * scale; row 0, padding, PAD_SCORE). Score of history event t for candidate c:
+    <E_pos[p], v_tpos> / sqrt(att_dim); row 0, padding, PAD_SCORE). Score of history event t for candidate c:
     <scale * item[c], item[t]> + <scale * cate[c], cate[t]> + position_column[min(N - t, max_position)].
     Optional: a folder without it (or a model kind whose position part depends on the candidate, TWIN-proj) is
     searched with search.onnx."""
@@ -110,7 +111,7 @@ class AttentionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     file: str = ATTENTION_FILE
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    scale: float = Field(gt=0, description="1 / sqrt(3 * att_dim): multiplies the candidate's item and category rows")
+    scale: float = Field(gt=0, description="1 / sqrt(2 * att_dim): multiplies the candidate's item and category rows")
 
 
 class ParityCheck(BaseModel):
@@ -126,7 +127,7 @@ class ParityCheck(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = Field(min_length=1)
     model_kind: ModelKind
@@ -203,6 +204,12 @@ def load_manifest(folder: Path, *, verify_hashes: bool = True) -> Manifest:
         raise ModelFolderError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelFolderError(f"{path}: must hold a JSON object")
+    if raw.get("schema_version") == 1:
+        raise ModelFolderError(
+            f"{path}: schema_version 1 is a model exported before 2026-12, whose MLP input and attention scaling "
+            f"differ from the authors' model; this service reads schema_version {SCHEMA_VERSION}: retrain "
+            "(`dare train`) and re-export (`dare export`) it"
+        )
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise ModelFolderError(
             f"{path}: schema_version {raw.get('schema_version')!r} is not supported (this service reads {SCHEMA_VERSION})"

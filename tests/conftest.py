@@ -239,6 +239,7 @@ def export_random_model(
     max_position: int = 50,
     seed: int = 0,
     name: str | None = None,
+    search: str = "topk",
 ) -> Path:
     """Build a RANDOMLY INITIALISED model, save it as a run (folder/run) and export it (folder/model); return
     the model folder. The run folder beside it gives the PyTorch model back via training.run.load_run."""
@@ -252,7 +253,7 @@ def export_random_model(
     torch.manual_seed(seed)
     model_cfg = ModelConfig(
         kind=kind, item_rows=2 + len(TEST_ITEM_RAW_IDS), cate_rows=2 + len(TEST_CATE_RAW_IDS),  # type: ignore[arg-type]
-        att_dim=att_dim, repr_dim=repr_dim, top_k=top_k, max_position=max_position,
+        att_dim=att_dim, repr_dim=repr_dim, top_k=top_k, max_position=max_position, search=search,  # type: ignore[arg-type]
     )  # fmt: skip
     model = build_model(model_cfg)
     randomize_for_tests(model, seed)

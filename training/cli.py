@@ -137,11 +137,13 @@ def train(
     att_dim: Annotated[int, typer.Option("--att-dim", help="per-field attention embedding dim")] = 16,
     repr_dim: Annotated[Optional[int], typer.Option("--repr-dim", help="per-field representation dim, dare only (default: the att dim)")] = None,
     topk: Annotated[int, typer.Option("--topk", help="behaviours retrieved by the search stage")] = 20,
-    epochs: Annotated[int, typer.Option("--epochs")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", help="maximum epochs (early stopping usually ends training first)")] = 20,
+    patience: Annotated[int, typer.Option("--patience", help="stop after this many validation passes without a better AUC")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate")] = 0.01,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss", help="add the auxiliary loss over all positions")] = False,
+    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss", help="the auxiliary loss over all positions (on in the reference)")] = True,
+    search: Annotated[str, typer.Option("--search", help="topk (the model's search) or recency (the K most recent: an ablation)")] = "topk",
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="validation passes per epoch")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
@@ -151,14 +153,15 @@ def train(
 
     options = TrainOptions(
         model=model, att_dim=att_dim, repr_dim=repr_dim, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch,
+        seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch, patience=patience, search=search,
     )  # fmt: skip
     m = run_train(data, options, out, progress=not quiet).metrics
     ndcg = m["test_ndcg_at_k"]
     typer.echo(
         f"{out}: test AUC {m['test_auc']:.4f}, GAUC {m['test_gauc']:.4f}, logloss {m['test_logloss']:.4f}, "
         f"NDCG@{m['ndcg_k']} {'n/a' if ndcg is None else f'{ndcg:.4f}'} ({m['ndcg_truth']}); "
-        f"best val AUC {m['val_auc']:.4f} at step {m['best_step']}/{m['steps']}; {m['train_seconds']:.0f} s"
+        f"best val AUC {m['val_auc']:.4f} at step {m['best_step']}/{m['steps']} (epoch {m['best_epoch']}), "
+        f"stopped by {m['stop_reason']}; {m['train_seconds']:.0f} s"
     )
 
 

@@ -22,6 +22,12 @@ from typing import Literal
 
 ModelKind = Literal["dare", "twin", "twin-proj"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("dare", "twin", "twin-proj")
+SearchKind = Literal["topk", "recency"]
+SEARCH_KINDS: tuple[SearchKind, ...] = ("topk", "recency")
+# The architecture's version, saved in config.json. 2 (2026-12): MLP input [v_t, p, v_t ⊙ p], the score's semantic
+# and position parts scaled separately, TWIN-proj's four biased projections, the auxiliary head of one hidden layer.
+# Version 1 (MLP input [v_t, h, v_t ⊙ h] with h = p ⊙ v_t, one 1/sqrt(3d) scale) cannot be rebuilt: retrain.
+MODEL_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,13 @@ class ModelConfig:
     top_k: int = 20
     max_position: int = 200
     mlp_hidden: tuple[int, ...] = (200, 80)
-    aux_loss: bool = False
+    aux_loss: bool = True  # on in every published training script of the reference
+    search: SearchKind = "topk"  # "recency": the K most recent behaviours instead of the K best-scoring (ablation)
+    version: int = MODEL_VERSION
 
     def __post_init__(self) -> None:
+        if self.version != MODEL_VERSION:
+            raise ValueError(f"model version {self.version} is not this code's ({MODEL_VERSION}); retrain the model")
         if self.kind != "dare" and self.att_dim != self.repr_dim:
             raise ValueError(f"model {self.kind!r} has one shared table: att_dim ({self.att_dim}) must equal repr_dim ({self.repr_dim})")
         for name in ("item_rows", "cate_rows", "att_dim", "repr_dim", "top_k", "max_position"):
@@ -68,11 +78,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
-    epochs: int = 2
+    epochs: int = 20  # the cap; early stopping on validation AUC usually ends training first
     batch_size: int = 256
     lr: float = 0.01
     l2: float = 1e-6  # on non-embedding weights
-    aux_weight: float = 0.1
+    aux_weight: float = 1.0  # the reference adds the auxiliary loss unweighted
     seed: int = 0
     device: str = "cpu"
     extra: dict[str, object] = field(default_factory=dict)

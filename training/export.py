@@ -1,38 +1,26 @@
 """`dare export`: a run folder -> a model folder the service can load (see service/contract.py).
 
-Writes model.onnx (search + score), search.onnx (the GSU), score.onnx (the ESU + head), vocab.npz and
-manifest.json, then verifies itself: onnxruntime against the PyTorch model on random users, for every graph,
-N in {0, 5, 200, 5000} x C in {1, 100}; the worst difference goes into manifest.parity and export fails above
-1e-5.
+Writes search.onnx (the GSU), score.onnx (the ESU + head), attention.npz (the attention tables for the service's
+fused search kernel), vocab.npz and manifest.json, then verifies itself: onnxruntime against the PyTorch model on
+random users, for both graphs, N in {0, 5, 200, 5000} x C in {1, 100}; the worst difference goes into
+manifest.parity and export fails above 1e-5.
 
 The graphs work on ONE user with 1-D inputs, so they are shaped for serving rather than traced from the batched
-training forward. What keeps them fast (numbers in docs/performance.md, section "Graph shape"):
+training forward:
 
-- The search is one MatMul [C, w] x [w, N'] (ORT fuses the transpose). For DARE and TWIN the position part of
-  <e_i, v_t> is <E_pos[p_i], v_tpos>, which does not depend on the candidate: it is precomputed per position
-  (constant folding) and rides along as one extra column, so w = 2*d_att + 1 instead of 3*d_att and no
-  [N, d] position embeddings are gathered. TWIN-proj's W_q/W_k are folded into one [3d, 3d] matrix applied to
-  the C candidates (its position part does depend on the candidate, so it keeps w = 3*d + 1).
-- Padding costs nothing: K..K+31 padding tokens (embedding row 0 = zeros) are prepended in-graph, and their
-  extra column holds PAD_SCORE, so they score PAD_SCORE through the same MatMul, with no [C, N] mask pass.
-  That also makes N = 0 and N < K ordinary cases; their indices map back to -1 with weight 0.
-- Top-K in two steps, because onnxruntime's TopK costs ~1 ns per element plus ~2.5 us per row: ReduceMax over
-  blocks of 32 scores (cheap, vectorised), TopK of the block maxima, then TopK over the K best blocks' 32*K
-  scores. Exact: a block holding one of the K best scores has a maximum among the K largest block maxima.
-- Most of a TopK's per-row cost is its heap being displaced (mispredicted branches), so for large requests
-  (N >= 2048 and C >= 96) both TopKs get their heap seeded with strong values first (group maxima, moved to the
-  front; `_seeded_topk`). For short histories (N + K <= 32 K, where the two-step top-K would scan all of its
-  minimum K blocks anyway) one plain TopK over the N + K scores is cheaper (W1: 0.33 -> 0.26 ms at att 16).
-  search.onnx and model.onnx hold the three versions behind two `If`s on N and C (`dispatch_on_size`,
-  `top_k_variant`); the embedding tables are stored once.
+- The search is one MatMul [C, w] x [w, K + N] and one TopK. For DARE and TWIN the position part of the score
+  does not depend on the candidate: it is precomputed per position and rides along as one extra column, so
+  w = 2*d_att + 1 and no [N, d] position embeddings are gathered. K padding tokens (embedding row 0 = zeros,
+  extra column PAD_SCORE) are prepended, so N = 0 and N < K are ordinary cases.
 - The score graph gathers only the K retrieved behaviours per candidate, pools each field separately (no
-  [C, K, 3r] concatenation), folds the eval-mode BatchNorm into the first linear layer, and folds the constant
-  target-position part of the head's input into that layer too (7r instead of 9r inputs).
+  [C, K, 3r] concatenation), folds the eval-mode BatchNorm into the first linear layer, and (DARE, TWIN) folds
+  the constant target-position part of the head's input into that layer too (7r instead of 9r inputs).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import math
@@ -76,11 +64,6 @@ DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-5
 PARITY_HISTORY_LENGTHS = (0, 5, 200, 5000)
 PARITY_CANDIDATES = (1, 100)
-TOPK_BLOCK = 32  # scores per block in the two-step top-K; 32 measured fastest of {16, 32, 64}
-# The seeded top-K (see `_seeded_topk`) runs when the history and the candidate list are at least this large; below,
-# its extra nodes cost more than it saves (measured crossover: N ~1,000-2,000 at C = 200; never at C = 50).
-SEEDED_MIN_HISTORY = 2048
-SEEDED_MIN_CANDIDATES = 96
 
 
 class ExportError(DareError):
@@ -97,132 +80,69 @@ def _frozen(tensor: Tensor) -> Tensor:
 
 
 class UserSearchGraph(nn.Module):
-    """The GSU for one user: hist [N], candidates [C] -> topk_index [C, K] (-1 = padding), topk_weight [C, K]."""
+    """The GSU for one user: hist [N], candidates [C] -> topk_index [C, K] (-1 = padding), topk_weight [C, K].
 
-    def __init__(self, model: CTRModel, block: int | None = TOPK_BLOCK, fold_position: bool = True, seeded: bool = False) -> None:
-        """`block=None` is one plain TopK over all N + K scores: the fastest for short histories, slow for long
-        ones. `fold_position=False` (gather position embeddings and multiply them in the MatMul) is the slower
-        shape, kept for the graph-shape benchmark. `seeded=True` seeds both TopKs of the two-step top-K with group
-        maxima (see `_seeded_topk`): faster for long histories and many candidates, slower for short ones.
-        search.onnx holds the three top-K versions and picks by size (`dispatch_on_size`)."""
+    One MatMul [C, w] x [w, K + N] and one TopK. For DARE and TWIN the score's position part
+    <E_pos[p], v_tpos> / sqrt(d) does not depend on the candidate: it is precomputed per position and rides along
+    as one extra column (w = 2d + 1), and the semantic part's 1/sqrt(2d) multiplies the candidate's rows. K padding
+    tokens (embedding row 0 = zeros, extra column PAD_SCORE) are prepended, so N < K and N = 0 are ordinary cases.
+    TWIN-proj's score is <(W_q t + b_q) * scale, W_k e + b_k>: the candidate side is projected through W_k^T once
+    per request (w = 3d + 1); the term <(W_q t + b_q) * scale, b_k> is the same for every behaviour of a candidate,
+    so it changes neither the top-K nor the softmax over it and is left out.
+    """
+
+    def __init__(self, model: CTRModel) -> None:
         super().__init__()
-        self.seeded = seeded and block is not None
         att: TokenEmbedding = model.tables.attention
         stage = model.search_stage
-        self.top_k, self.block, self.max_position = stage.top_k, block, model.cfg.max_position
-        self.scale = stage.scale
+        if stage.search != "topk":
+            raise ExportError(f"a model trained with search={stage.search!r} is an evaluation ablation; only top-K search models are served")
+        d = att.dim
+        self.top_k, self.max_position = stage.top_k, model.cfg.max_position
+        self.scale = 1.0 / math.sqrt(2 * d)  # the semantic part's scale (see training.model.score_scale)
         self.register_buffer("item", _frozen(att.item.weight))  # [item_rows, d]
         self.register_buffer("cate", _frozen(att.cate.weight))  # [cate_rows, d]
-        self.register_buffer("zero_rows", torch.zeros(self.top_k * (block or 1), dtype=torch.int64))  # >= pads
-        # TWIN-proj's position part depends on the candidate (through W_q, W_k), so it cannot be folded.
-        self.fold_position = fold_position and stage.query is None
-        if self.fold_position:
-            # <E_pos[p], v_tpos> / sqrt(3d) for every position p: a constant per position. Row 0 (padding) holds
-            # PAD_SCORE, so padding tokens score PAD_SCORE through the MatMul itself.
-            bias = (att.position.weight.detach() @ att.target_position.detach()) * self.scale  # [P+1]
-        else:
+        self.register_buffer("zero_rows", torch.zeros(self.top_k, dtype=torch.int64))
+        self.projected = stage.query is not None and stage.key is not None
+        if self.projected:
+            assert stage.query is not None and stage.key is not None
             self.register_buffer("position", _frozen(att.position.weight))  # [P+1, d]
             self.register_buffer("target_position", _frozen(att.target_position))  # [d]
-            bias = torch.zeros(att.position.num_embeddings)
-        if stage.query is not None and stage.key is not None:
-            # TWIN-proj: <W_q v, W_k e> = <v W_q^T W_k, e>; fold the two projections into one [3d, 3d] matrix.
-            self.register_buffer("query_key", _frozen(stage.query.weight.t() @ stage.key.weight))
+            self.register_buffer("query_weight_t", _frozen(stage.query.weight.t()))  # [3d, 3d]
+            self.register_buffer("query_bias", _frozen(stage.query.bias))  # [3d]
+            self.register_buffer("key_weight", _frozen(stage.key.weight))  # [3d, 3d]
+            self.register_buffer("score_scale", _frozen(stage.scale))  # [3d]
+            column = torch.zeros(att.position.num_embeddings)
         else:
-            self.query_key = None
-        bias[0] = PAD_SCORE
-        self.register_buffer("position_column", bias.unsqueeze(1).contiguous())  # [P+1, 1]
+            # <E_pos[p], v_tpos> / sqrt(d) for every position p. Row 0 (padding) holds PAD_SCORE (below), so padding
+            # tokens score PAD_SCORE through the MatMul itself.
+            column = (att.position.weight.detach() @ att.target_position.detach()) / math.sqrt(d)  # [P+1]
+        column[0] = PAD_SCORE
+        self.register_buffer("position_column", column.unsqueeze(1).contiguous())  # [P+1, 1]
 
     def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor]:
         k = self.top_k
         n = _history_length(hist_item)
-        if self.block is None:
-            pads = torch.full_like(n, k)
-        else:
-            # Prepend padding so that the length T is a multiple of the block and holds at least K blocks
-            # (n >= 0, so truncating division is floor division, and exports as one integer Div).
-            b = self.block
-            pads = torch.clamp(torch.div(n + k + b - 1, b, rounding_mode="trunc") * b, min=k * b) - n
-        pad = self.zero_rows[:pads]
-        item = torch.cat([pad, hist_item])  # [T]
-        cate = torch.cat([pad, hist_cate])  # [T]
-        position = torch.cat([pad, torch.clamp(n - torch.arange(n), max=self.max_position)])  # [T], 0 = padding
+        item = torch.cat([self.zero_rows, hist_item])  # [K+N]
+        cate = torch.cat([self.zero_rows, hist_cate])  # [K+N]
+        position = torch.cat([self.zero_rows, torch.clamp(n - torch.arange(n), max=self.max_position)])  # [K+N], 0 = pad
         cands = cand_item.shape[0]
         ones = torch.ones(cands, 1)  # [C, 1] multiplies the history's position/padding column
-        if self.fold_position:
-            hist = torch.cat([self.item[item], self.cate[cate], self.position_column[position]], 1)  # [T, 2d+1]
+        if self.projected:
+            hist = torch.cat([self.item[item], self.cate[cate], self.position[position], self.position_column[position]], 1)  # [K+N, 3d+1]
+            target = torch.cat([self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1)  # [C, 3d]
+            query = (torch.matmul(target, self.query_weight_t) + self.query_bias) * self.score_scale  # [C, 3d]
+            query = torch.cat([torch.matmul(query, self.key_weight), ones], 1)  # [C, 3d+1]
+        else:
+            hist = torch.cat([self.item[item], self.cate[cate], self.position_column[position]], 1)  # [K+N, 2d+1]
             query = torch.cat([self.item[cand_item] * self.scale, self.cate[cand_cate] * self.scale, ones], 1)  # [C, 2d+1]
-        else:
-            hist = torch.cat(
-                [self.item[item], self.cate[cate], self.position[position], self.position_column[position]], 1
-            )  # [T, 3d+1]
-            target = torch.cat(
-                [self.item[cand_item], self.cate[cand_cate], self.target_position.expand(cands, -1)], 1
-            )  # [C, 3d]
-            if self.query_key is not None:
-                target = torch.matmul(target, self.query_key)
-            query = torch.cat([target * self.scale, ones], 1)  # [C, 3d+1]
-        scores = torch.matmul(query, hist.t())  # [C, T]
-        if self.block is None:
-            top_score, column = scores.topk(k, dim=1)  # [C, K]
-        else:
-            top_score, column = self._two_step_topk(scores, cands)
-        real = column >= pads  # [C, K]
+        scores = torch.matmul(query, hist.t())  # [C, K+N]
+        top_score, column = scores.topk(k, dim=1)  # [C, K], sorted
+        real = column >= k  # [C, K]
         weight = torch.exp(top_score - top_score[:, :1]) * real.to(top_score.dtype)  # [C, K]
         weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        index = torch.where(real, column - pads, torch.full_like(column, -1))
+        index = torch.where(real, column - k, torch.full_like(column, -1))
         return index, weight
-
-    def _two_step_topk(self, scores: Tensor, cands: int) -> tuple[Tensor, Tensor]:
-        """Exact top-K of [C, T] scores: the K blocks with the largest maxima, then the best K inside them."""
-        k, b = self.top_k, self.block
-        assert b is not None
-        blocks = scores.reshape(cands, -1, b)  # [C, T/b, b]
-        n_blocks = blocks.shape[1]
-        maxima = blocks.amax(dim=2)  # [C, T/b]
-        if self.seeded:
-            group = torch.div(n_blocks + k - 1, k, rounding_mode="trunc")  # about K groups of block maxima
-            block_max, top_block = _seeded_topk(maxima, k, group)  # [C, K]
-        else:
-            block_max, top_block = maxima.topk(k, dim=1, sorted=False)  # [C, K]
-        flat_block = top_block + (torch.arange(cands) * n_blocks).unsqueeze(1)  # [C, K] rows of [C*T/b, b]
-        picked = scores.reshape(-1, b)[flat_block]  # [C, K, b]
-        if not self.seeded:
-            top_score, slot = picked.reshape(cands, k * b).topk(k, dim=1)  # [C, K], sorted
-            # Map only the K winners back to history columns (slot = block rank * b + offset in the block), rather
-            # than building the column of all K*b picked scores first: [C, K] index arithmetic instead of [C, K*b].
-            column = torch.gather(top_block, 1, torch.div(slot, b, rounding_mode="trunc")) * b + slot % b  # [C, K]
-            return top_score, column
-        # The K block maxima are K of the picked scores, and good ones: put them first (they fill TopK's heap) and
-        # mask their own places, so each picked score is in the pool exactly once.
-        at_max = picked.argmax(dim=2, keepdim=True)  # [C, K, 1], the first maximum of each block
-        rest = picked.scatter(2, at_max, float("-inf")).reshape(cands, k * b)  # [C, K*b]
-        top_score, slot = torch.cat([block_max, rest], 1).topk(k, dim=1)  # [C, K] of [C, K + K*b], sorted
-        is_max = slot < k
-        in_rest = (slot - k).clamp(min=0)  # [C, K] slot among the K*b picked scores
-        rank = torch.where(is_max, slot, torch.div(in_rest, b, rounding_mode="trunc"))  # [C, K] block rank
-        offset = torch.where(is_max, torch.gather(at_max.squeeze(2), 1, slot.clamp(max=k - 1)), in_rest % b)
-        return top_score, torch.gather(top_block, 1, rank) * b + offset
-
-
-def _seeded_topk(values: Tensor, k: int, group: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact top-k of [C, M] values (unsorted), with onnxruntime's TopK heap seeded by group maxima.
-
-    onnxruntime's TopK keeps a heap of the k best seen so far and pays a few unpredictable branches every time a
-    value displaces its worst (about k * ln(M / k) times per row in random order): most of its cost for a few
-    hundred values per row. Scanning the maximum of each group of `group` values first fills the heap with strong
-    values, so far fewer of the rest displace one. Each group's maximum is moved (not copied) to the front:
-    its own place is masked with -inf, so every value is in the pool exactly once.
-    """
-    cands, m = values.shape[0], values.shape[1]
-    pad = (group - m % group) % group
-    grouped = torch.cat([values, torch.full((cands, pad), float("-inf"))], 1).reshape(cands, -1, group)  # [C, S, g]
-    s = grouped.shape[1]
-    seed, at = grouped.max(dim=2, keepdim=True)  # [C, S, 1] each
-    rest = grouped.scatter(2, at, float("-inf")).reshape(cands, -1)  # [C, S*g]
-    top, slot = torch.cat([seed.squeeze(2), rest], 1).topk(k, dim=1, sorted=False)  # [C, k] of [C, S + S*g]
-    seed_slot = slot.clamp(max=s - 1)
-    from_seed = torch.gather(at.squeeze(2), 1, seed_slot) + seed_slot * group  # [C, k] column of a seed
-    return top, torch.where(slot < s, from_seed, (slot - s).clamp(min=0))
 
 
 class UserScoreGraph(nn.Module):
@@ -231,16 +151,25 @@ class UserScoreGraph(nn.Module):
     def __init__(self, model: CTRModel) -> None:
         super().__init__()
         rep: TokenEmbedding = model.tables.representation
+        stage = model.representation_stage
         self.max_position = model.cfg.max_position
         self.register_buffer("item", _frozen(rep.item.weight))
         self.register_buffer("cate", _frozen(rep.cate.weight))
         self.register_buffer("position", _frozen(rep.position.weight))  # row 0 = padding = zeros
+        self.register_buffer("target_position", _frozen(rep.target_position))
         self.register_buffer("pad", torch.zeros(1, dtype=torch.int64))
-        value = model.representation_stage.value
-        self.register_buffer("value_t", _frozen(value.weight.t()) if value is not None else torch.empty(0))
-        self.has_value = value is not None
         self.dim = rep.dim
-        self.mlp = _fold_target_position(_fold_batchnorm(model.head.mlp), rep.target_position.detach(), rep.dim)
+        self.projected = stage.value is not None and stage.target is not None
+        mlp = _fold_batchnorm(model.head.mlp)
+        if self.projected:
+            assert stage.value is not None and stage.target is not None
+            self.register_buffer("value_t", _frozen(stage.value.weight.t()))
+            self.register_buffer("value_bias", _frozen(stage.value.bias))
+            self.register_buffer("target_t", _frozen(stage.target.weight.t()))
+            self.register_buffer("target_bias", _frozen(stage.target.bias))
+            self.mlp = mlp
+        else:
+            self.mlp = _fold_target_position(mlp, rep.target_position.detach(), rep.dim)
 
     def forward(
         self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor, topk_index: Tensor, topk_weight: Tensor
@@ -257,28 +186,20 @@ class UserScoreGraph(nn.Module):
         pooled = torch.cat(
             [torch.matmul(weight, self.item[item]), torch.matmul(weight, self.cate[cate]), torch.matmul(weight, self.position[position])], 2
         ).squeeze(1)  # [C, 3r]
-        if self.has_value:
-            pooled = torch.matmul(pooled, self.value_t)
+        target = torch.cat([self.item[cand_item], self.cate[cand_cate]], 1)  # [C, 2r]: item ++ category
+        if self.projected:
+            # p = sum_i w_i (W_v e_i + b_v) = W_v (sum_i w_i e_i) + b_v * sum_i w_i (0 for an empty history).
+            pooled = torch.matmul(pooled, self.value_t) + self.value_bias * topk_weight.sum(1, keepdim=True)  # [C, 3r]
+            full_target = torch.cat([target, self.target_position.expand(target.shape[0], -1)], 1)  # [C, 3r]
+            v = torch.matmul(full_target, self.target_t) + self.target_bias  # [C, 3r]
+            logit = self.mlp(torch.cat([v, pooled, v * pooled], 1))  # [C, 9r] -> [C, 1]
+            return torch.sigmoid(logit).squeeze(1)
         r = self.dim
         # The target's position part is a constant: the MLP's first layer has it folded in (`_fold_target_position`)
-        # and takes [t_ic, h_ic, t_ic * h_ic, pooled_pos] (7r wide) instead of [t, h, t * h] (9r wide).
-        target = torch.cat([self.item[cand_item], self.cate[cand_cate]], 1)  # [C, 2r]: item ++ category
-        h = pooled[:, : 2 * r] * target  # [C, 2r]
-        logit = self.mlp(torch.cat([target, h, target * h, pooled[:, 2 * r :]], 1))  # [C, 7r] -> [C, 1]
+        # and takes [v_ic, p_ic, v_ic * p_ic, p_pos] (7r wide) instead of [v, p, v * p] (9r wide).
+        p_ic = pooled[:, : 2 * r]
+        logit = self.mlp(torch.cat([target, p_ic, target * p_ic, pooled[:, 2 * r :]], 1))  # [C, 7r] -> [C, 1]
         return torch.sigmoid(logit).squeeze(1)  # [C]
-
-
-class UserFullGraph(nn.Module):
-    """Search then score: hist [N], candidates [C] -> prob [C], topk_index [C, K], topk_weight [C, K]."""
-
-    def __init__(self, model: CTRModel, block: int | None = TOPK_BLOCK, seeded: bool = False) -> None:
-        super().__init__()
-        self.search = UserSearchGraph(model, block=block, seeded=seeded)
-        self.score = UserScoreGraph(model)
-
-    def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        index, weight = self.search(hist_item, hist_cate, cand_item, cand_cate)
-        return self.score(hist_item, hist_cate, cand_item, cand_cate, index, weight), index, weight
 
 
 def _fold_batchnorm(mlp: nn.Sequential) -> nn.Sequential:
@@ -297,19 +218,18 @@ def _fold_batchnorm(mlp: nn.Sequential) -> nn.Sequential:
 
 
 def _fold_target_position(mlp: nn.Sequential, target_position: Tensor, r: int) -> nn.Sequential:
-    """The head's input [t, h, t * h] (each item ++ category ++ position, r wide per field) has a constant in it:
-    t's position part is the learned target-position vector v. So W [t; h; t*h] + b equals
-    W' [t_ic; h_ic; t_ic * h_ic; p] + b' with p the pooled position part (h_pos = p * v, (t*h)_pos = p * v * v):
-    b' = b + W_t,pos v and W'_p = W_h,pos diag(v) + W_th,pos diag(v * v). The first layer shrinks from 9r to 7r
-    inputs, the same function up to float rounding."""
+    """The head's input [v, p, v * p] (each item ++ category ++ position, r wide per field) has a constant in it:
+    v's position part is the learned target-position vector t. So W [v; p; v*p] + b equals
+    W' [v_ic; p_ic; v_ic * p_ic; p_pos] + b' with b' = b + W_v,pos t and W'_p,pos = W_p,pos + W_vp,pos diag(t).
+    The first layer shrinks from 9r to 7r inputs, the same function up to float rounding."""
     first, *rest = list(mlp)
     if not isinstance(first, nn.Linear) or first.in_features != 9 * r:
         raise ExportError(f"prediction head must start with a Linear over 9 * {r} inputs, found {first}")
     with torch.no_grad():
-        w = first.weight  # [H, 9r]: blocks t (item, cate, pos), h (item, cate, pos), t*h (item, cate, pos)
+        w = first.weight  # [H, 9r]: blocks v (item, cate, pos), p (item, cate, pos), v*p (item, cate, pos)
         block = [w[:, i * r : (i + 1) * r] for i in range(9)]  # 9 x [H, r]
         folded = nn.Linear(7 * r, first.out_features)
-        folded.weight.copy_(torch.cat([*block[0:2], *block[3:5], *block[6:8], block[5] * target_position + block[8] * target_position**2], 1))
+        folded.weight.copy_(torch.cat([*block[0:2], *block[3:5], *block[6:8], block[5] + block[8] * target_position], 1))
         folded.bias.copy_(first.bias + block[2] @ target_position)
     return nn.Sequential(folded, *copy.deepcopy(rest)).eval().requires_grad_(False)
 
@@ -342,97 +262,13 @@ def _example_inputs(model: CTRModel, n: int, c: int, generator: torch.Generator)
     }
 
 
-GRAPH_MODULES: dict[str, Callable[..., nn.Module]] = {"full": UserFullGraph, "search": UserSearchGraph, "score": UserScoreGraph}
-# search.onnx and model.onnx also hold these top-K variants of their graph behind Ifs on the request size
-# (`dispatch_on_size`): one plain TopK for short histories, the seeded two-step top-K for large requests.
-SIZE_VARIANTS: dict[str, dict[str, Any]] = {"short": {"block": None}, "large": {"seeded": True}}
+GRAPH_MODULES: dict[str, Callable[[CTRModel], nn.Module]] = {"search": UserSearchGraph, "score": UserScoreGraph}
 
 
-def graph_module(model: CTRModel, role: str, **variant: Any) -> nn.Module:
+def graph_module(model: CTRModel, role: str) -> nn.Module:
     """The per-user module of one graph file (`role` as in service.contract.GRAPH_IO), in eval mode."""
     model.eval()
-    return GRAPH_MODULES[role](model, **variant).eval()
-
-
-def top_k_variant(n: int, c: int, top_k: int) -> str:
-    """Which top-K search.onnx and model.onnx run for N history events and C candidates (`dispatch_on_size`)."""
-    if n + top_k <= top_k * TOPK_BLOCK:
-        return "short"  # the two-step top-K would scan its minimum of K blocks, every score anyway
-    if n >= SEEDED_MIN_HISTORY and c >= SEEDED_MIN_CANDIDATES:
-        return "large"
-    return "two-step"
-
-
-def dispatch_on_size(short: Any, small: Any, large: Any, top_k: int) -> Any:
-    """One ONNX model from three with the same inputs and outputs, chosen as `top_k_variant` says: `short` (one plain
-    TopK) when N + K <= K * TOPK_BLOCK; else `large` (seeded top-K) when N >= SEEDED_MIN_HISTORY and
-    C >= SEEDED_MIN_CANDIDATES; else `small` (the two-step top-K). Initializers the three share (the embedding
-    tables) are stored once, in the outer graph, and read by every branch."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph_inputs = {i.name for i in small.graph.input}
-    inits = [{t.name: t for t in m.graph.initializer} for m in (short, small, large)]
-    shared = {
-        name for name in set.intersection(*(set(i) for i in inits))
-        if len({i[name].SerializeToString() for i in inits}) == 1
-    }  # fmt: skip
-    outer: list[Any] = [inits[1][name] for name in sorted(shared)]
-
-    def branch(model: Any, prefix: str) -> Any:
-        keep = graph_inputs | shared
-
-        def rename(name: str) -> str:
-            return name if name == "" or name in keep else prefix + name
-
-        for tensor in model.graph.initializer:
-            if tensor.name not in shared:
-                copy_ = onnx.TensorProto()
-                copy_.CopyFrom(tensor)
-                copy_.name = rename(tensor.name)
-                outer.append(copy_)
-        nodes = []
-        for node in model.graph.node:
-            copy_n = onnx.NodeProto()
-            copy_n.CopyFrom(node)
-            copy_n.name = prefix + node.name
-            copy_n.input[:] = [rename(x) for x in node.input]
-            copy_n.output[:] = [rename(x) for x in node.output]
-            nodes.append(copy_n)
-        outputs = []
-        for value in model.graph.output:
-            copy_v = onnx.ValueInfoProto()
-            copy_v.CopyFrom(value)
-            copy_v.name = rename(value.name)
-            outputs.append(copy_v)
-        return helper.make_graph(nodes, prefix.rstrip("/"), [], outputs)
-
-    outer += [
-        numpy_helper.from_array(np.array([top_k * TOPK_BLOCK - top_k + 1], dtype=np.int64), "dispatch/short_below"),
-        numpy_helper.from_array(np.array([SEEDED_MIN_HISTORY], dtype=np.int64), "dispatch/min_history"),
-        numpy_helper.from_array(np.array([SEEDED_MIN_CANDIDATES], dtype=np.int64), "dispatch/min_candidates"),
-    ]
-    outputs = [o.name for o in small.graph.output]
-    # The else branch of the first If is a graph holding the second If; its outputs get their own names.
-    longer = helper.make_graph(
-        [helper.make_node("If", ["dispatch/large"], [f"longer/{o}" for o in outputs], name="dispatch/if_large",
-                          then_branch=branch(large, "large/"), else_branch=branch(small, "small/"))],
-        "longer", [], [helper.make_tensor_value_info(f"longer/{o.name}", o.type.tensor_type.elem_type, None) for o in small.graph.output],
-    )  # fmt: skip
-    nodes = [
-        helper.make_node("Shape", ["hist_item"], ["dispatch/n"], name="dispatch/n"),  # [1]
-        helper.make_node("Shape", ["cand_item"], ["dispatch/c"], name="dispatch/c"),  # [1]
-        helper.make_node("Less", ["dispatch/n", "dispatch/short_below"], ["dispatch/short"], name="dispatch/short"),
-        helper.make_node("GreaterOrEqual", ["dispatch/n", "dispatch/min_history"], ["dispatch/long"], name="dispatch/long"),
-        helper.make_node("GreaterOrEqual", ["dispatch/c", "dispatch/min_candidates"], ["dispatch/many"], name="dispatch/many"),
-        helper.make_node("And", ["dispatch/long", "dispatch/many"], ["dispatch/large"], name="dispatch/large"),
-        helper.make_node("If", ["dispatch/short"], outputs, name="dispatch/if_short",
-                         then_branch=branch(short, "short/"), else_branch=longer),
-    ]  # fmt: skip
-    graph = helper.make_graph(nodes, small.graph.name, list(small.graph.input), list(small.graph.output), initializer=outer)
-    merged = helper.make_model(graph, opset_imports=list(small.opset_import), producer_name=small.producer_name)
-    merged.ir_version = small.ir_version
-    return merged
+    return GRAPH_MODULES[role](model).eval()
 
 
 def export_graph(module: nn.Module, role: str, path: Path, model: CTRModel, opset: int) -> None:
@@ -457,28 +293,6 @@ def export_graph(module: nn.Module, role: str, path: Path, model: CTRModel, opse
         onnx.checker.check_model(str(path))
     except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"exporting the {role} graph at opset {opset} failed: {exc}") from None
-
-
-def export_role(model: CTRModel, role: str, path: Path, opset: int) -> None:
-    """One graph file as shipped: search.onnx and model.onnx hold three top-K variants behind Ifs on the request
-    size (`dispatch_on_size`); score.onnx is one graph."""
-    import onnx
-
-    export_graph(graph_module(model, role), role, path, model, opset)
-    if role == "score":
-        return
-    paths = {name: path.with_name(f".{path.stem}.{name}.onnx") for name in SIZE_VARIANTS}
-    try:
-        for name, variant in SIZE_VARIANTS.items():
-            export_graph(graph_module(model, role, **variant), role, paths[name], model, opset)
-        merged = dispatch_on_size(onnx.load(str(paths["short"])), onnx.load(str(path)), onnx.load(str(paths["large"])), model.cfg.top_k)
-        onnx.save(merged, str(path))
-        onnx.checker.check_model(str(path))
-    except (ValueError, onnx.checker.ValidationError) as exc:
-        raise ExportError(f"adding the size-dispatched top-K branches to the {role} graph failed: {exc}") from None
-    finally:
-        for extra in paths.values():
-            extra.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- parity
@@ -530,10 +344,6 @@ def compare_with_torch(model: CTRModel, sessions: dict[str, Any], n: int, c: int
         if "search" in sessions:
             index_o, weight_o = sessions["search"].run(None, feed)
             diffs["search"] = _search_diff(index_o, weight_o, torch_index, torch_weight, torch_top_scores, retrieved_scores, n)
-        if "full" in sessions:
-            prob_o, index_o, weight_o = sessions["full"].run(None, feed)
-            search_diff = _search_diff(index_o, weight_o, torch_index, torch_weight, torch_top_scores, retrieved_scores, n)
-            diffs["full"] = max(search_diff, float(np.abs(prob_o - reference_prob(index_o)).max()))
         if "score" in sessions:
             (prob_o,) = sessions["score"].run(None, {**feed, "topk_index": torch_index, "topk_weight": torch_weight})
             diffs["score"] = float(np.abs(prob_o - reference_prob(torch_index)).max())
@@ -624,7 +434,7 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
         for role in tqdm(list(GRAPH_IO), desc="export onnx graphs", disable=not progress, leave=False):
-            export_role(model, role, staging / GRAPH_FILES[role], opset)
+            export_graph(graph_module(model, role), role, staging / GRAPH_FILES[role], model, opset)
         shutil.copyfile(vocab_path, staging / VOCAB_FILE)
         attention = write_attention_tables(model, staging / ATTENTION_FILE)
         parity = verify_parity(model, staging, progress=progress)
@@ -642,7 +452,7 @@ def export_model(
         cfg = model.cfg
         manifest = Manifest(
             name=name,
-            version=graphs["full"].sha256[:12],  # content-addressed: the same weights give the same version
+            version=hashlib.sha256((graphs["search"].sha256 + graphs["score"].sha256).encode()).hexdigest()[:12],  # content-addressed
             model_kind=cfg.kind,
             att_dim=cfg.att_dim,
             repr_dim=cfg.repr_dim,
@@ -674,7 +484,7 @@ def write_attention_tables(model: CTRModel, path: Path) -> AttentionSpec | None:
     """attention.npz for the service's fused search (see service.contract.AttentionSpec): the very tables and folded
     position column search.onnx is built from. None for TWIN-proj, whose position part depends on the candidate."""
     graph = UserSearchGraph(model)
-    if not graph.fold_position or graph.query_key is not None:
+    if graph.projected:
         return None
     with path.open("wb") as fh:
         np.savez(

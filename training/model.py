@@ -3,10 +3,12 @@
 Stages, named by role (TorchRec style):
 
     EmbeddingTables      the attention and representation token tables (DARE: two; TWIN: one shared)
-    SearchStage          the GSU: score every history token against the target, keep the top-K,
-                         softmax over the K retrieved (padding masked)
-    RepresentationStage  the ESU: h = sum_i w_i * (e_repr_i ⊙ v_repr_t) over the retrieved tokens
-    PredictionHead       BatchNorm on [v_t, h, v_t ⊙ h], MLP 200 -> 80 -> 1 with PReLU
+    SearchStage          the GSU: score every history token against the target (semantic and position parts
+                         scaled separately), keep the top-K, softmax over the K retrieved (padding masked)
+    RepresentationStage  the ESU: p = sum_i w_i * e_repr_i over the retrieved tokens
+    PredictionHead       BatchNorm on [v_t, p, v_t ⊙ p], MLP 200 -> 80 -> 1 with PReLU
+
+Every remaining difference from the authors' code (github thuml/DARE) is listed with its reason in docs/model.md.
 
 A token is item ++ category ++ position embeddings (each `att_dim` or `repr_dim` wide). The target has no
 position of its own, yet the dot product with a history token needs one, so each table carries a learned
@@ -17,7 +19,7 @@ Batch conventions (training): int64 row indices; `hist_item`/`hist_cate` [B, L] 
 first, most recent in the last column, so the position of column j is L - j (clipped to `max_position`, 0 for
 padding); `cand_item`/`cand_cate` [B, C] share the user's history (C = 1 + negatives in training; serving runs
 B = 1 with C up to 1,000 and L up to 100,000). Histories shorter than K, and empty ones (L = 0 or all padding),
-work: missing slots have index -1 and weight 0, so a new user gets h = 0.
+work: missing slots have index -1 and weight 0, so a new user gets p = 0.
 
 The loss and optimiser live in the training loop; `forward` returns logits only.
 """
@@ -112,25 +114,42 @@ def masked_softmax(scores: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
     return weights / weights.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
-class SearchStage(nn.Module):
-    """The GSU: <e_att_i, v_att_t> / sqrt(3 d_att) for every history token, top-K, softmax over the K.
+def score_scale(dim: int, device: torch.device | None = None) -> Tensor:
+    """[3d] per-coordinate score scale: 1/sqrt(2d) on the semantic part (item ++ category), 1/sqrt(d) on the position.
 
-    With `projections` (TWIN-proj) the target goes through W_q and history tokens through W_k first.
+    The reference (`attention_pytorch.py`, scaled_dot_product with use_time_mode concat) scales the two dot
+    products separately and adds them; multiplying the target token by this vector does the same in one product.
+    """
+    semantic = torch.full((2 * dim,), 1.0 / math.sqrt(2 * dim), device=device)
+    position = torch.full((dim,), 1.0 / math.sqrt(dim), device=device)
+    return torch.cat([semantic, position])
+
+
+class SearchStage(nn.Module):
+    """The GSU: score every history token against the target, keep K, softmax over the K.
+
+    score_i = <sem_i, sem_t> / sqrt(2d) + <pos_i, pos_t> / sqrt(d) on the attention table. With `projections`
+    (TWIN-proj) the target token goes through W_q and the history tokens through W_k first (both with bias, after
+    the concatenation, as the reference's `projection` model with `mlp_position_after_concat`). With
+    `search="recency"` the K kept are the K most recent behaviours, not the K best-scoring ones (the reference's
+    "hard" search, an ablation that measures what the search itself buys); the weights are still the softmax of
+    their scores.
     """
 
-    def __init__(self, top_k: int, width: int, projections: bool) -> None:
+    def __init__(self, top_k: int, dim: int, projections: bool, search: str = "topk") -> None:
         super().__init__()
         self.top_k = top_k
-        self.scale = 1.0 / math.sqrt(width)
-        self.query = nn.Linear(width, width, bias=False) if projections else None
-        self.key = nn.Linear(width, width, bias=False) if projections else None
+        self.search = search
+        self.register_buffer("scale", score_scale(dim), persistent=False)  # [3d]
+        self.query = nn.Linear(3 * dim, 3 * dim) if projections else None
+        self.key = nn.Linear(3 * dim, 3 * dim) if projections else None
 
     def scores(self, hist_tokens: Tensor, target_tokens: Tensor, valid: Tensor) -> Tensor:
         """[B, L, 3d] history, [B, C, 3d] targets, [B, L] valid -> [B, C, L] scores, padding at PAD_SCORE."""
         if self.query is not None and self.key is not None:
             target_tokens = self.query(target_tokens)
             hist_tokens = self.key(hist_tokens)
-        scores = torch.matmul(target_tokens, hist_tokens.transpose(1, 2)) * self.scale  # [B, C, L]
+        scores = torch.matmul(target_tokens * self.scale, hist_tokens.transpose(1, 2))  # [B, C, L]
         return torch.where(valid.unsqueeze(1), scores, torch.full_like(scores, PAD_SCORE))
 
     def forward(self, hist_tokens: Tensor, target_tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +163,14 @@ class SearchStage(nn.Module):
         else:
             extra = 0
         scores = self.scores(hist_tokens, target_tokens, valid)  # [B, C, L']
-        top_score, top_column = scores.topk(self.top_k, dim=-1)  # [B, C, K]
+        if self.search == "recency":
+            # The K most recent valid columns (left padding: the later the column, the more recent).
+            column = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)  # [L']
+            recency = torch.where(valid, column, torch.full_like(column, -1.0)).unsqueeze(1).expand_as(scores)
+            top_column = recency.topk(self.top_k, dim=-1).indices  # [B, C, K]
+            top_score = torch.gather(scores, 2, top_column)
+        else:
+            top_score, top_column = scores.topk(self.top_k, dim=-1)  # [B, C, K]
         top_valid = torch.gather(valid.unsqueeze(1).expand_as(scores), 2, top_column)  # [B, C, K]
         weight = masked_softmax(top_score, top_valid)  # [B, C, K]
         index = torch.where(top_valid, top_column - extra, torch.full_like(top_column, -1))
@@ -152,22 +178,31 @@ class SearchStage(nn.Module):
 
 
 class RepresentationStage(nn.Module):
-    """The ESU: h = sum_i w_i * (e_repr_i ⊙ v_repr_t) over the retrieved tokens (TWIN-proj: e_repr_i -> W_v e_i)."""
+    """The ESU: p = sum_i w_i * e_repr_i over the retrieved tokens, and the target's representation v_t.
+
+    TWIN-proj applies W_v (with bias) to every history token and W_t (with bias) to the target token, as the
+    reference's `projection` model does on the representation side. Padding slots have weight 0, so an empty
+    history gives p = 0 (the bias of W_v is weighted by sum_i w_i, which is 0 there and 1 otherwise).
+    """
 
     def __init__(self, width: int, projections: bool) -> None:
         super().__init__()
-        self.value = nn.Linear(width, width, bias=False) if projections else None
+        self.value = nn.Linear(width, width) if projections else None
+        self.target = nn.Linear(width, width) if projections else None
 
-    def forward(self, retrieved_tokens: Tensor, weight: Tensor, target_tokens: Tensor) -> Tensor:
-        """[B, C, K, 3r] retrieved, [B, C, K] weights, [B, C, 3r] target -> h [B, C, 3r]."""
-        pooled = torch.matmul(weight.unsqueeze(-2), retrieved_tokens).squeeze(-2)  # [B, C, 3r]
+    def pool(self, tokens: Tensor, weight: Tensor) -> Tensor:
+        """[B, C, K, 3r] retrieved (or [B, 1, L, 3r] all) tokens, [B, C, K] weights -> p [B, C, 3r]."""
         if self.value is not None:
-            pooled = self.value(pooled)  # linear, so W_v commutes with the weighted sum
-        return pooled * target_tokens
+            tokens = self.value(tokens)
+        return torch.matmul(weight.unsqueeze(-2), tokens).squeeze(-2)  # [B, C, 3r]
+
+    def target_token(self, target_tokens: Tensor) -> Tensor:
+        """[B, C, 3r] -> v_t [B, C, 3r]."""
+        return self.target(target_tokens) if self.target is not None else target_tokens
 
 
 class PredictionHead(nn.Module):
-    """BatchNorm on [v_t, h, v_t ⊙ h], then MLP (hidden sizes from the config, 200 -> 80) with PReLU -> 1 logit."""
+    """BatchNorm on [v_t, p, v_t ⊙ p] (the reference with use_cross_feature), MLP with PReLU -> 1 logit."""
 
     def __init__(self, width: int, hidden: tuple[int, ...]) -> None:
         super().__init__()
@@ -179,11 +214,15 @@ class PredictionHead(nn.Module):
         layers.append(nn.Linear(previous, 1))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, target_tokens: Tensor, h: Tensor) -> Tensor:
-        """[B, C, 3r] target, [B, C, 3r] h -> logits [B, C]."""
-        features = torch.cat([target_tokens, h, target_tokens * h], dim=-1)  # [B, C, 9r]
+    def forward(self, target: Tensor, pooled: Tensor) -> Tensor:
+        """[B, C, 3r] v_t, [B, C, 3r] p -> logits [B, C]."""
+        features = torch.cat([target, pooled, target * pooled], dim=-1)  # [B, C, 9r]
         batch, cands, width = features.shape
         return self.mlp(features.reshape(batch * cands, width)).reshape(batch, cands)
+
+
+# The reference's auxiliary MLP is one hidden layer of 200 (its main MLP has 200 -> 80).
+AUX_HIDDEN = (200,)
 
 
 class CTRModel(nn.Module):
@@ -194,11 +233,11 @@ class CTRModel(nn.Module):
         self.cfg = cfg
         projections = cfg.kind == "twin-proj"
         self.tables = EmbeddingTables(cfg)
-        self.search_stage = SearchStage(cfg.top_k, self.tables.attention.width, projections)
+        self.search_stage = SearchStage(cfg.top_k, self.tables.attention.dim, projections, cfg.search)
         self.representation_stage = RepresentationStage(self.tables.representation.width, projections)
         self.head = PredictionHead(self.tables.representation.width, cfg.mlp_hidden)
         # The auxiliary head (cfg.aux_loss) sees a softmax over ALL history positions; it has its own MLP.
-        self.aux_head = PredictionHead(self.tables.representation.width, cfg.mlp_hidden) if cfg.aux_loss else None
+        self.aux_head = PredictionHead(self.tables.representation.width, AUX_HIDDEN) if cfg.aux_loss else None
 
     def _check(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> None:
         if hist_item.dim() != 2 or hist_item.shape != hist_cate.shape:
@@ -232,9 +271,9 @@ class CTRModel(nn.Module):
             cate_rows = torch.where(is_real, torch.gather(hist_cate, 1, safe), 0)
         position = torch.where(is_real & (item_rows != 0), (length - safe).clamp(max=self.cfg.max_position), 0)
         retrieved = rep.history(item_rows, cate_rows, position).reshape(batch, cands, k, rep.width)  # [B, C, K, 3r]
-        target_tokens = rep.target(cand_item, cand_cate)  # [B, C, 3r]
-        h = self.representation_stage(retrieved, topk_weight, target_tokens)  # [B, C, 3r]
-        return self.head(target_tokens, h)
+        pooled = self.representation_stage.pool(retrieved, topk_weight)  # [B, C, 3r]
+        target = self.representation_stage.target_token(rep.target(cand_item, cand_cate))  # [B, C, 3r]
+        return self.head(target, pooled)
 
     def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> Tensor:
         """[B, L] history, [B, C] candidates -> logits [B, C]."""
@@ -256,18 +295,18 @@ class CTRModel(nn.Module):
             att.history(hist_item, hist_cate, positions), att.target(cand_item, cand_cate), valid
         )  # [B, C, L]
         weight = masked_softmax(scores, valid.unsqueeze(1).expand_as(scores))  # [B, C, L]
-        hist_repr = rep.history(hist_item, hist_cate, positions)  # [B, L, 3r]
-        target_tokens = rep.target(cand_item, cand_cate)  # [B, C, 3r]
-        pooled = torch.matmul(weight, hist_repr)  # [B, C, 3r]
-        if self.representation_stage.value is not None:
-            pooled = self.representation_stage.value(pooled)
-        return logits, self.aux_head(target_tokens, pooled * target_tokens)
+        hist_repr = rep.history(hist_item, hist_cate, positions).unsqueeze(1)  # [B, 1, L, 3r]
+        pooled = self.representation_stage.pool(hist_repr, weight)  # [B, C, 3r]
+        target = self.representation_stage.target_token(rep.target(cand_item, cand_cate))  # [B, C, 3r]
+        return logits, self.aux_head(target, pooled)
 
 
 def build_model(cfg: ModelConfig) -> CTRModel:
     """The model for `cfg.kind` ("dare", "twin" or "twin-proj"), randomly initialised (embeddings N(0, 0.01))."""
     if cfg.kind not in ("dare", "twin", "twin-proj"):
         raise DareError(f"unknown model kind {cfg.kind!r}; expected dare, twin or twin-proj")
+    if cfg.search not in ("topk", "recency"):
+        raise DareError(f"unknown search {cfg.search!r}; expected topk or recency")
     return CTRModel(cfg)
 
 

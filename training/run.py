@@ -20,7 +20,7 @@ import torch
 
 from dare.errors import DareError
 from service.contract import VOCAB_ARRAYS, VOCAB_FILE
-from training.config import MODEL_KINDS, ModelConfig, TrainConfig
+from training.config import MODEL_KINDS, MODEL_VERSION, ModelConfig, TrainConfig
 from training.model import CTRModel, build_model
 
 CONFIG_FILE = "config.json"
@@ -78,6 +78,12 @@ def train_config_from_dict(raw: Any, source: Path) -> TrainConfig:
     unknown = sorted(set(raw) - known_train) + sorted(f"model.{k}" for k in set(model_raw) - known_model)
     if unknown:
         raise RunFolderError(f"{source}: unknown config fields {unknown}")
+    if model_raw.get("version") != MODEL_VERSION:
+        raise RunFolderError(
+            f"{source}: model version {model_raw.get('version', 1)!r}, this code trains and exports version {MODEL_VERSION} "
+            "(2026-12: the MLP input became [v_t, p, v_t ⊙ p] and the score scales its semantic and position parts "
+            "separately, as the authors' code does); the old weights cannot be rebuilt: retrain with `dare train`"
+        )
     if model_raw.get("kind") not in MODEL_KINDS:
         raise RunFolderError(f"{source}: model.kind must be one of {MODEL_KINDS}, got {model_raw.get('kind')!r}")
     if "mlp_hidden" in model_raw:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dare.errors import DareError
 from service.contract import VOCAB_ARRAYS, VOCAB_FILE
-from training.config import MODEL_KINDS, ModelConfig, TrainConfig
+from training.config import MODEL_KINDS, SEARCH_KINDS, ModelConfig, TrainConfig
 from training.metrics import ClickMetrics, MutualInformationTruth, click_metrics, retrieval_ndcg, search_scores
 from training.model import build_model, parameter_groups
 from training.run import data_fingerprint, save_run
@@ -39,13 +39,14 @@ TRUTH_FILE = "truth.npz"
 META_FILE = "meta.json"
 ITEM_CATE_FILE = "item_cate.npy"
 
-# Defaults of `dare train`, measured on the bundled sample (~10k training rows of 3 candidates, history 200; see
-# docs/results.md): at batch 128 an epoch is ~78 steps and validation AUC peaks around the end of the first epoch,
-# then plateaus or slips while the 51k-row item table memorises the training set (training loss -> ~0.01, the
-# one-epoch overfitting of CTR models). Batch 256 needed twice the epochs for the same AUC. 2 epochs with 4
-# validation passes each catch the peak, and a run takes well under a minute on 2 CPU cores.
-DEFAULT_EPOCHS = 2
+# Training budget of `dare train` and `dare compare`: validation AUC is evaluated DEFAULT_EVALS_PER_EPOCH times per
+# epoch, and training stops after DEFAULT_PATIENCE evaluations without a new best (one epoch's worth), or at
+# DEFAULT_EPOCHS epochs, whichever comes first; the best checkpoint is kept. One fixed epoch count cannot be right
+# for both a 10k-sample file (which overfits after one epoch) and a 100M-row one (which is still improving after
+# two), so the data decides. The rule is the same for every model.
+DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 128
+DEFAULT_PATIENCE = 4
 DEFAULT_EVALS_PER_EPOCH = 4
 # Retrieval NDCG is averaged over at most this many test impressions (a seeded subset) to bound its cost.
 NDCG_MAX_IMPRESSIONS = 50_000
@@ -73,14 +74,18 @@ class TrainOptions:
     lr: float = 0.01
     l2: float = 1e-6
     seed: int = 0
-    aux_loss: bool = False
-    aux_weight: float = 0.1
+    aux_loss: bool = True
+    aux_weight: float = 1.0
     device: str = "auto"
     evals_per_epoch: int = DEFAULT_EVALS_PER_EPOCH
+    patience: int = DEFAULT_PATIENCE
+    search: str = "topk"
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
             raise TrainError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        if self.search not in SEARCH_KINDS:
+            raise TrainError(f"unknown --search {self.search!r}; choose one of {', '.join(SEARCH_KINDS)}")
         repr_dim = self.att_dim if self.repr_dim is None else self.repr_dim
         if self.model != "dare" and repr_dim != self.att_dim:
             raise TrainError(
@@ -88,7 +93,8 @@ class TrainOptions:
                 f"--repr-dim ({repr_dim}) must be equal; only dare decouples them"
             )
         positive = {"att_dim": self.att_dim, "repr_dim": repr_dim, "top_k": self.top_k, "epochs": self.epochs,
-                    "batch_size": self.batch_size, "evals_per_epoch": self.evals_per_epoch}  # fmt: skip
+                    "batch_size": self.batch_size, "evals_per_epoch": self.evals_per_epoch,
+                    "patience": self.patience}  # fmt: skip
         for name, value in positive.items():
             if value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -394,6 +400,7 @@ def build_configs(options: TrainOptions, data: PreparedData) -> TrainConfig:
         top_k=options.top_k,
         max_position=data.history_len,
         aux_loss=options.aux_loss,
+        search=options.search,  # type: ignore[arg-type]
     )
     return TrainConfig(
         model=model_cfg,
@@ -404,7 +411,7 @@ def build_configs(options: TrainOptions, data: PreparedData) -> TrainConfig:
         aux_weight=options.aux_weight,
         seed=options.seed,
         device=options.device,
-        extra={"evals_per_epoch": options.evals_per_epoch},
+        extra={"evals_per_epoch": options.evals_per_epoch, "patience": options.patience},
     )
 
 
@@ -450,7 +457,8 @@ def train(
     evaluate_at = eval_steps(steps_per_epoch, options.epochs, options.evals_per_epoch)
     best = BestCheckpoint()
     history: list[dict[str, float | int]] = []
-    step, running_loss = 0, 0.0
+    step, running_loss, since_best = 0, 0.0, 0
+    stop_reason = "max_epochs"
     started = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"train {options.model} att{options.att_dim}/repr{options.resolved_repr_dim}",
                unit="step", disable=not progress, position=position, leave=position == 0, dynamic_ncols=True)  # fmt: skip
@@ -478,9 +486,17 @@ def train(
             if step in evaluate_at:
                 val = evaluate_clicks(model, data.val, max(options.batch_size, 1024), device)
                 improved = best.offer(model, val.auc, step)
-                history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": running_loss,
-                                 "val_auc": val.auc, "val_gauc": val.gauc, "val_logloss": val.logloss})  # fmt: skip
+                since_best = 0 if improved else since_best + 1
+                history.append({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                "samples_seen": min(step * options.batch_size, (epoch + 1) * data.train.rows),
+                                "train_loss": running_loss, "val_auc": val.auc, "val_gauc": val.gauc,
+                                "val_logloss": val.logloss})  # fmt: skip
                 bar.set_postfix(loss=f"{running_loss:.4f}", val_auc=f"{val.auc:.4f}", best=f"{best.auc:.4f}" + ("*" if improved else ""))
+                if since_best >= options.patience:
+                    stop_reason = "patience"
+                    break
+        if stop_reason == "patience":
+            break
     bar.close()
     train_seconds = time.perf_counter() - started
 
@@ -508,6 +524,10 @@ def train(
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
         "best_step": best.step,
+        "best_epoch": round(best.step / steps_per_epoch, 3),
+        "stop_reason": stop_reason,  # "patience": no better validation AUC in `patience` evaluations; "max_epochs": the cap
+        "patience": options.patience,
+        "max_epochs": options.epochs,
         "evals": history,
         "device": str(device),
         "torch_version": torch.__version__,

@@ -45,6 +45,13 @@ def sessions(folder: Path) -> dict[str, ort.InferenceSession]:
     return {role: ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"]) for role, file in GRAPH_FILES.items()}
 
 
+def search_then_score(graphs: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """What the service runs: search.onnx, then score.onnx on its output -> (prob, topk_index, topk_weight)."""
+    index, weight = graphs["search"].run(None, feed)
+    (prob,) = graphs["score"].run(None, {**feed, "topk_index": index, "topk_weight": weight})
+    return prob, index, weight
+
+
 def user(n: int, c: int, seed: int, items: int = 60, cates: int = 12) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -109,7 +116,7 @@ def test_empty_history_and_fewer_than_k(exported: tuple[Path, str]) -> None:
     model = load_run(folder.parent / "run").model
     graphs = sessions(folder)
     feed = user(0, 4, seed=1)
-    prob, index, weight = graphs["full"].run(None, feed)
+    prob, index, weight = search_then_score(graphs, feed)
     assert prob.shape == (4,) and prob.dtype == np.float32
     assert index.shape == weight.shape == (4, 5) and index.dtype == np.int64 and weight.dtype == np.float32
     assert (index == -1).all() and (weight == 0).all()
@@ -119,22 +126,24 @@ def test_empty_history_and_fewer_than_k(exported: tuple[Path, str]) -> None:
     np.testing.assert_allclose(prob, cold.numpy(), atol=1e-6)
 
     feed = user(3, 6, seed=2)
-    prob, index, weight = graphs["full"].run(None, feed)
+    prob, index, weight = search_then_score(graphs, feed)
     for row_index, row_weight in zip(index, weight, strict=True):
         assert sorted(row_index[:3].tolist()) == [0, 1, 2] and (row_index[3:] == -1).all()
         assert row_weight[:3].sum() == pytest.approx(1.0, abs=1e-6) and (row_weight[3:] == 0).all()
 
 
-def test_full_graph_is_search_then_score(exported: tuple[Path, str]) -> None:
-    graphs = sessions(exported[0])
-    feed = user(257, 9, seed=3)
-    prob, index, weight = graphs["full"].run(None, feed)
-    index_s, weight_s = graphs["search"].run(None, feed)
-    (prob_s,) = graphs["score"].run(None, {**feed, "topk_index": index_s, "topk_weight": weight_s})
-    np.testing.assert_array_equal(index, index_s)
-    np.testing.assert_allclose(weight, weight_s, atol=1e-7)
-    np.testing.assert_allclose(prob, prob_s, atol=1e-7)
-    assert np.ptp(prob) > 0.01, "random test model should score candidates differently"
+def test_a_folder_exported_before_the_fidelity_fix_is_refused_by_name(exported: tuple[Path, str], tmp_path: Path) -> None:
+    copy = shutil.copytree(exported[0], tmp_path / "copy")
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["schema_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFolderError, match="schema_version 1 is a model exported before 2026-12.*retrain"):
+        load_manifest(copy)
+
+
+def test_recency_ablation_is_not_exported(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="search='recency' is an evaluation ablation"):
+        export_random_model(tmp_path, search="recency")
 
 
 def test_one_candidate_and_the_largest_user(exported_model_dir: Path) -> None:
@@ -142,11 +151,11 @@ def test_one_candidate_and_the_largest_user(exported_model_dir: Path) -> None:
     so a slice of them is checked against PyTorch."""
     folder = exported_model_dir
     model = load_run(folder.parent / "run").model
-    graph = sessions(folder)["full"]
-    (prob,) = graph.run(["prob"], user(10, 1, seed=4))
+    graphs = sessions(folder)
+    (prob, _, _) = search_then_score(graphs, user(10, 1, seed=4))
     assert prob.shape == (1,)
     feed = user(100_000, 1_000, seed=5)
-    prob, index, weight = graph.run(None, feed)
+    prob, index, weight = search_then_score(graphs, feed)
     assert prob.shape == (1_000,) and index.shape == weight.shape == (1_000, 5)
     assert ((index >= 0) & (index < 100_000)).all() and np.isfinite(prob).all()
     sub = {k: torch.from_numpy(v)[None] for k, v in feed.items()}

@@ -232,3 +232,121 @@ def test_bad_inputs_raise_dare_errors() -> None:
         model(hist_item, hist_cate, cand_item[:1], cand_cate[:1])
     with pytest.raises(DareError, match="unknown model kind"):
         build_model(ModelConfig(kind="din", item_rows=9, cate_rows=9))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- fidelity to the authors' code
+# Each test below fails on the model before the 2026-12 fidelity fix (docs/model.md lists what changed).
+
+
+def _tiny_dare() -> CTRModel:
+    """DARE with d = 2, K = 2, hand-set embeddings (so every number below can be checked by hand)."""
+    model = build_model(ModelConfig(kind="dare", item_rows=5, cate_rows=3, att_dim=2, repr_dim=2, top_k=2, max_position=4,
+                                    mlp_hidden=(3,), aux_loss=False))  # fmt: skip
+    with torch.no_grad():
+        att, rep = model.tables.attention, model.tables.representation
+        att.item.weight.copy_(torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0]], dtype=torch.float32))
+        att.cate.weight.copy_(torch.tensor([[0, 0], [1, 0], [0, 2]], dtype=torch.float32))
+        att.position.weight.copy_(torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.float32))
+        att.target_position.copy_(torch.tensor([2.0, 0.0]))
+        rep.item.weight.copy_(torch.arange(10, dtype=torch.float32).reshape(5, 2) / 10)
+        rep.cate.weight.copy_(torch.tensor([[0, 0], [1, 2], [3, 4]], dtype=torch.float32) / 10)
+        rep.position.weight.copy_(torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]], dtype=torch.float32) / 10)
+        rep.target_position.copy_(torch.tensor([0.5, -0.5]))
+    return model.eval()
+
+
+def test_attention_score_scales_semantic_and_position_parts_separately() -> None:
+    """score = <sem_i, sem_t> / sqrt(2d) + <pos_i, pos_t> / sqrt(d) (reference: attention_pytorch.py), not one
+    1 / sqrt(3d) over the whole token."""
+    model = _tiny_dare()
+    att = model.tables.attention
+    hist_item, hist_cate = torch.tensor([[1, 4]]), torch.tensor([[2, 1]])  # positions 2 and 1
+    cand_item, cand_cate = torch.tensor([[3]]), torch.tensor([[1]])
+    positions = history_positions(hist_item, 4)
+    scores = model.search_stage.scores(att.history(hist_item, hist_cate, positions), att.target(cand_item, cand_cate),
+                                       hist_item != 0)[0, 0]  # fmt: skip
+    # target: item 3 = (1, 1), cate 1 = (1, 0), position (2, 0). Behaviour 0: item 1 (1, 0), cate 2 (0, 2), pos 2 (0, 1).
+    # semantic <(1,1,1,0), (1,0,0,2)> = 1, position <(2,0), (0,1)> = 0 -> 1 / 2 + 0 / sqrt(2)
+    # Behaviour 1: item 4 (2, 0), cate 1 (1, 0), pos 1 (1, 0): semantic 2 + 1 = 3, position 2 -> 3 / 2 + 2 / sqrt(2)
+    expected = torch.tensor([1 / 2, 3 / 2 + 2 / 2**0.5])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_mlp_input_is_target_pooled_and_their_product() -> None:
+    """The head sees [v_t, p, v_t ⊙ p] with p = sum_i w_i e_i (reference: din_pytorch.py with use_cross_feature),
+    9 * d wide, not [v_t, h, v_t ⊙ h] with h = p ⊙ v_t."""
+    model = _tiny_dare()
+    hist_item, hist_cate = torch.tensor([[1, 4]]), torch.tensor([[2, 1]])
+    cand_item, cand_cate = torch.tensor([[3]]), torch.tensor([[1]])
+    seen: list[torch.Tensor] = []
+    hook = model.head.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        index, weight = model.search(hist_item, hist_cate, cand_item, cand_cate)
+        model.score(hist_item, hist_cate, cand_item, cand_cate, index, weight)
+    hook.remove()
+    w = torch.softmax(torch.tensor([1 / 2, 3 / 2 + 2 / 2**0.5]), 0)  # the two scores above, both retrieved (K = 2)
+    rep = model.tables.representation
+    tokens = torch.stack([
+        torch.cat([rep.item.weight[1], rep.cate.weight[2], rep.position.weight[2]]),
+        torch.cat([rep.item.weight[4], rep.cate.weight[1], rep.position.weight[1]]),
+    ]).detach()  # fmt: skip
+    order = index[0, 0].tolist()  # retrieved columns, best first
+    pooled = (weight[0, 0].unsqueeze(1) * tokens[order]).sum(0)
+    torch.testing.assert_close(weight[0, 0], w[order])
+    target = torch.cat([rep.item.weight[3], rep.cate.weight[1], rep.target_position]).detach()
+    assert seen[0].shape == (1, 18)  # 9 * d
+    torch.testing.assert_close(seen[0][0], torch.cat([target, pooled, target * pooled]))
+
+
+def test_twin_proj_has_four_biased_projections_after_the_concatenation() -> None:
+    """Reference `projection` model with mlp_position_after_concat: one Linear WITH bias on each of the
+    attention and representation sides of the target and of the behaviours, 3d -> 3d."""
+    model = make("twin-proj")
+    layers = [model.search_stage.query, model.search_stage.key, model.representation_stage.value,
+              model.representation_stage.target]  # fmt: skip
+    for layer in layers:
+        assert isinstance(layer, torch.nn.Linear) and layer.bias is not None
+        assert layer.in_features == layer.out_features == 3 * 8
+    # The target's representation goes through its own projection: changing its bias changes the logits.
+    batch_ = batch(2, 9, 3)
+    model.eval()
+    with torch.no_grad():
+        before = model(*batch_)
+        model.representation_stage.target.bias.add_(0.5)  # type: ignore[union-attr]
+        assert not torch.allclose(model(*batch_), before)
+    assert make("dare").representation_stage.target is None and make("twin").search_stage.query is None
+
+
+def test_aux_loss_is_on_by_default_with_the_reference_head() -> None:
+    """Every published training script runs with -use_aux_loss True; the auxiliary MLP is one hidden layer of 200."""
+    from training.train import TrainOptions
+
+    cfg = ModelConfig(kind="dare", item_rows=ITEMS, cate_rows=CATES)
+    assert cfg.aux_loss is True and TrainOptions().aux_loss is True and TrainOptions().aux_weight == 1.0
+    model = build_model(cfg)
+    assert model.aux_head is not None
+    linears = [m for m in model.aux_head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(9 * 16, 200), (200, 1)]
+
+
+def test_recency_search_keeps_the_k_most_recent_behaviours() -> None:
+    model = build_model(ModelConfig(kind="dare", item_rows=ITEMS, cate_rows=CATES, att_dim=8, repr_dim=8, top_k=K,
+                                    max_position=50, search="recency"))  # fmt: skip
+    randomize_for_tests(model)
+    hist_item, hist_cate, cand_item, cand_cate = batch(2, 12, 4, pad=3)
+    index, weight = model.search(hist_item, hist_cate, cand_item, cand_cate)
+    assert sorted(index[0, 0].tolist()) == [7, 8, 9, 10, 11]  # the last K columns, whatever their scores
+    assert torch.allclose(weight.sum(-1), torch.ones(2, 4))
+    short_item, short_cate, _, _ = batch(1, 12, 1, pad=9)  # 3 real behaviours < K
+    index, weight = model.search(short_item, short_cate, cand_item[:1], cand_cate[:1])
+    assert sorted(index[0, 0].tolist()) == [-1, -1, 9, 10, 11] and weight[0, 0][index[0, 0] < 0].abs().sum() == 0
+
+
+def test_a_run_folder_of_the_old_architecture_is_refused_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from training.run import RunFolderError, train_config_from_dict
+
+    raw = {"model": {"kind": "dare", "item_rows": 10, "cate_rows": 5}}  # version 1 config.json had no version
+    with pytest.raises(RunFolderError, match="model version 1.*MLP input became.*retrain"):
+        train_config_from_dict(json.loads(json.dumps(raw)), tmp_path / "config.json")

@@ -100,7 +100,8 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dare_run(planted: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "dare"
-    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=3)
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=3,
+                           patience=100)  # fmt: skip
     result = train(planted, options, out, progress=False)
     return out, result.metrics
 
@@ -141,13 +142,45 @@ def test_saved_checkpoint_is_the_best_validation_step(dare_run: tuple[Path, dict
     evals = metrics["evals"]
     best = max(evals, key=lambda e: e["val_auc"])
     assert metrics["best_step"] == best["step"]
-    # In this fixture validation AUC peaks before the last step, so keeping the last weights would fail below.
-    assert best["step"] != metrics["steps"] and best["val_auc"] > evals[-1]["val_auc"] + 0.01
-    # The weights on disk reproduce the best validation AUC, not the last one.
+    assert metrics["stop_reason"] == "max_epochs" and metrics["max_epochs"] == 2  # patience 100 never triggers
+    # The weights on disk reproduce the best validation AUC.
     loaded = load_run(out)
     val = evaluate_clicks(loaded.model, load_prepared(planted).val, 1024, torch.device("cpu"))
     assert val.auc == pytest.approx(best["val_auc"], abs=1e-6)
     assert metrics["val_auc"] == pytest.approx(best["val_auc"], abs=1e-6)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_weights(
+    planted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation AUCs are scripted (0.60, 0.70, 0.65, 0.69, 0.68, ...): with patience 3 training stops at the
+    5th evaluation, the 2nd is the best, and the saved weights are the ones the 2nd evaluation saw."""
+    import dataclasses
+
+    import training.train as train_module
+
+    real = train_module.evaluate_clicks
+    script = [0.60, 0.70, 0.65, 0.69, 0.68, 0.99, 0.99]
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def scripted(model, split, batch_size, device):  # type: ignore[no-untyped-def]
+        metrics = real(model, split, batch_size, device)
+        if split.name != "val" or len(seen) >= len(script):
+            return metrics
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return dataclasses.replace(metrics, auc=script[len(seen) - 1])
+
+    monkeypatch.setattr(train_module, "evaluate_clicks", scripted)
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=20, batch_size=64, evals_per_epoch=3, patience=3)
+    metrics = train(planted, options, tmp_path / "run", progress=False).metrics
+    assert [e["val_auc"] for e in metrics["evals"]] == script[:5]
+    assert metrics["stop_reason"] == "patience" and metrics["patience"] == 3
+    assert metrics["best_step"] == metrics["evals"][1]["step"] and metrics["steps"] == metrics["evals"][4]["step"]
+    assert metrics["best_epoch"] == pytest.approx(metrics["evals"][1]["epoch"], abs=1e-3)
+    assert metrics["evals"][1]["samples_seen"] == metrics["evals"][1]["step"] * 64
+    saved = load_run(tmp_path / "run").model.state_dict()
+    for name, value in seen[1].items():
+        torch.testing.assert_close(saved[name], value, msg=name)
 
 
 def test_best_checkpoint_keeps_the_highest_auc_state() -> None:
