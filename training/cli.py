@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dare.errors import DareError
 from dare.options import int_list
 from training.config import PrepareConfig
 
@@ -167,35 +168,43 @@ def train(
 
 def compare(
     data: Annotated[Path, typer.Option("--data", help="folder written by `dare prepare`")],
-    out: Annotated[Path, typer.Option("--out", help="folder for runs, results.md and results.png")],
-    seeds: Annotated[int, typer.Option("--seeds", help="seeds per (model, dim): 0..N-1")] = 3,
-    att_dims: Annotated[str, typer.Option("--att-dims", help="comma-separated attention dims")] = "16,32,64",
-    repr_dim: Annotated[int, typer.Option("--repr-dim", help="DARE's representation dim")] = 64,
-    models: Annotated[str, typer.Option("--models", help="comma-separated: dare,twin,twin-proj")] = "dare,twin,twin-proj",
+    out: Annotated[Path, typer.Option("--out", help="folder for runs, results.md and the charts")],
+    seeds: Annotated[int, typer.Option("--seeds", help="seeds per grid row: 0..N-1 (paired across rows)")] = 5,
+    att_dims: Annotated[str, typer.Option("--att-dims", help="comma-separated dims; every model runs at att = repr = d")] = "16,32,64",
+    decoupled: Annotated[str, typer.Option("--decoupled", help="extra DARE rows att:repr, comma-separated ('' for none)")] = "16:64",
+    models: Annotated[str, typer.Option("--models", help="comma-separated: dare,twin,twin-proj,dare-recency")] = "dare,twin,twin-proj,dare-recency",
     topk: Annotated[int, typer.Option("--topk")] = 20,
-    epochs: Annotated[int, typer.Option("--epochs")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", help="maximum epochs per run (early stopping usually ends it first)")] = 20,
+    patience: Annotated[int, typer.Option("--patience", help="validation passes without a better AUC before stopping")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
     lr: Annotated[float, typer.Option("--lr")] = 0.01,
-    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss")] = False,
+    aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss")] = True,
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Train DARE, TWIN and TWIN-proj over seeds and attention dims; write a table and a chart."""
+    """Train DARE, TWIN, TWIN-proj and DARE-recency over seeds and dims beside model-free baselines; write a table,
+    paired differences, a verdict per paper claim, and charts."""
     import shlex
     import sys
 
     from training.compare import CompareOptions, compare as run_compare
 
+    pairs = []
+    for part in (p.strip() for p in decoupled.split(",") if p.strip()):
+        att, sep, rep = part.partition(":")
+        if not sep or not att.strip().isdigit() or not rep.strip().isdigit():
+            raise DareError(f"--decoupled: {part!r} is not att:repr (e.g. 16:64)")
+        pairs.append((int(att), int(rep)))
     options = CompareOptions(
         models=tuple(m.strip() for m in models.split(",") if m.strip()), att_dims=int_list("--att-dims", att_dims),
-        repr_dim=repr_dim, seeds=seeds, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr, aux_loss=aux_loss,
-        device=device, evals_per_epoch=evals_per_epoch,
+        decoupled=tuple(pairs), seeds=seeds, top_k=topk, epochs=epochs, patience=patience, batch_size=batch_size,
+        lr=lr, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch,
     )  # fmt: skip
     command = shlex.join(["dare", *sys.argv[1:]])
     result = run_compare(data, options, out, command=command, progress=not quiet)
     typer.echo(result.markdown)
-    typer.echo(f"wrote {out}/results.md, results.json, results.png ({len(result.runs)} runs)")
+    typer.echo(f"wrote {out}/results.md, results.json, results.png, learning_curves.png ({len(result.runs)} runs)")
 
 
 def export(
