@@ -154,6 +154,11 @@ class SearchStage(nn.Module):
 
     def forward(self, hist_tokens: Tensor, target_tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """-> topk_index [B, C, K] (history column, -1 = padding), topk_weight [B, C, K] (padding weight 0)."""
+        index, weight, _ = self.search_with_scores(hist_tokens, target_tokens, valid)
+        return index, weight
+
+    def search_with_scores(self, hist_tokens: Tensor, target_tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward`, plus the scores of every history column [B, C, L] (padding at PAD_SCORE)."""
         batch, length = valid.shape
         if length < self.top_k:
             # Left-pad to K so that top-K always has K slots; the pad columns are mapped back to -1 below.
@@ -174,7 +179,7 @@ class SearchStage(nn.Module):
         top_valid = torch.gather(valid.unsqueeze(1).expand_as(scores), 2, top_column)  # [B, C, K]
         weight = masked_softmax(top_score, top_valid)  # [B, C, K]
         index = torch.where(top_valid, top_column - extra, torch.full_like(top_column, -1))
-        return index, weight
+        return index, weight, scores[..., extra:]
 
 
 class RepresentationStage(nn.Module):
@@ -287,13 +292,14 @@ class CTRModel(nn.Module):
         softmax of the attention scores, which sends the attention table gradient beyond the top-K."""
         if self.aux_head is None:
             raise ModelInputError("forward_with_aux needs a model built with ModelConfig(aux_loss=True)")
-        logits = self.forward(hist_item, hist_cate, cand_item, cand_cate)
+        self._check(hist_item, hist_cate, cand_item, cand_cate)
         att, rep = self.tables.attention, self.tables.representation
         positions = history_positions(hist_item, self.cfg.max_position)  # [B, L]
         valid = hist_item != 0  # [B, L]
-        scores = self.search_stage.scores(
+        index, top_weight, scores = self.search_stage.search_with_scores(
             att.history(hist_item, hist_cate, positions), att.target(cand_item, cand_cate), valid
-        )  # [B, C, L]
+        )  # [B, C, K] x 2, [B, C, L]
+        logits = self.score(hist_item, hist_cate, cand_item, cand_cate, index, top_weight)
         weight = masked_softmax(scores, valid.unsqueeze(1).expand_as(scores))  # [B, C, L]
         hist_repr = rep.history(hist_item, hist_cate, positions).unsqueeze(1)  # [B, 1, L, 3r]
         pooled = self.representation_stage.pool(hist_repr, weight)  # [B, C, 3r]
