@@ -1,4 +1,5 @@
-"""`dare compare`: a 1-seed tiny grid writes the table, the JSON of every run and the chart; resume; bad options."""
+"""`dare compare`: a 2-seed tiny grid writes baselines, the table, paired differences, verdicts, the JSON of every run
+and the charts; the grid compares equal dims; the verdicts are computed from the runs; resume; bad options."""
 
 from __future__ import annotations
 
@@ -11,61 +12,115 @@ import pytest
 
 from dare.errors import DareError
 from tests.training.test_train import make_prepared
-from training.compare import CompareOptions, compare, summarise
+from training.compare import CompareOptions, compare, paired, summarise, verdicts
 
 
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     root = tmp_path_factory.mktemp("compare")
     data = make_prepared(root / "data", users=60, train_per_user=3, history_len=20)
-    options = CompareOptions(att_dims=(4, 8), repr_dim=8, seeds=1, top_k=5, epochs=1, batch_size=64, evals_per_epoch=1)
+    options = CompareOptions(att_dims=(4, 8), decoupled=((4, 8),), seeds=2, top_k=5, epochs=2, patience=1,
+                             batch_size=64, evals_per_epoch=1)  # fmt: skip
     result = compare(data, options, root / "out", command="dare compare --test", progress=False)
     return root / "out", data, result
 
 
-def test_compare_writes_table_json_and_chart(tiny_compare: tuple[Path, Path, object]) -> None:
+def test_the_grid_compares_equal_dims_plus_decoupled_dare_rows() -> None:
+    """The paper's table compares DARE and TWIN at the same dim: a DARE row of attention dim d has representation
+    dim d too (before the fix it was always 64), and DARE att 16 / repr 64 is an extra row beside them."""
+    cells = CompareOptions().cells()
+    assert cells == [
+        ("dare", 16, 16), ("dare", 32, 32), ("dare", 64, 64), ("dare", 16, 64),
+        ("twin", 16, 16), ("twin", 32, 32), ("twin", 64, 64),
+        ("twin-proj", 16, 16), ("twin-proj", 32, 32), ("twin-proj", 64, 64),
+        ("dare-recency", 16, 16), ("dare-recency", 32, 32), ("dare-recency", 64, 64),
+    ]  # fmt: skip
+    runs = CompareOptions().runs()
+    assert len(runs) == len(cells) * 5  # five seeds by default
+    recency = next(o for name, label, o in runs if label == "dare-recency")
+    assert recency.model == "dare" and recency.search == "recency"
+    assert all(o.aux_loss and o.patience == 4 and o.epochs == 20 for _, _, o in runs)
+
+
+def test_compare_writes_baselines_table_verdicts_json_and_charts(tiny_compare: tuple[Path, Path, object]) -> None:
     out, _, result = tiny_compare
     runs = json.loads((out / "results.json").read_text())
-    assert runs["complete"] is True and len(runs["runs"]) == 3 * 2
+    assert runs["complete"] is True and len(runs["runs"]) == (4 * 2 + 1) * 2
     names = {r["name"] for r in runs["runs"]}
-    # DARE keeps its representation dim; TWIN's single table is the attention dim.
-    assert "dare-att4-repr8-seed0" in names and "twin-att4-repr4-seed0" in names and "twin-proj-att8-repr8-seed0" in names
+    assert {"dare-att4-repr4-seed0", "dare-att4-repr8-seed1", "twin-att4-repr4-seed0", "twin-proj-att8-repr8-seed0",
+            "dare-recency-att8-repr8-seed1"} <= names  # fmt: skip
     for run in runs["runs"]:
         assert 0 <= run["metrics"]["test_auc"] <= 1
+        assert run["metrics"]["stop_reason"] in ("patience", "max_epochs")
         assert (Path(run["run_dir"]) / "model.pt").is_file()
+    assert [b["name"] for b in runs["baselines"]][:2] == ["random", "popularity"]
+    assert all(set(b) == {"name", "test_auc", "test_gauc"} for b in runs["baselines"])
     table = (out / "results.md").read_text()
     assert "dare compare --test" in table and "SYNTHETIC" in table and "planted ground truth" in table
-    assert runs["ndcg_baselines"]["random"] < runs["ndcg_baselines"]["recency"]
-    rows = [line for line in table.splitlines() if line.startswith("| dare |") or line.startswith("| twin")]
-    assert len(rows) == 6 + 3  # 6 rows in the main table, 3 in the paper-layout table
-    dare_4 = next(r for r in runs["summary"] if r["model"] == "dare" and r["att_dim"] == 4)
-    run_auc = next(r for r in runs["runs"] if r["name"] == "dare-att4-repr8-seed0")["metrics"]["test_auc"]
-    assert dare_4["test_auc"]["mean"] == pytest.approx(run_auc)
-    assert f"{run_auc:.4f}" in table
-    png = (out / "results.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert table.index("## Model-free baselines") < table.index("## Models") < table.index("## The paper's claims")
+    assert "| logistic regression |" in table
+    verdict_lines = [line for line in table.splitlines() if line.startswith("- **")]
+    assert len(verdict_lines) == 6 == len(runs["verdicts"])
+    assert all(v["verdict"] in ("holds", "does not hold", "cannot tell") for v in runs["verdicts"])
+    dare_4 = next(r for r in runs["summary"] if r["model"] == "dare" and r["att_dim"] == 4 and r["repr_dim"] == 4)
+    run_aucs = [r["metrics"]["test_auc"] for r in runs["runs"] if r["name"].startswith("dare-att4-repr4-")]
+    assert dare_4["test_auc"]["mean"] == pytest.approx(sum(run_aucs) / 2)
+    for name in ("results.png", "learning_curves.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_compare_reuses_finished_runs(tiny_compare: tuple[Path, Path, object]) -> None:
     out, data, first = tiny_compare
-    model_file = out / "runs" / "dare-att4-repr8-seed0" / "model.pt"
+    model_file = out / "runs" / "dare-att4-repr4-seed0" / "model.pt"
     before = model_file.stat().st_mtime_ns
-    options = CompareOptions(models=("dare",), att_dims=(4,), repr_dim=8, seeds=1, top_k=5, epochs=1, batch_size=64,
-                             evals_per_epoch=1)  # fmt: skip
+    options = CompareOptions(models=("dare",), att_dims=(4,), decoupled=(), seeds=1, top_k=5, epochs=2, patience=1,
+                             batch_size=64, evals_per_epoch=1)  # fmt: skip
     again = compare(data, options, out, progress=False)
     assert model_file.stat().st_mtime_ns == before  # not retrained
     assert again.runs[0]["metrics"]["test_auc"] == first.runs[0]["metrics"]["test_auc"]  # type: ignore[attr-defined]
 
 
+def _run(label: str, dim: int, seed: int, auc: float, ndcg: float = 0.5, repr_dim: int | None = None) -> dict:
+    return {"label": label, "att_dim": dim, "repr_dim": repr_dim or dim, "seed": seed,
+            "metrics": {"test_auc": auc, "test_ndcg_at_k": ndcg, "train_seconds": 1.0, "best_epoch": 1.0}}  # fmt: skip
+
+
 def test_summary_mean_and_std_over_seeds() -> None:
-    runs = [
-        {"model": "dare", "att_dim": 16, "repr_dim": 64, "metrics": {"test_auc": a, "train_seconds": 1.0}}
-        for a in (0.70, 0.72, 0.74)
-    ]
-    (row,) = summarise(runs)
+    runs = [_run("dare", 16, s, a, repr_dim=64) for s, a in enumerate((0.70, 0.72, 0.74))]
+    (row,) = summarise(runs, [("dare", 16, 64)])
     assert row["runs"] == 3
     assert row["test_auc"]["mean"] == pytest.approx(0.72)
     assert row["test_auc"]["std"] == pytest.approx(0.02)  # sample std (ddof=1)
+
+
+def test_paired_difference_pairs_seeds_and_gives_a_t_interval() -> None:
+    runs = [_run("dare", 8, s, 0.80 + d) for s, d in enumerate((0.01, 0.02, 0.03))]
+    runs += [_run("twin", 8, s, 0.80) for s in (2, 1, 0)]
+    p = paired(runs, ("dare", 8, 8), ("twin", 8, 8), "test_auc")
+    assert p is not None and p["n"] == 3 and p["mean"] == pytest.approx(0.02)
+    half = 4.302652729911275 * 0.01 / 3**0.5  # t(0.975, 2) * sd / sqrt(n)
+    assert p["low"] == pytest.approx(0.02 - half) and p["high"] == pytest.approx(0.02 + half)
+
+
+def test_verdicts_are_computed_from_the_runs() -> None:
+    """A made-up grid where DARE wins clearly, its search is worse, projections hurt by noise only, and a baseline
+    is out of reach: each claim gets the verdict the numbers imply."""
+    options = CompareOptions(att_dims=(16, 64), decoupled=((16, 64),), seeds=5)
+    noise = (0.001, -0.002, 0.0015, -0.001, 0.0005)
+    runs = []
+    for s, e in enumerate(noise):
+        for d in (16, 64):
+            runs += [_run("dare", d, s, 0.80 + e, ndcg=0.3), _run("twin", d, s, 0.78 + (d == 64) * 0.01, ndcg=0.5),
+                     _run("twin-proj", d, s, 0.78 + (d == 64) * 0.01 + e), _run("dare-recency", d, s, 0.80 + e + 0.0001)]  # fmt: skip
+        runs.append(_run("dare", 16, s, 0.80 + e, ndcg=0.3, repr_dim=64))
+    result = {v["claim"].split(" (")[0]: v["verdict"] for v in verdicts(runs, options, [{"name": "lr", "test_auc": 0.9, "test_gauc": 0.9}])}
+    assert result["DARE > TWIN in test AUC at equal dims"] == "holds"
+    assert result["DARE's search NDCG > TWIN's at equal dims"] == "does not hold"
+    assert result["DARE loses < 0.3 AUC points from d_att 64 to 16 while TWIN loses more"] == "holds"
+    assert result["TWIN-proj < TWIN in test AUC"] == "cannot tell"
+    assert result["DARE's search beats the K most recent behaviours"] == "does not hold"
+    assert result["DARE > the best model-free baseline"] == "does not hold"
 
 
 @pytest.mark.parametrize(
