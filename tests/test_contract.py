@@ -31,6 +31,6 @@ def test_wrong_schema_version_is_named(tmp_path: Path) -> None:
 
 
 def test_invalid_fields_are_named(tmp_path: Path) -> None:
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "name": "m"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2, "name": "m"}))
     with pytest.raises(ModelFolderError, match="model_kind"):
         load_manifest(tmp_path)

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench-prepare")(bench_prepare)
     app.command("train")(train)
     app.command("compare")(compare)
+    app.command("curve")(curve)
     app.command("export")(export)
 
 
@@ -205,6 +206,36 @@ def compare(
     result = run_compare(data, options, out, command=command, progress=not quiet)
     typer.echo(result.markdown)
     typer.echo(f"wrote {out}/results.md, results.json, results.png, learning_curves.png ({len(result.runs)} runs)")
+
+
+def curve(
+    data: Annotated[Path, typer.Option("--data", help="folder written by `dare prepare`")],
+    out: Annotated[Path, typer.Option("--out", help="folder for runs, curve.md, curve.json and curve.png")],
+    rows: Annotated[str, typer.Option("--rows", help="comma-separated label:att:repr (labels as in dare compare)")] = "dare:16:16,twin:16:16",
+    fractions: Annotated[str, typer.Option("--fractions", help="comma-separated shares of the training users")] = "0.25,0.5,1",
+    seeds: Annotated[int, typer.Option("--seeds")] = 3,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Test AUC vs training-set size for a few models beside the model-free baselines (is it the model or the data?)."""
+    import shlex
+    import sys
+
+    from training.curve import CurveOptions, curve as run_curve
+
+    parsed = []
+    for part in (p.strip() for p in rows.split(",") if p.strip()):
+        bits = part.split(":")
+        if len(bits) != 3 or not bits[1].isdigit() or not bits[2].isdigit():
+            raise DareError(f"--rows: {part!r} is not label:att:repr (e.g. dare:16:64)")
+        parsed.append((bits[0], int(bits[1]), int(bits[2])))
+    try:
+        shares = tuple(float(f) for f in fractions.split(",") if f.strip())
+    except ValueError:
+        raise DareError(f"--fractions: {fractions!r} is not a comma-separated list of numbers") from None
+    options = CurveOptions(rows=tuple(parsed), fractions=shares, seeds=seeds)
+    result = run_curve(data, options, out, command=shlex.join(["dare", *sys.argv[1:]]), progress=not quiet)
+    typer.echo((out / "curve.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}/curve.md, curve.json, curve.png ({sum(len(p['runs']) for p in result['points'])} runs)")  # type: ignore[attr-defined]
 
 
 def export(

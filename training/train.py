@@ -14,6 +14,7 @@ the full config and the data fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -236,6 +237,20 @@ def load_prepared(folder: Path) -> PreparedData:
         meta=meta,
         **splits,
     )
+
+
+def subsample_train(data: PreparedData, fraction: float, seed: int = 0) -> PreparedData:
+    """The same data with the training split cut to the samples of a `fraction` of its users (a seeded draw, the
+    same for every model); validation and test are untouched, so results on different fractions are comparable."""
+    if not 0 < fraction <= 1:
+        raise TrainError(f"a training fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return data
+    users = np.unique(data.train.user)
+    keep = np.random.default_rng(seed).permutation(users)[: max(1, math.ceil(fraction * len(users)))]
+    rows = np.flatnonzero(np.isin(data.train.user, keep))
+    train = Split(data.train.name, *(getattr(data.train, name)[rows] for name in SPLIT_ARRAYS))
+    return dataclasses.replace(data, train=train)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,6 +538,7 @@ def train(
         "train_seconds": round(train_seconds, 3),
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
+        "train_rows": data.train.rows,
         "best_step": best.step,
         "best_epoch": round(best.step / steps_per_epoch, 3),
         "stop_reason": stop_reason,  # "patience": no better validation AUC in `patience` evaluations; "max_epochs": the cap

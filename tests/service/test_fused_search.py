@@ -39,7 +39,7 @@ def big_vocab_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     import torch
 
     from training.config import ModelConfig
-    from training.export import export_role, write_attention_tables
+    from training.export import export_graph, graph_module, write_attention_tables
     from training.model import build_model
 
     torch.manual_seed(3)
@@ -47,7 +47,7 @@ def big_vocab_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         ModelConfig(kind="dare", item_rows=5_002, cate_rows=102, att_dim=request.param, repr_dim=8, top_k=20, max_position=200)
     )
     folder = tmp_path_factory.mktemp("fused")
-    export_role(model.eval(), "search", folder / "search.onnx", 17)
+    export_graph(graph_module(model, "search"), "search", folder / "search.onnx", model, 17)
     spec = write_attention_tables(model, folder / "attention.npz")
     assert spec is not None
     (folder / "scale.json").write_text(json.dumps({"scale": spec.scale}))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dare.errors import DareError
@@ -149,3 +150,33 @@ def test_cli_reports_bad_options_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_subsample_keeps_whole_users_and_the_same_draw_for_every_model(tmp_path: Path) -> None:
+    from training.train import load_prepared, subsample_train
+
+    data = load_prepared(make_prepared(tmp_path / "data", users=40, train_per_user=3, history_len=10))
+    half = subsample_train(data, 0.5)
+    users = set(half.train.user.tolist())
+    assert len(users) == 20 and half.train.rows == 20 * 3  # whole users: all 3 samples of each kept user
+    assert half.val is data.val and half.test is data.test
+    np.testing.assert_array_equal(subsample_train(data, 0.5).train.hist_item, half.train.hist_item)
+    assert subsample_train(data, 1.0) is data
+    with pytest.raises(DareError, match="fraction must be in"):
+        subsample_train(data, 0.0)
+
+
+def test_curve_writes_a_point_per_fraction_with_baselines(tmp_path: Path) -> None:
+    from training.curve import CurveOptions, curve
+
+    data = make_prepared(tmp_path / "data", users=40, train_per_user=3, history_len=10)
+    options = CurveOptions(rows=(("dare", 4, 4),), fractions=(0.5, 1.0), seeds=1, epochs=1, patience=1, batch_size=64)
+    result = curve(data, options, tmp_path / "out", progress=False)
+    assert [p["train_rows"] for p in result["points"]] == [60, 120]
+    assert all(len(p["runs"]) == 1 and len(p["baselines"]) == 7 for p in result["points"])
+    table = (tmp_path / "out" / "curve.md").read_text()
+    assert "| 50% | 60 |" in table and "| 100% | 120 |" in table
+    assert (tmp_path / "out" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    before = (tmp_path / "out" / "runs" / "frac0.5-dare-att4-repr4-seed0" / "model.pt").stat().st_mtime_ns
+    curve(data, options, tmp_path / "out", progress=False)  # resumes: nothing retrained
+    assert (tmp_path / "out" / "runs" / "frac0.5-dare-att4-repr4-seed0" / "model.pt").stat().st_mtime_ns == before
