@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install bench clean ci-tools
 
-$(STAMP): pyproject.toml setup.py service/_search.c service/_ids.c
+$(STAMP): pyproject.toml setup.py service/_search.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
