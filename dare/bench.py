@@ -53,8 +53,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import numpy as np
 import typer
 
-from dare_common import DareError
-from dare_common import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 
 if TYPE_CHECKING:

