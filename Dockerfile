@@ -25,19 +25,20 @@ FROM base AS serve
 RUN python requirements.py serve > requirements-serve.txt \
     && pip install --no-cache-dir -r requirements-serve.txt
 COPY README.md ./
+COPY dare_common ./dare_common
 COPY dare ./dare
 COPY service ./service
 COPY training ./training
 COPY loadtest ./loadtest
 # --no-deps: the dependencies are already in the layer above; this installs the `dare` entry point and compiles
-# the fused search kernel (service/_search.c) and the candidate check (service/_ids.c) with a C compiler that is
+# the fused search kernel (service/_search.c) with a C compiler that is
 # removed again in the same layer. Distro
 # package versions are left to the base image's release (they are build tools, not part of what runs).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir --no-deps . \
-    && python -c "import service._search, service._ids" \
+    && python -c "import service._search" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /models /app/var \
@@ -67,6 +68,7 @@ RUN python requirements.py --exclude torch train serve > requirements-train.txt 
     && pip install --no-cache-dir -r requirements-train.txt
 COPY README.md ./
 COPY data/taobao-sample ./data/taobao-sample
+COPY dare_common ./dare_common
 COPY dare ./dare
 COPY service ./service
 COPY training ./training

@@ -1,3 +1,5 @@
 """The `dare` command line: one entry point over training/, service/ and loadtest/."""
 
-__version__ = "0.1.0"
+from dare_common import __version__
+
+__all__ = ["__version__"]

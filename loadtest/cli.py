@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dare.options import int_list
+from dare_common import int_list
 
 
 def loadtest(

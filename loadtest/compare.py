@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dare.errors import DareError
+from dare_common import DareError
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
-from loadtest.redis_server import free_port, start_redis_server
+from service.redis_server import RedisServer, free_port
 from loadtest.scenario import Payloads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ def run_comparison(cfg: LoadtestConfig, progress: bool = True) -> list[RunResult
     results: list[RunResult] = []
     total = len(cfg.workloads) * len(models) * len(LOADS)
     bar = tqdm(total=total, desc="locust runs", unit="run", disable=not progress)
-    with start_redis_server(cfg.work / "redis") as redis:
+    with RedisServer(cfg.work / "redis") as redis:
         import redis as redis_client
 
         for workload in cfg.workloads:

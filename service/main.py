@@ -17,7 +17,6 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import anyio
@@ -28,15 +27,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
-import dare
+import dare_common
 from service.api.concurrency import BlockingPool
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.api.responses import OrjsonResponse, error_response, service_error_response
 from service.api.routes import health, models, scoring, users
-from service.api.routes.scoring import ScoreFastPath
 from service.api.routes.users import default_history_limit
 from service.core.config import Settings, get_settings
 from service.engine import ScoringEngine
@@ -185,7 +182,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> OrjsonResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %r", request.method, request.url.path)  # %r: the path is the client's
         return error_response(500, "internal_error", "internal error (see the service log)")
 
 
@@ -241,17 +238,16 @@ def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def create_app(settings: Settings | None = None) -> DareApp:
+def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; `settings` default to the DARE_* environment (read now, not at import)."""
     settings = settings if settings is not None else get_settings()
     metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        blocking = BlockingPool(settings.scoring_threads)
+        blocking = BlockingPool(settings.scoring_threads, settings.request_timeout_s)
         services = await anyio.to_thread.run_sync(build_services, settings, metrics, blocking)
-        if settings.inline_max_pairs > 0:
-            services.store.open_async()  # on this loop: small /score requests read the store without a thread
+        services.store.open_async()  # on this loop: POST /score reads the store without a worker thread
         app.state.services = services
         sighup = _install_sighup(services)
         watcher = None
@@ -275,10 +271,10 @@ def create_app(settings: Settings | None = None) -> DareApp:
 
                 multiprocess.mark_process_dead(os.getpid())
 
-    app = DareApp(
+    app = FastAPI(
         title="DARE scoring service",
         summary="CTR scores over lifelong behaviour sequences (DARE: decoupled attention and representation embeddings)",
-        version=dare.__version__,
+        version=dare_common.__version__,
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )
@@ -289,27 +285,10 @@ def create_app(settings: Settings | None = None) -> DareApp:
     # Added last = outermost: the duration histogram also sees the 413s of the body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    if settings.score_fast_path:
-        app.score_fast_path = ScoreFastPath(partial(FastAPI.__call__, app), metrics, settings.max_body_bytes)
     return app
 
 
-class DareApp(FastAPI):
-    """FastAPI with POST /score's fast path in front of its middleware stack (`ScoreFastPath`, which applies the
-    stack's body limit, request metrics and error bodies itself and hands every other request to the stack)."""
-
-    score_fast_path: ScoreFastPath | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        fast = self.score_fast_path
-        if fast is not None and fast.takes(scope):
-            scope["app"] = self  # what Starlette sets: the fast path finds the services in app.state
-            await fast(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-
-def create_app_from_env() -> DareApp:
+def create_app_from_env() -> FastAPI:
     """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

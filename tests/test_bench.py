@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dare.bench import BACKENDS, HTTP_STAGE, QUICK_WORKLOADS, STAGES, BenchConfig, quick_config, run, target_ratios
+from dare.bench import BACKENDS, HTTP_STAGE, PEERS, QUICK_WORKLOADS, STAGES, BenchConfig, quick_config, run, target_ratios
 from service.registry import IdMap
-from service.search import kernel_available, kernel_isa
+from service.search import kernel_available
 
 RECORD_KEYS = {"att_dim": int, "workload": str, "backend": str, "stage": str, "p50_ms": float, "p99_ms": float}
 
@@ -21,7 +21,7 @@ RECORD_KEYS = {"att_dim": int, "workload": str, "backend": str, "stage": str, "p
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchConfig, list[dict], list[Path]]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    cfg = BenchConfig(out=out, quick=True, repeats=2, http=True, profile=True, progress=False)
+    cfg = BenchConfig(out=out, quick=True, repeats=2, http=True, progress=False)
     records, files = run(cfg, command="dare bench --quick (test)")
     return quick_config(cfg), records, files
 
@@ -47,7 +47,7 @@ def test_records_schema_and_coverage(quick_run: tuple[BenchConfig, list[dict], l
 def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) -> None:
     cfg, records, files = quick_run
     names = {f.name for f in files}
-    assert names == {"bench.json", "bench.meta.json", "bench.md", "bench.png", "bench.profile.json", "bench.profile.md"}
+    assert names == {"bench.json", "bench.meta.json", "bench.md", "bench.png"}
     assert all(f.is_file() and f.stat().st_size > 0 for f in files)
     png = cfg.out.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -64,46 +64,27 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     assert set(meta["max_prob_diff"]) == {"torch", "http"}
     assert max(meta["max_prob_diff"].values()) < 1e-3
     names = [r["name"] for r in meta["ratios"]]
-    assert names.count("HTTP / in-process") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
+    long = [w for w in QUICK_WORKLOADS if w.name != "W1"]
+    assert names.count("HTTP / in-process") == len(long) * len(cfg.att_dims)
+    assert names.count("HTTP / in-process (back to back)") == len(long) * len(cfg.att_dims)
+    assert names.count("service overhead / framework floor") == len(cfg.att_dims)
     assert names.count("torch eager / onnxruntime (CPU time)") == len(cfg.att_dims)
-    assert names.count("search att_dim scaling (CPU time)") == 1
-    # Before/after of each change, measured in the same run, for every workload (the ASGI one: W1 and W2).
-    changes = meta["changes"]
-    assert {(c["stage"], c["workload"]) for c in changes} == {
-        (s, w.name) for s in ("id_mapping", "store_fetch") for w in QUICK_WORKLOADS
-    } | {("POST /score (ASGI, no socket)", w.name) for w in QUICK_WORKLOADS[:2]} | {
-        (f"search.onnx, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS
-    } | {(f"candidate validation, C={w.candidates} (CPU)", w.name) for w in QUICK_WORKLOADS} | (
-        {(f"search, att {d}", w.name) for d in cfg.att_dims for w in QUICK_WORKLOADS} if kernel_available()[0] else set()
-    )
-    # The kernel against search.onnx, and (on an AVX-512 CPU) its AVX2 code too.
-    fused_rows = {c["after"] for c in changes if c["before"] == "search.onnx"}
-    expected_rows = {512: {"fused kernel", "fused kernel, AVX2 code"}, 256: {"fused kernel"}}.get(kernel_isa(), set())
-    assert fused_rows == (expected_rows if kernel_available()[0] else set())
-    # The CPU-time search scaling is that of the search the service runs at W2: the fused kernel where it is usable.
-    scaling = next(r for r in meta["ratios"] if r["name"] == "search att_dim scaling (CPU time)")
-    # The service runs the kernel by default wherever it runs: AVX-512F or AVX2 + FMA (service/search.py).
-    assert scaling["detail"].startswith("fused search" if kernel_available()[0] else "search.onnx")
-    assert (meta["fused_search"] is True) == kernel_available()[0]
+    # In-process, POST /score and the framework floor, back to back, for every workload and dim.
     paired = meta["http_paired"]
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
-    assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["http_stdlib_p50_ms"] > 0 for p in paired)
-    # The service's own timings, read off its /metrics: its engine stages run inside its request timing.
-    assert all(p["server_request_mean_ms"] > p["server_stages_mean_ms"] > 0 for p in paired)
-    assert "| workload | att dim | in-process | POST /score | in the service | of which engine stages |" in md
-    # The HTTP floor servers (dare.http_floor) answered, in a rotation of their own: a bare uvicorn app, a raw protocol.
-    assert all(p["floor_uvicorn_p50_ms"] > 0 and p["floor_raw_p50_ms"] > 0 and p["floor_in_process_p50_ms"] > 0 for p in paired)
-    assert "## The HTTP floor (p50 ms)" in md
-    assert names.count("HTTP / in-process (back to back)") == len(QUICK_WORKLOADS) * len(cfg.att_dims)
-    assert all(c["before_p50_ms"] > 0 and c["after_p50_ms"] > 0 for c in changes)
-    assert "## Changes, before / after in this run" in md
-    options = {(o["att_dim"], o["optimization"], o["threads"]) for o in meta["ort_options"]}
-    assert options == {(d, level, t) for d in cfg.att_dims for level in ("basic", "extended", "all") for t in (1, 2)}
-    profile = json.loads(cfg.out.with_suffix(".profile.json").read_text())
-    assert {(p["workload"], p["att_dim"], p["graph"]) for p in profile} == {
-        (w.name, d, g) for w in QUICK_WORKLOADS for d in cfg.att_dims for g in ("search", "score")
-    }
-    assert any(p["op_type"] == "TopK" and p["graph"] == "search" for p in profile)
+    assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["floor_p50_ms"] > 0 for p in paired)
+    assert "## POST /score, in-process and the framework floor, back to back (p50 ms)" in md
+    assert (meta["fused_search"] is True) == kernel_available()[0]
+    if not kernel_available()[0]:
+        assert meta["search_peers"] == []
+        return
+    # The kernel and its peers on the same inputs, W2 and W3, every dim; the peers find the kernel's events.
+    peers = meta["search_peers"]
+    assert {(p["workload"], p["att_dim"], p["peer"]) for p in peers} == {(w.name, d, p) for w in long for d in cfg.att_dims for p in PEERS}
+    assert all(p["p50_ms"] > 0 and p["same_events"] >= 0.9 for p in peers)
+    assert names.count("search att_dim scaling (CPU time)") == 1
+    assert names.count("fused kernel vs best peer") == len(long)
+    assert "## The search and its peers" in md
 
 
 def test_ratios_follow_the_records(tmp_path: Path) -> None:
@@ -117,6 +98,7 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
         rec("W2", 16, "onnxruntime", "total", 4.0), rec("W2", 16, "torch", "total", 10.0),
         rec("W2", 128, "onnxruntime", "total", 9.0), rec("W2", 128, "torch", "total", 12.0),
         rec("W2", 16, "onnxruntime", HTTP_STAGE, 4.8), rec("W2", 128, "onnxruntime", HTTP_STAGE, 12.0),
+        rec("W1", 16, "onnxruntime", HTTP_STAGE, 9.0), rec("W1", 16, "onnxruntime", "total", 1.0),
     ]  # fmt: skip
     by_detail = {(r.name, r.detail): r for r in target_ratios(records, cfg)}
     search = by_detail[("search att_dim scaling", "search p50 att128 / att16")]
@@ -125,6 +107,18 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     assert not by_detail[("torch eager / onnxruntime", "total p50, att128")].met  # 1.33x
     assert by_detail[("HTTP / in-process", "POST /score p50 / in-process total p50, att16")].met  # 1.2x
     assert not by_detail[("HTTP / in-process", "POST /score p50 / in-process total p50, att128")].met  # 1.33x
+    assert all(r.workload != "W1" for r in by_detail.values())  # W1 is judged against the framework floor
+    meta = {
+        "http_paired": [{"workload": "W1", "att_dim": 16, "in_process_p50_ms": 1.0, "http_p50_ms": 2.2, "floor_p50_ms": 1.0}],
+        "search_peers": [
+            {"workload": "W2", "att_dim": d, "peer": p, "p50_ms": ms, "cpu_p50_ms": ms, "same_events": 1.0}
+            for d, p, ms in ((16, "fused kernel", 1.0), (16, "faiss", 2.0), (16, "numpy", 1.4), (128, "fused kernel", 5.0))
+        ],
+    }
+    by_name = {r.name: r for r in target_ratios(records, cfg, meta)}
+    assert by_name["service overhead / framework floor"].value == pytest.approx(1.2) and by_name["service overhead / framework floor"].met
+    assert by_name["fused kernel vs best peer"].value == pytest.approx(1.4) and not by_name["fused kernel vs best peer"].met
+    assert by_name["search att_dim scaling (CPU time)"].value == pytest.approx(5.0)
 
 
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:

@@ -39,7 +39,6 @@ import hashlib
 import io
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 import zipfile
@@ -47,19 +46,12 @@ import zipfile
 import numpy as np
 import orjson
 import polars as pl
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from dare.errors import DareError
 from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import PrepareConfig
+from training.stages import StageProgress
+from training.synth import truth_path_for
 
 LOG_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 BEHAVIOR_TYPES = ("pv", "cart", "fav", "buy")
@@ -93,16 +85,6 @@ def default_sample_path() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior.csv.gz"
 
 
-def truth_path_for(log: Path) -> Path:
-    """Where `dare synth` writes the ground truth of `log`: X.csv or X.csv.gz -> X.truth.npz."""
-    name = log.name
-    for suffix in (".csv.gz", ".csv", ".gz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return log.with_name(name + ".truth.npz")
-
-
 def check_config(cfg: PrepareConfig) -> None:
     """Reject option values that cannot produce a usable data set, naming the option."""
     if not cfg.behaviors:
@@ -120,45 +102,6 @@ def check_config(cfg: PrepareConfig) -> None:
             raise PrepareError(f"{option} must be >= 1, got {getattr(cfg, name)}")
     if cfg.min_timestamp >= cfg.max_timestamp:
         raise PrepareError(f"--min-timestamp ({cfg.min_timestamp}) must be < --max-timestamp ({cfg.max_timestamp})")
-
-
-# ----------------------------------------------------------------------------------------------------------- progress
-
-
-class StageProgress:
-    """Rich progress on stderr: one line per stage (spinner or bar) and the seconds each stage took."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.seconds: dict[str, float] = {}
-        self._enabled = enabled
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<28}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-
-    def __enter__(self) -> StageProgress:
-        if self._enabled:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._enabled:
-            self._progress.stop()
-
-    @contextmanager
-    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        """Time a stage; yields `advance(n)` for stages with a known total."""
-        task = self._progress.add_task(name, total=total)
-        start = time.perf_counter()
-        yield lambda n: self._progress.advance(task, n)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        done = self._progress.tasks[task].completed if total is not None else 1
-        self._progress.update(task, total=max(done, 1), completed=max(done, 1))
 
 
 # --------------------------------------------------------------------------------------------------------------- read

@@ -49,10 +49,20 @@ import polars as pl
 
 from dare.errors import DareError
 from training.config import PrepareConfig
-from training.prepare import StageProgress, truth_path_for
+from training.stages import StageProgress
 
 SYNTHETIC_NOTE = "SYNTHETIC data written by `dare synth`: planted structure, not real user behaviour"
 _PREPARE_DEFAULTS = PrepareConfig()
+
+
+def truth_path_for(log: Path) -> Path:
+    """Where `dare synth` writes the ground truth of `log`: X.csv or X.csv.gz -> X.truth.npz."""
+    name = log.name
+    for suffix in (".csv.gz", ".csv", ".gz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return log.with_name(name + ".truth.npz")
 
 
 class SynthError(DareError):

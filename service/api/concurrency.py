@@ -7,14 +7,11 @@ import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import onnxruntime as ort
 
 from service.errors import RequestTimeoutError
-
-if TYPE_CHECKING:
-    from service.api.deps import Services
 
 T = TypeVar("T")
 
@@ -24,11 +21,12 @@ class BlockingPool:
 
     A plain ThreadPoolExecutor handed to the event loop (`run_in_executor`'s own mechanism), not anyio's
     `to_thread`: its limiter, cancel scopes and worker hand-off cost 0.55 ms per call on the 2-core machine against
-    0.31 ms for this, on every W2/W3 POST /score (docs/performance.md, round 9). `busy` counts calls submitted and
-    not finished, queued or running, including one abandoned after its timeout that is still running."""
+    0.31 ms for this (docs/performance.md). `busy` counts calls submitted and not finished, queued or running,
+    including one abandoned after its timeout that is still running."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, timeout_s: float) -> None:
         self.threads = threads
+        self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dare-blocking")
         self._lock = threading.Lock()
         self._busy = 0
@@ -54,33 +52,22 @@ class BlockingPool:
         with self._lock:
             self._busy -= 1
 
+    async def run(self, func: Callable[[], T], *, what: str, run_options: ort.RunOptions | None = None,
+                  timeout_s: float | None = None) -> T:  # fmt: skip
+        """`func()` in a worker thread; RequestTimeoutError after DARE_REQUEST_TIMEOUT_S (or `timeout_s`, what is
+        left of it when part of the request's time is spent).
+
+        The wait for a free worker counts against the timeout, so an overloaded process sheds load with 503s
+        instead of queueing without bound. On timeout a call still waiting is dropped, and a running one is
+        abandoned and, if it is inside onnxruntime, told to stop through `run_options.terminate`."""
+        try:
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else max(timeout_s, 0.0)):
+                return await self.submit(func)
+        except TimeoutError:
+            if run_options is not None:
+                run_options.terminate = True
+            raise RequestTimeoutError(f"{what} did not finish within DARE_REQUEST_TIMEOUT_S ({self.timeout_s:g} s)") from None
+
     def shutdown(self) -> None:
         """No new calls; running ones finish in their threads (the process does not wait for them here)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def run_blocking(
-    services: Services,
-    func: Callable[[], T],
-    *,
-    what: str,
-    run_options: ort.RunOptions | None = None,
-    timeout: float | None = None,
-) -> T:
-    """`func()` in a worker thread of the process's pool; RequestTimeoutError after `timeout` seconds (by default
-    DARE_REQUEST_TIMEOUT_S; less when part of the request's time is already spent).
-
-    The wait for a free worker counts against the timeout, so an overloaded process sheds load with 503s
-    instead of queueing without bound. On timeout a call still waiting is dropped, and a running one is abandoned
-    and, if it is inside onnxruntime, told to stop through `run_options.terminate`.
-    """
-    timeout = services.settings.request_timeout_s if timeout is None else max(timeout, 0.0)
-    try:
-        async with asyncio.timeout(timeout):
-            return await services.blocking.submit(func)
-    except TimeoutError:
-        if run_options is not None:
-            run_options.terminate = True
-        raise RequestTimeoutError(
-            f"{what} did not finish within DARE_REQUEST_TIMEOUT_S ({services.settings.request_timeout_s:g} s)"
-        ) from None

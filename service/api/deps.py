@@ -6,20 +6,22 @@ OpenAPI document declares bearer auth only when a token is configured (see `serv
 from __future__ import annotations
 
 import hmac
+import json
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi.routing import APIRoute
 from pydantic import SecretStr
 
+from service.api.concurrency import BlockingPool
 from service.core.config import Settings
 from service.engine import ScoringEngine
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
+from service.schemas import exact_number
 from service.store import SequenceStore
-
-if TYPE_CHECKING:
-    from service.api.concurrency import BlockingPool
 
 
 @dataclass
@@ -46,6 +48,7 @@ async def get_settings_dep(request: Request) -> Settings:
 # thread hop per dependency per request (~0.1-0.5 ms each on a busy 2-core machine; see docs/performance.md).
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
 
 def bearer_matches(authorization: str, token: SecretStr) -> bool:
     """Whether an Authorization header value presents `token` as a bearer token."""
@@ -74,3 +77,23 @@ async def require_admin_token(request: Request, settings: SettingsDep) -> None:
 
 ApiAuth = Depends(require_api_token)
 AdminAuth = Depends(require_admin_token)
+
+
+class ExactNumbersRequest(Request):
+    """A request whose JSON body keeps what its numbers say: `1.0000000000000001` is not read as the integer 1."""
+
+    async def json(self) -> Any:
+        return json.loads(await self.body(), parse_float=exact_number)
+
+
+class ExactNumbersRoute(APIRoute):
+    """The routers' route class: FastAPI's handling, with the body parsed by `ExactNumbersRequest` (the custom
+    Request and APIRoute pattern of FastAPI's documentation)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def exact(request: Request) -> Response:
+            return await handler(ExactNumbersRequest(request.scope, request.receive))
+
+        return exact

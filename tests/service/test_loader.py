@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.loader import LoadConfig, load
 from service.store import SequenceStore
 

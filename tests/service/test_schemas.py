@@ -1,17 +1,19 @@
-"""POST /score's quick body checks give the schema's answers: `parse_score_request` (checks in Python, candidates in
-service/_ids.c) against `ScoreRequest.model_validate`, and the compiled candidate check against the Python one."""
+"""POST /score's body schema: its vectorised candidate check gives the answers of plain `list[Candidate]` validation
+on every body, and ids are JSON integers read from their text (no fraction, even one a float parser rounds to a whole
+number)."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from service import schemas
-from service.schemas import MAX_CATEGORY_ID, MAX_ITEM_ID, CandidateIds, ScoreRequest, parse_score_request
+from service.schemas import MAX_CATEGORY_ID, MAX_ITEM_ID, Candidate, CandidateIds, ScoreRequest, exact_number
 
 OK = [{"item_id": 1, "category_id": 2}, {"item_id": MAX_ITEM_ID, "category_id": MAX_CATEGORY_ID}, {"category_id": 0, "item_id": 0}]
 
@@ -70,41 +72,32 @@ def _outcome(parse: Any, data: Any) -> Any:
     return ("valid", body.user_id, _as_pairs(body.candidates), body.model, body.explain)
 
 
+class PlainScoreRequest(ScoreRequest):
+    """The same schema with the candidates validated by pydantic alone (no vectorised check)."""
+
+    candidates: list[Candidate] = Field(min_length=1)
+
+
 @pytest.mark.parametrize("name,data", BODIES, ids=[b[0] for b in BODIES])
-def test_parse_score_request_answers_as_the_schema_does(name: str, data: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The quick path, the schema, and the schema on an install without service._ids (its Python candidate check):
-    one answer."""
-    answers = [_outcome(parse_score_request, data), _outcome(ScoreRequest.model_validate, data)]
-    monkeypatch.setattr(schemas, "_ids", None)
-    answers.append(_outcome(parse_score_request, data))
-    assert answers[0] == answers[1] == answers[2]
+def test_vectorised_candidate_check_answers_as_pydantic_does(name: str, data: Any) -> None:
+    assert _outcome(ScoreRequest.model_validate, data) == _outcome(PlainScoreRequest.model_validate, data)
 
 
-def test_parse_score_request_takes_the_common_body_without_pydantic(monkeypatch: pytest.MonkeyPatch) -> None:
-    if schemas._ids is None:
-        pytest.skip("service._ids was not built")
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the schema's validators ran")
-
-    monkeypatch.setattr(ScoreRequest, "model_validate", refuse)
-    body = parse_score_request({"user_id": "alice", "candidates": OK, "explain": True})
+def test_well_formed_candidates_become_int64_arrays() -> None:
+    body = ScoreRequest.model_validate({"user_id": "alice", "candidates": OK, "explain": True})
     assert isinstance(body.candidates, CandidateIds) and body.candidates.item_id.dtype == np.int64
     assert _as_pairs(body.candidates) == [(1, 2), (MAX_ITEM_ID, MAX_CATEGORY_ID), (0, 0)] and body.explain is True
 
 
-@pytest.mark.parametrize("name,data", BODIES, ids=[b[0] for b in BODIES])
-def test_compiled_candidate_check_matches_the_python_one(name: str, data: Any) -> None:
-    if schemas._ids is None:
-        pytest.skip("service._ids was not built")
-    candidates = data.get("candidates") if isinstance(data, dict) else data
-
-    def handler(value: Any) -> str:
-        return "handed to pydantic"
-
-    python = schemas._candidate_arrays_py(candidates, handler)
-    compiled = schemas._candidate_arrays(candidates, handler)
-    if isinstance(python, CandidateIds):
-        assert isinstance(compiled, CandidateIds) and _as_pairs(compiled) == _as_pairs(python)
+@pytest.mark.parametrize("text,valid", [("7", True), ("7.0", True), ("7e0", True), ("1.0000000000000001", False),
+                                        ("7.5", False), ("1e999999999", False), ("NaN", False), ("-0.0", True)])
+def test_ids_are_read_from_their_json_text(text: str, valid: bool) -> None:
+    """`1.0000000000000001` parses to the float 1.0 and was once accepted as item 1."""
+    raw = '{"user_id": "a", "candidates": [{"item_id": %s, "category_id": 2}]}' % text
+    data = json.loads(raw, parse_float=exact_number)
+    if valid:
+        assert _as_pairs(ScoreRequest.model_validate(data).candidates) == [(int(float(text)), 2)]
     else:
-        assert compiled == python == "handed to pydantic"
+        with pytest.raises(ValidationError) as info:
+            ScoreRequest.model_validate(data)
+        assert [e["loc"] for e in info.value.errors()] == [("candidates", 0, "item_id")]

@@ -84,6 +84,8 @@ def test_make_events_rejects_bad_input(items: list, cates: list, stamps: list, p
 
 def test_key_has_a_cluster_hash_tag() -> None:
     assert user_key("dare", "u42") == "dare:{u42}:seq"
+    # `%` and `}` are percent-encoded: the hash tag closes right after the user id, whatever it holds.
+    assert user_key("dare", "a}b%c{d") == "dare:{a%7Db%25c{d}:seq"
 
 
 # --- operations on a real Redis -------------------------------------------------------------------------------------
@@ -113,6 +115,19 @@ def test_append_once_stores_a_request_key_once(store: SequenceStore) -> None:
     assert store.read("idem", 10).events["item_id"].tolist() == [1, 2, 3]
     marker = store.request_marker_key("idem", "req-1")
     assert marker == "dare:{idem}:req:req-1" and 0 < store.client.ttl(marker) <= 60
+
+
+def test_no_idempotency_key_reaches_another_users_sequence(store: SequenceStore) -> None:
+    """User `idem-odd` with the key `k}:seq` once wrote its marker onto user `idem-odd}:req:k`'s sequence key: that
+    user then got 500 corrupt_sequence until the TTL ended (or, the other way round, the append was taken as a
+    replay). Keys are unambiguous now."""
+    other = "idem-odd}:req:k"
+    assert store.append(other, events([1, 2])) == 2
+    assert store.append_once("idem-odd", events([9]), "k}:seq", 60) == (1, False)
+    assert store.append_once("idem-odd", events([9]), "k}:seq", 60) == (1, True)
+    assert store.read(other, 10).events["item_id"].tolist() == [1, 2]
+    assert store.append(other, events([3])) == 3
+    assert store.read("idem-odd", 10).events["item_id"].tolist() == [9]
 
 
 def test_append_once_forgets_a_key_after_its_ttl(store: SequenceStore) -> None:
@@ -270,7 +285,7 @@ def test_password_in_url_and_unix_socket(make_redis_server) -> None:
 
 
 def test_bad_url_scheme_is_a_clear_error() -> None:
-    from dare.errors import DareError
+    from dare_common import DareError
 
     with pytest.raises(DareError, match="must start with redis://"):
         SequenceStore.from_url("http://localhost:6379")
@@ -284,6 +299,28 @@ def test_embedded_redis_keeps_data_in_the_data_dir(tmp_path: Path) -> None:
     again = SequenceStore.from_url(None, data_dir=tmp_path)
     assert again.read("u", 10).events["item_id"].tolist() == [1, 2, 3]
     again.close()
+
+
+def test_embedded_redis_is_restarted_with_its_data_when_it_dies(tmp_path: Path) -> None:
+    """The embedded server is supervised: killed, it comes back on the same socket with the same data, and the
+    store's client reconnects by itself."""
+    store = SequenceStore.from_url(None, data_dir=tmp_path, connect_timeout_s=1, socket_timeout_s=1)
+    try:
+        store.append("u", events([1, 2, 3]))
+        assert store.embedded is not None
+        first_pid = store.embedded.pid
+        store.embedded.kill()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert store.read("u", 10).events["item_id"].tolist() == [1, 2, 3]
+                break
+            except StoreUnavailableError:
+                assert time.monotonic() < deadline, "the embedded Redis was not restarted"
+                time.sleep(0.2)
+        assert store.embedded.pid != first_pid
+    finally:
+        store.close()
 
 
 def test_store_uses_hiredis() -> None:
@@ -339,301 +376,3 @@ def test_tls_with_password_via_rediss_url(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
-
-
-# --- the asyncio read (SequenceStore.aread: small POST /score requests on the event loop) ---------------------------
-def run_async(store: SequenceStore, *reads: tuple[str, int]) -> list[object]:
-    """Each (user, max_events) through `aread` on one event loop; an exception is returned in its place."""
-    import asyncio
-
-    async def main() -> list[object]:
-        store.open_async()
-        try:
-            out: list[object] = []
-            for user, n in reads:
-                try:
-                    out.append(await store.aread(user, n))
-                except Exception as exc:  # noqa: BLE001 - compared by the test
-                    out.append(exc)
-            return out
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
-
-
-def same_history(a: object, b: object) -> bool:
-    return (
-        a.exists == b.exists and a.stored_length == b.stored_length and a.events.tobytes() == b.events.tobytes()  # type: ignore[attr-defined]
-    )
-
-
-def test_aread_returns_what_read_returns(store: SequenceStore) -> None:
-    store.append("many", events(list(range(1, 301))))
-    store.append("few", events([5, 6]))
-    reads = [("many", 1000), ("many", 50), ("many", 0), ("few", 1000), ("nobody", 1000), ("nobody", 0)]
-    for (user, n), got in zip(reads, run_async(store, *reads)):
-        assert same_history(got, store.read(user, n)), (user, n)
-
-
-@pytest.mark.parametrize("make_bad", ["header", "wrong_type"])
-def test_aread_raises_the_errors_read_raises(store: SequenceStore, make_bad: str) -> None:
-    if make_bad == "header":
-        store.client.set("dare:{bad}:seq", b"JSON" + HEADER[4:] + b"\0" * RECORD_SIZE)
-    else:
-        store.client.rpush("dare:{bad}:seq", b"a")
-    store.append("good", events([1, 2, 3]))
-    bad, good = run_async(store, ("bad", 100), ("good", 100))
-    assert isinstance(bad, CorruptSequenceError)
-    with pytest.raises(CorruptSequenceError) as sync_error:
-        store.read("bad", 100)
-    assert str(bad) == str(sync_error.value)
-    assert same_history(good, store.read("good", 100))  # the same connection serves the next read correctly
-
-
-def test_aread_after_a_refused_queued_command_leaves_no_unread_replies(make_redis_server) -> None:
-    """An error reply to a queued command (here: an ACL that denies GETRANGE) arrives mid-transaction; the
-    connection is dropped, so the replies still on it never reach the next read of another user."""
-    server = make_redis_server()
-    admin = server.client()
-    admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-getrange")
-    writer = SequenceStore.from_url(server.url)
-    writer.append("alice", events([1, 2, 3]))
-    writer.append("bob", events([7, 8]))
-    reader = SequenceStore.from_url(f"redis://reader:pw@127.0.0.1:{server.port}/0", max_connections=1)
-
-    async def main() -> tuple[object, object, object]:
-        import asyncio
-
-        reader.open_async()  # one pooled connection: the second read must reuse it (or its replacement)
-        try:
-            try:
-                await reader.aread("alice", 10)
-                refused: object = None
-            except StoreUnavailableError as exc:
-                refused = exc
-            await asyncio.to_thread(admin.execute_command, "ACL", "SETUSER", "reader", "+getrange")
-            return refused, await reader.aread("alice", 10), await reader.aread("bob", 10)
-        finally:
-            await reader.aclose()
-
-    try:
-        import asyncio
-
-        refused, alice, bob = asyncio.run(main())
-        assert isinstance(refused, StoreUnavailableError) and "getrange" in str(refused).lower(), refused
-        assert same_history(alice, writer.read("alice", 10)) and same_history(bob, writer.read("bob", 10))
-    finally:
-        reader.close()
-        writer.close()
-
-
-def test_a_cancelled_aread_does_not_leave_its_reply_for_the_next_one(make_redis_server) -> None:
-    """Cancelled while Redis is stalled (the fast path cancels a read whose request failed validation): the
-    connection with the late reply on it is dropped, and the next read of another user gets its own history."""
-    import asyncio
-
-    server = make_redis_server("--enable-debug-command", "yes")
-    store = SequenceStore.from_url(server.url, socket_timeout_s=10.0)
-    store.append("alice", events([1, 2, 3]))
-    store.append("bob", events([7, 8]))
-
-    async def main() -> object:
-        store.open_async()
-        try:
-            sleeper = server.stall(1.0)
-            task = asyncio.ensure_future(store.aread("alice", 10))
-            await asyncio.sleep(0.2)  # the transaction is sent; its reply waits for the stall
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            await asyncio.to_thread(sleeper.join)
-            return await store.aread("bob", 10)
-        finally:
-            await store.aclose()
-
-    try:
-        bob = asyncio.run(main())
-        assert same_history(bob, store.read("bob", 10))
-    finally:
-        store.close()
-
-
-def test_aread_with_the_store_down_is_store_unavailable(make_redis_server) -> None:
-    server = make_redis_server()
-    store = SequenceStore.from_url(server.url, connect_timeout_s=0.5, socket_timeout_s=0.5)
-    server.stop()
-    try:
-        (error,) = run_async(store, ("alice", 10))
-        assert isinstance(error, StoreUnavailableError)
-    finally:
-        store.close()
-
-
-def test_aread_reuses_its_connection_and_aclose_closes_it(make_redis_server) -> None:
-    """aread keeps its own idle connections: one read after another uses one connection, and aclose closes it."""
-    import asyncio
-
-    server = make_redis_server()
-    admin = server.client()
-    store = SequenceStore.from_url(server.url)
-    store.append("alice", events([1, 2, 3]))
-
-    def connections() -> int:
-        return int(admin.info("clients")["connected_clients"])
-
-    async def main() -> tuple[int, int]:
-        store.open_async()
-        before = connections()
-        for _ in range(20):
-            assert (await store.aread("alice", 10)).events["item_id"].tolist() == [1, 2, 3]
-        during = connections()
-        await store.aclose()
-        return before, during
-
-    try:
-        before, during = asyncio.run(main())
-        assert during == before + 1, (before, during)
-        deadline = time.monotonic() + 5
-        while connections() != before and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert connections() == before
-    finally:
-        store.close()
-
-
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_aread_after_the_server_closed_its_connection_reconnects(make_redis_server, loop: str) -> None:
-    """An idle connection the server has closed (CLIENT KILL, a restart, the server's idle timeout) fails the first
-    attempt; the retry policy reconnects and the read succeeds. On both event loops (`dare serve` runs uvloop, whose
-    transports refuse a write once closed)."""
-    import asyncio
-
-    import uvloop
-
-    server = make_redis_server()
-    admin = server.client()
-    store = SequenceStore.from_url(server.url)
-    store.append("alice", events([1, 2, 3]))
-
-    async def main() -> list[int]:
-        store.open_async()
-        try:
-            await store.aread("alice", 10)
-            killed = await asyncio.to_thread(admin.execute_command, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-            assert killed >= 1
-            await asyncio.sleep(0.05)  # the loop sees the connection close
-            return (await store.aread("alice", 10)).events["item_id"].tolist()
-        finally:
-            await store.aclose()
-
-    try:
-        assert (uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())) == [1, 2, 3]
-    finally:
-        store.close()
-
-
-def test_aread_beyond_max_connections_is_store_unavailable_and_the_others_succeed(make_redis_server) -> None:
-    """With DARE_REDIS_MAX_CONNECTIONS reads already in flight (Redis stalled), one more fails at once with a 503
-    reason naming the limit, as redis-py's pool would; the reads in flight finish."""
-    import asyncio
-
-    server = make_redis_server("--enable-debug-command", "yes")
-    store = SequenceStore.from_url(server.url, socket_timeout_s=10.0, max_connections=2)
-    store.append("alice", events([1, 2, 3]))
-
-    async def main() -> tuple[list[object], object]:
-        store.open_async()
-        try:
-            await store.aread("alice", 10)  # one connection exists and is idle
-            sleeper = server.stall(0.5)
-            in_flight = [asyncio.ensure_future(store.aread("alice", 10)) for _ in range(2)]
-            await asyncio.sleep(0.1)
-            try:
-                await store.aread("alice", 10)
-                extra: object = None
-            except StoreUnavailableError as exc:
-                extra = exc
-            done = await asyncio.gather(*in_flight, return_exceptions=True)
-            await asyncio.to_thread(sleeper.join)
-            return done, extra
-        finally:
-            await store.aclose()
-
-    try:
-        done, extra = asyncio.run(main())
-        assert isinstance(extra, StoreUnavailableError) and "too many connections" in str(extra).lower(), extra
-        assert all(same_history(h, store.read("alice", 10)) for h in done), done
-    finally:
-        store.close()
-
-
-def test_pack_commands_packs_what_redis_py_packs() -> None:
-    from redis.asyncio.connection import Connection
-
-    from service.store import pack_commands
-
-    commands = [("MULTI",), *SequenceStore._read_commands("dare:{üser 1}:seq", 200), ("GETRANGE", "k", -1, 0), ("EXEC",)]
-    assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
-
-
-def test_begin_aread_sends_before_it_returns_and_an_abandoned_read_leaves_nothing_unread(make_redis_server) -> None:
-    """POST /score's fast path sends the read before validating the body (begin_aread) and abandons it when the body
-    is refused: the abandoned read's replies are drained, so the next read on that connection gets its own."""
-    import asyncio
-
-    server = make_redis_server()
-    store = SequenceStore.from_url(server.url)
-    store.append("alice", events([1, 2, 3]))
-    store.append("bob", events([7, 8]))
-
-    async def main() -> tuple[bool, bool, list[int], list[int], int]:
-        store.open_async()
-        try:
-            first = store.begin_aread("alice", 10)  # no connection yet: sent when awaited, after connecting
-            first_sent = first.sent
-            assert (await first.result()).events["item_id"].tolist() == [1, 2, 3]
-            abandoned = store.begin_aread("alice", 10)  # the idle connection: sent now
-            abandoned_sent = abandoned.sent
-            abandoned.abandon()
-            bob = (await store.aread("bob", 10)).events["item_id"].tolist()  # a second connection (the first drains)
-            for _ in range(50):  # the drain is a background task: let it finish
-                await asyncio.sleep(0.01)
-                if len(store._loop_idle) == 2:
-                    break
-            again = [(await store.aread("bob", 10)).events["item_id"].tolist() for _ in range(4)]
-            return first_sent, abandoned_sent, bob, sorted({tuple(a) for a in again}), store._loop_made
-        finally:
-            await store.aclose()
-
-    try:
-        first_sent, abandoned_sent, bob, again, made = asyncio.run(main())
-        assert not first_sent and abandoned_sent
-        assert bob == [7, 8] and again == [(7, 8)]
-        assert made == 2  # the drained connection went back idle: no third one
-    finally:
-        store.close()
-
-
-def test_begin_aread_beyond_max_connections_fails_when_awaited(make_redis_server) -> None:
-    import asyncio
-
-    server = make_redis_server()
-    store = SequenceStore.from_url(server.url, max_connections=1)
-    store.append("alice", events([1]))
-
-    async def main() -> object:
-        store.open_async()
-        try:
-            held = store.begin_aread("alice", 10)
-            refused = store.begin_aread("alice", 10)  # does not raise here: the request's await does
-            with pytest.raises(StoreUnavailableError, match="too many connections"):
-                await refused.result()
-            return (await held.result()).events["item_id"].tolist()
-        finally:
-            await store.aclose()
-
-    try:
-        assert asyncio.run(main()) == [1]
-    finally:
-        store.close()

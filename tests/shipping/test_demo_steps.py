@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dare.demo import SAMPLE, DemoConfig, Stamps, Step, execute, model_name, pick_example, step_key
-from dare.errors import DareError
+from dare_common import DareError
 
 
 def test_example_is_the_longest_real_user_with_real_items() -> None:

@@ -30,7 +30,7 @@ def _load_deploy_requirements():
 
 deploy_requirements = _load_deploy_requirements()
 
-CODE_DIRS = {"dare", "service", "training", "loadtest"}
+CODE_DIRS = {"dare_common", "dare", "service", "training", "loadtest"}
 
 
 def test_stages_and_base_images() -> None:

@@ -130,12 +130,12 @@ def test_markdown_table_lists_every_run() -> None:
 def test_private_redis_server_starts_in_a_relative_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
 
-    from loadtest.redis_server import start_redis_server
+    from service.redis_server import RedisServer
 
     monkeypatch.chdir(tmp_path)
-    with start_redis_server(Path("scratch") / "redis") as server:
+    with RedisServer(Path("scratch") / "redis") as server:
         client = redis.Redis.from_url(server.url)
         client.set("k", "v")
         assert client.get("k") == b"v"
     assert (tmp_path / "scratch" / "redis" / "redis.log").is_file()
-    assert server.process.poll() is not None, "stop() must end the server"
+    assert not server.running, "stop() must end the server"

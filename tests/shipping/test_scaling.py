@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dare.processes import stop_process
-from loadtest.redis_server import free_port
+from service.redis_server import free_port
 from tests.conftest import TEST_CATE_RAW_IDS, TEST_ITEM_RAW_IDS
 from tests.shipping.conftest import ROOT
 

@@ -10,8 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Header, Path, Query
 from starlette.convertors import Convertor, register_url_convertor
 
-from service.api.concurrency import run_blocking
-from service.api.deps import ApiAuth, ServicesDep
+from service.api.deps import ApiAuth, ExactNumbersRoute, ServicesDep
 from service.api.responses import errors
 from service.api.routes.scoring import check_user_id
 from service.errors import LimitExceededError
@@ -26,7 +25,7 @@ from service.schemas import (
 )
 from service.store import make_events
 
-router = APIRouter(tags=["sequences"])
+router = APIRouter(tags=["sequences"], route_class=ExactNumbersRoute)
 
 
 class UserIdConvertor(Convertor[str]):
@@ -83,11 +82,10 @@ async def append_events(
         np.fromiter((now if e.timestamp is None else e.timestamp for e in body.events), dtype=np.int64, count=n),
     )
     if idempotency_key is None:
-        length = await run_blocking(services, partial(services.store.append, body.user_id, events), what="append")
+        length = await services.blocking.run(partial(services.store.append, body.user_id, events), what="append")
         replayed = False
     else:
-        length, replayed = await run_blocking(
-            services,
+        length, replayed = await services.blocking.run(
             partial(services.store.append_once, body.user_id, events, idempotency_key, settings.idempotency_ttl_s),
             what="append",
         )
@@ -120,7 +118,7 @@ async def history(
         limit = default_history_limit(settings.max_history)
     if limit > settings.max_history:
         raise LimitExceededError("limit", f"at most {settings.max_history} (DARE_MAX_HISTORY), got {limit}")
-    hist = await run_blocking(services, partial(services.store.read, user_id, limit), what="history read")
+    hist = await services.blocking.run(partial(services.store.read, user_id, limit), what="history read")
     events = [
         StoredEvent(item_id=i, category_id=c, timestamp=t)
         for i, c, t in zip(
