@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dare.errors import DareError
-from dare.options import int_list
+from dare_common import DareError
+from dare_common import int_list
 from training.config import PrepareConfig
 
 

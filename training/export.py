@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-import dare
-from dare.errors import DareError
+import dare_common
+from dare_common import DareError
 from service.contract import (
     ATTENTION_FILE,
     GRAPH_FILES,
@@ -406,7 +406,7 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{dare.__version__}+g{commit}" if commit else dare.__version__
+    return f"{dare_common.__version__}+g{commit}" if commit else dare_common.__version__
 
 
 def default_name(model: CTRModel) -> str:

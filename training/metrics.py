@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
-from dare.errors import DareError
+from dare_common import DareError
 
 # A pad column in a prepared history holds item/category row 0.
 PAD = 0

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dare.errors import DareError
+from dare_common import DareError
 from training.config import ModelConfig
 
 # Score given to padding tokens. Finite (not -inf) so that a softmax over an all-padding top-K stays NaN-free;

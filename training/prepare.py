@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import PrepareConfig
 from training.stages import StageProgress

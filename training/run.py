@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.contract import VOCAB_ARRAYS, VOCAB_FILE
 from training.config import MODEL_KINDS, MODEL_VERSION, ModelConfig, TrainConfig
 from training.model import CTRModel, build_model

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dare.errors import DareError
+from dare_common import DareError
 from training.config import PrepareConfig
 from training.stages import StageProgress
 

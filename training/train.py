@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.contract import VOCAB_ARRAYS, VOCAB_FILE
 from training.config import MODEL_KINDS, SEARCH_KINDS, ModelConfig, TrainConfig
 from training.metrics import ClickMetrics, MutualInformationTruth, click_metrics, retrieval_ndcg, search_scores

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dare.errors import DareError
+from dare_common import DareError
 from tests.training.test_train import make_prepared
 from training.compare import CompareOptions, compare, paired, summarise, verdicts
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score, roc_auc_score
 
-from dare.errors import DareError
+from dare_common import DareError
 from training.metrics import (
     MutualInformationTruth,
     _mutual_information,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dare.errors import DareError
+from dare_common import DareError
 from tests.conftest import randomize_for_tests
 from training.config import ModelConfig
 from training.model import CTRModel, ModelInputError, build_model, history_positions, parameter_groups

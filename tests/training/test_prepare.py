@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
-from dare.errors import DareError
+from dare_common import DareError
 from service.contract import VOCAB_ARRAYS
 from training.config import PrepareConfig
 from training.prepare import SPLITS, default_sample_path, prepare

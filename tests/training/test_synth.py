@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from dare.errors import DareError
+from dare_common import DareError
 from training import cli
 from training.config import PrepareConfig
 from training.prepare import benchmark, prepare

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dare.errors import DareError
+from dare_common import DareError
 from training.run import load_run
 from training.train import (
     BestCheckpoint,
