@@ -7,14 +7,14 @@ override deploy/compose.local.yml (the images `make images` built, host network,
 port, Grafana left out). Steps, each printed with its time:
 
   1. `down -v` of any earlier run, so the trainer really trains
-  2. `up -d` of the whole stack (the trainer runs to completion before the api starts)
-  3. redis answers PING on 127.0.0.1:DARE_COMPOSE_REDIS_PORT
-  4. the trainer (prepare, train + export four models, load Redis) exits 0
-  5. the api answers /readyz and its image's HEALTHCHECK passes
-  6. POST /score for a Taobao user of the bundled sample returns scores with history_length > 0
-  7. POST /events, then GET /users/{id}/history shows the event
-  8. Prometheus has the api as a healthy target and holds dare_* series (its HTTP API)
-  9. `down -v` (unless --keep), and the engine holds no container of the project
+  2. the services of the stack started one by one with `up -d --no-deps SERVICE`, in docker-compose.yml's
+     depends_on order, each once its dependencies' conditions hold: redis healthy (its healthcheck passes), the
+     trainer (prepare, train + export four models, load Redis) exited 0, then api and prometheus
+  3. the api answers /readyz and its image's HEALTHCHECK passes
+  4. POST /score for a Taobao user of the bundled sample returns scores with history_length > 0
+  5. POST /events, then GET /users/{id}/history shows the event
+  6. Prometheus has the api as a healthy target and holds dare_* series (its HTTP API)
+  7. `down -v` (unless --keep), and the engine holds no container of the project
 
 Exit 0 when every step passed; 1 with the failing step, the services' logs and a teardown otherwise.
 A summary goes to var/compose-test/summary.json (docs/deploy.md quotes it).
@@ -126,16 +126,6 @@ def http(method: str, url: str, body: object | None = None, timeout: float = 10)
             return exc.code, raw.decode(errors="replace")
 
 
-def redis_ping(port: int) -> bool:
-    """PING in RESP over a plain socket (no client library needed)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
@@ -148,7 +138,10 @@ def taobao_user() -> tuple[str, list[dict[str, int]]]:
     events: dict[str, list[tuple[int, int]]] = {}
     with gzip.open(SAMPLE, "rt") as fh:
         for line in fh:
-            user, item, cate, behavior, _ = line.rstrip("\n").split(",")
+            fields = line.rstrip("\n").split(",")
+            if len(fields) != 5:
+                continue  # the sample's last line is cut short
+            user, item, cate, behavior, _ = fields
             if behavior == "pv":
                 events.setdefault(user, []).append((int(item), int(cate)))
     user = max(events, key=lambda u: len(events[u]))
@@ -167,6 +160,86 @@ def taobao_user() -> tuple[str, list[dict[str, int]]]:
 # -------------------------------------------------------------------------------------------------------------
 # The run
 # -------------------------------------------------------------------------------------------------------------
+
+
+def stack_services() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The services `up` starts (no profile in either file), in depends_on order, and their dependencies."""
+    import yaml
+
+    merged: dict[str, dict] = {}
+    for file in FILES:
+        for name, spec in (yaml.safe_load((ROOT / file).read_text(encoding="utf-8"))["services"] or {}).items():
+            merged.setdefault(name, {}).update(spec)
+    active = [name for name, spec in merged.items() if not spec.get("profiles")]
+    depends: dict[str, dict[str, str]] = {}
+    for name in active:
+        deps = merged[name].get("depends_on", {}) or {}
+        if isinstance(deps, list):
+            deps = {d: {"condition": "service_started"} for d in deps}
+        depends[name] = {d: (v or {}).get("condition", "service_started") for d, v in deps.items()}
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise Failed(f"depends_on cycle: {' -> '.join(path + (name,))}")
+        if name not in active:
+            raise Failed(f"a started service depends on {name}, which is not started (profile?)")
+        for dep in depends[name]:
+            visit(dep, path + (name,))
+        order.append(name)
+
+    for name in active:
+        visit(name, ())
+    return order, depends
+
+
+def wait_condition(service: str, condition: str, engine_cmd: list[str], steps: "Steps", timeout: float) -> None:
+    """Wait until `service` meets a depends_on condition; print and time it."""
+    began = time.monotonic()
+
+    def container() -> dict[str, str]:
+        found = containers(engine_cmd, service)
+        if not found:
+            raise Failed(f"{service}: no container")
+        return found[0]
+
+    if condition == "service_completed_successfully":
+        def exited():
+            c = container()
+            return c if c["status"] in ("exited", "stopped") else None
+
+        c = wait_for(f"{service} exit", exited, timeout, steps, every=2)
+        full = subprocess.run([*engine_cmd, "logs", c["id"]], capture_output=True, text=True, timeout=60)
+        (OUT / f"{service}.log").write_text(full.stdout + full.stderr, encoding="utf-8")
+        if c["exit_code"] != "0":
+            tail = "\n".join((full.stdout + full.stderr).splitlines()[-30:])
+            raise Failed(f"{service} exited {c['exit_code']}:\n{tail}")
+        # The trainer's own per-step lines (`dare demo` prints "<step> done in N s" and "built in N s").
+        for line in (full.stdout + full.stderr).splitlines():
+            if " done in " in line or line.startswith("built in"):
+                print(f"    {service} | {line.strip()}")
+        steps.done(f"{service} completed", began, "exit 0 (service_completed_successfully)")
+    elif condition == "service_healthy":
+        def healthy() -> bool:
+            c = container()
+            if c["status"] in ("exited", "stopped"):
+                raise Failed(f"{service} exited {c['exit_code']} before it was healthy")
+            if engine_cmd[0] == "podman":
+                # No systemd here to schedule podman's healthcheck timers: run the healthcheck command now.
+                return subprocess.run([*engine_cmd, "healthcheck", "run", c["id"]], capture_output=True,
+                                      timeout=60).returncode == 0  # fmt: skip
+            status = subprocess.run(["docker", "inspect", "--format", "{{.State.Health.Status}}", c["id"]],
+                                    capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
+            return status == "healthy"
+
+        wait_for(f"{service} healthy", healthy, timeout, steps)
+        steps.done(f"{service} healthy", began, "its healthcheck passes (service_healthy)")
+    elif condition == "service_started":
+        wait_for(f"{service} running", lambda: container()["status"] == "running", timeout, steps)
+    else:
+        raise Failed(f"{service}: unknown depends_on condition {condition!r}")
 
 
 class Steps:
@@ -239,41 +312,24 @@ def main(argv: list[str] | None = None) -> int:
         if busy:
             raise Failed(f"ports in use on 127.0.0.1: {busy} (the stack runs on the host network and needs them)")
 
-        # 2. `up -d`: the compose tool starts redis, runs the trainer, then starts api and prometheus.
-        began = time.monotonic()
-        up_log = (OUT / "up.log").open("wb")
-        up = subprocess.Popen([*base, "up", "-d"], cwd=ROOT, env=env, stdout=up_log, stderr=subprocess.STDOUT)
-        steps.say("`up -d` started")
+        # 2-5. Start the services in docker-compose.yml's depends_on order, each with `up -d --no-deps SERVICE`
+        # after its dependencies' conditions hold (service_healthy: the service's healthcheck passes;
+        # service_completed_successfully: it exited 0; service_started: it runs). This is what `up` does with
+        # Docker; the driver does it itself because podman-compose on podman < 4.6 skips service_healthy, and
+        # its --requires links make podman re-start the finished one-shot trainer when the api starts.
+        services, depends = stack_services()
+        reached: set[tuple[str, str]] = set()
+        for name in services:
+            for dep, condition in depends.get(name, {}).items():
+                if (dep, condition) not in reached:
+                    wait_condition(dep, condition, engine_cmd, steps, args.timeout)
+                    reached.add((dep, condition))
+            began = time.monotonic()
+            if run([*base, "up", "-d", "--no-deps", name], env=env, log=log) != 0:
+                raise Failed(f"`up -d --no-deps {name}` failed (see {log.relative_to(ROOT)})")
+            steps.done(f"{name} started", began, "`up -d --no-deps " + name + "`")
 
-        def up_failed() -> None:
-            if up.poll() not in (None, 0):
-                raise Failed(f"`up -d` exited {up.returncode} (see {OUT.relative_to(ROOT)}/up.log)")
-
-        # 3. Redis.
-        wait_for("redis PING", lambda: redis_ping(redis_port), 300, steps, fail=up_failed, every=0.5)
-        steps.done("redis up", began, f"PONG on 127.0.0.1:{redis_port}")
-
-        # 4. The trainer runs to completion with exit code 0.
-        t_trainer = time.monotonic()
-
-        def trainer_exited():
-            found = containers(engine_cmd, "trainer")
-            return found[0] if found and found[0]["status"] in ("exited", "stopped") else None
-
-        trainer = wait_for("trainer exit", trainer_exited, args.timeout, steps, fail=up_failed, every=2)
-        tail = subprocess.run([*engine_cmd, "logs", "--tail", "12", trainer["id"]], capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
-        full = subprocess.run([*engine_cmd, "logs", trainer["id"]], capture_output=True, text=True, timeout=60)
-        (OUT / "trainer.log").write_text(full.stdout + full.stderr, encoding="utf-8")
-        if trainer["exit_code"] != "0":
-            raise Failed(f"the trainer exited {trainer['exit_code']}:\n{tail.stdout}{tail.stderr}")
-        # The trainer's own per-step lines (`dare demo` prints "<step> done in N s" and "built in N s").
-        for line in (full.stdout + full.stderr).splitlines():
-            if " done in " in line or line.startswith("built in"):
-                print(f"    trainer | {line.strip()}")
-        steps.done("trainer", t_trainer, "prepare, train + export 4 models, load Redis; exit 0")
-
-        # 5. The api: /readyz, then its image's own HEALTHCHECK.
+        # The api: /readyz answers, and its healthcheck (the image's HEALTHCHECK) passes.
         t_api = time.monotonic()
 
         def ready():
@@ -284,32 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             return body if status == 200 else None
 
         def api_failed() -> None:
-            up_failed()
             for c in containers(engine_cmd, "api"):
                 if c["status"] in ("exited", "stopped"):
                     raise Failed(f"the api container exited {c['exit_code']}")
 
         body = wait_for("api /readyz", ready, 300, steps, fail=api_failed)
-        api = containers(engine_cmd, "api")[0]
-        if engine_cmd[0] == "podman":
-            # No systemd here to schedule podman's healthcheck timers: run the image's HEALTHCHECK command once.
-            check = subprocess.run([*engine_cmd, "healthcheck", "run", api["id"]], capture_output=True, text=True,
-                                   timeout=60)  # fmt: skip
-            if check.returncode != 0:
-                raise Failed(f"`podman healthcheck run` on the api: {check.returncode} {check.stdout}{check.stderr}")
-            health = "podman healthcheck run: healthy"
-        else:
-            def healthy():
-                out = subprocess.run(["docker", "inspect", "--format", "{{.State.Health.Status}}", api["id"]],
-                                     capture_output=True, text=True, timeout=60).stdout.strip()  # fmt: skip
-                return out == "healthy"
-
-            wait_for("api container healthy", healthy, 120, steps)
-            health = "docker health: healthy"
-        steps.done("api healthy", t_api, f"/readyz 200 {json.dumps(body)[:120]}; {health}")
-        wait_for("`up -d` exit", lambda: up.poll() is not None, 300, steps)
-        up_failed()
-        steps.done("`up -d` returned", began, "exit 0 (whole bring-up: redis, trainer, api, prometheus)")
+        wait_condition("api", "service_healthy", engine_cmd, steps, 120)
+        steps.done("api ready", t_api, f"/readyz 200 {json.dumps(body)[:150]}")
 
         # 6. A real score for a Taobao user through the api container.
         t = time.monotonic()
@@ -368,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"{(score_count.get('data', {}).get('result') or [{'value': [0, 'none']}])[0]['value'][1]})")
     except Failed as exc:
         failed = str(exc)
-    except (subprocess.TimeoutExpired, OSError) as exc:
+    except Exception as exc:  # anything else still ends in the logs and the teardown below
+        import traceback
+
+        traceback.print_exc()
         failed = f"{type(exc).__name__}: {exc}"
 
     if failed is not None:
