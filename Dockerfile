@@ -52,6 +52,7 @@ RUN saved="$(apt-mark showmanual)" \
     && python -I -c "import service._search" \
     && apt-mark auto '.*' > /dev/null && apt-mark manual ${saved} > /dev/null \
     && apt-get purge -y --auto-remove -o APT::AutoRemove::RecommendsImportant=false \
+       -o APT::AutoRemove::SuggestsImportant=false \
     && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && rm -rf README.md pyproject.toml setup.py requirements-serve.txt build dare service training loadtest \
               requirements.py ./*.egg-info \

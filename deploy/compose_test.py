@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -380,29 +381,32 @@ def main(argv: list[str] | None = None) -> int:
         steps.done("POST /events + GET history", t, f"length {before[1]['length']} -> {history['length']}, "
                    f"last event {last}")  # fmt: skip
 
-        # 8. Prometheus scraped the api's dare_* series.
+        # 8. Prometheus scraped the api's dare_* series, including a scrape after the event appended above.
         t = time.monotonic()
+
+        def query(promql: str) -> float | None:
+            _, answer = http("GET", f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": promql}),
+                             timeout=3)  # fmt: skip
+            result = (answer or {}).get("data", {}).get("result", []) if isinstance(answer, dict) else []
+            return float(result[0]["value"][1]) if result else None
 
         def scraped():
             try:
                 _, targets = http("GET", f"{PROMETHEUS}/api/v1/targets", timeout=3)
-                _, series = http("GET", f"{PROMETHEUS}/api/v1/query?query=count(%7B__name__%3D~%22dare_.%2B%22%7D)",
-                                 timeout=3)  # fmt: skip
+                series = query('count({__name__=~"dare_.+", job="dare-api"})')
+                appended = query('sum(dare_events_appended_total{job="dare-api"})')
             except (urllib.error.URLError, OSError):
                 return None
-            active = (targets or {}).get("data", {}).get("activeTargets", [])
+            active = (targets or {}).get("data", {}).get("activeTargets", []) if isinstance(targets, dict) else []
             up_targets = [a["scrapeUrl"] for a in active if a.get("health") == "up"]
-            result = (series or {}).get("data", {}).get("result", [])
-            count = int(float(result[0]["value"][1])) if result else 0
-            if up_targets and count > 0:
-                return up_targets, count
+            if up_targets and series and appended is not None and appended >= 1:
+                return up_targets, int(series), int(appended)
             return None
 
-        up_targets, count = wait_for("prometheus dare_* series", scraped, 120, steps, every=2)
-        _, score_count = http("GET", f"{PROMETHEUS}/api/v1/query?query=sum(dare_score_requests_total)")
-        steps.done("prometheus", t, f"target up: {', '.join(up_targets)}; {count} dare_* series "
-                   f"(query API; sum(dare_score_requests_total) = "
-                   f"{(score_count.get('data', {}).get('result') or [{'value': [0, 'none']}])[0]['value'][1]})")
+        up_targets, count, appended = wait_for("prometheus: dare_* series scraped after the event", scraped, 120,
+                                               steps, every=2)  # fmt: skip
+        steps.done("prometheus", t, f"target up: {', '.join(up_targets)}; {count} dare_* series of job dare-api; "
+                   f"sum(dare_events_appended_total) = {appended} (query API)")  # fmt: skip
     except Failed as exc:
         failed = str(exc)
     except Exception as exc:  # anything else still ends in the logs and the teardown below
