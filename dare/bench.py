@@ -310,14 +310,15 @@ class HttpClient:
 def floor_app() -> Any:
     """The framework floor: uvicorn + FastAPI answering POST /score's body (parsed as JSON) with as many scores, and
     nothing of the service (no auth, validation, store, graphs or metrics). `uvicorn --factory dare.bench:floor_app`."""
-    from fastapi import Body, FastAPI
-    from fastapi.responses import ORJSONResponse
+    import orjson
+    from fastapi import Body, FastAPI, Response
 
     app = FastAPI()
 
     @app.post("/score")
-    async def score(body: dict[str, Any] = Body()) -> ORJSONResponse:  # noqa: B008 - FastAPI's way
-        return ORJSONResponse({"user_id": body.get("user_id"), "scores": [0.5] * len(body.get("candidates", ()))})
+    async def score(body: dict[str, Any] = Body()) -> Response:  # noqa: B008 - FastAPI's way
+        scores = [0.5] * len(body.get("candidates", ()))
+        return Response(orjson.dumps({"user_id": body.get("user_id"), "scores": scores}), media_type="application/json")
 
     return app
 
@@ -335,8 +336,9 @@ def start_service(models_dir: Path, redis_url: str, threads: int, log: Path) -> 
 
 
 @contextmanager
-def floor_server(log: Path) -> Iterator[int]:
-    """`floor_app` on uvicorn (its defaults, as `dare serve` but bare) on a free port; yields the port once it answers."""
+def floor_server(log: Path) -> Iterator[tuple[int, int]]:
+    """`floor_app` on uvicorn (its defaults, as `dare serve` but bare) on a free port; yields (port, pid) once it
+    answers."""
     from service.redis_server import free_port
 
     port = free_port()
@@ -355,7 +357,7 @@ def floor_server(log: Path) -> Iterator[int]:
                 if time.monotonic() > deadline:
                     raise BenchError(f"the floor server did not answer within 60 s; see {log}") from None
                 time.sleep(0.1)
-        yield port
+        yield port, process.pid
     finally:
         stop_process(process)
 
@@ -433,40 +435,57 @@ def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, An
     return samples
 
 
-def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any], port: int,
-                        floor_port: int) -> list[dict[str, Any]]:  # fmt: skip
+def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, Any],
+                        servers: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:  # fmt: skip
     """The in-process call, POST /score and the same body to the framework floor, back to back on the same user and
     candidates (rotating their order), for every workload and dim: p50 of each. In the main table the service idles
     while this process runs the other cells, so each HTTP call also wakes it up with its caches cold; here it is as
-    busy as the in-process engine, as under steady traffic."""
-    clients = {"http": HttpClient(port), "floor": HttpClient(floor_port)}
+    busy as the in-process engine, as under steady traffic. `servers`: "http" and "floor" -> (port, pid).
+
+    Also CPU time per call: this process's around the in-process call, and each server process's own (psutil) over
+    the cell divided by its requests. On a shared machine a server that sleeps between requests waits for a core on
+    every wake-up, which the in-process call never does; CPU time is what the code costs, whoever else runs."""
+    import psutil
+
+    clients = {name: HttpClient(port) for name, (port, _) in servers.items()}
+    processes = {name: psutil.Process(pid) for name, (_, pid) in servers.items()}
+
+    def cpu(name: str) -> float:
+        times = processes[name].cpu_times()
+        return times.user + times.system
+
     names = ("in_process", "http", "floor")
     rows: list[dict[str, Any]] = []
     try:
         for w in _progress(cfg.workloads, cfg, desc="HTTP, in-process and floor, back to back"):
             for d in cfg.att_dims:
                 timings: dict[str, list[float]] = {name: [] for name in names}
+                cpu_before, in_process_cpu = {name: cpu(name) for name in clients}, 0.0
                 # Small calls are cheap and their p50s noisy: at least PAIRED_MIN_SECONDS of rounds per cell (up to
                 # 10x --repeats), so a W1 ratio rests on a few hundred rounds rather than 50.
                 started, r = time.perf_counter(), 0
-                min_seconds = 0.0 if cfg.quick else PAIRED_MIN_SECONDS
+                # (quick: 0.3 s, enough for the servers' CPU times, counted in 10 ms clock ticks, to be above zero)
+                min_seconds = 0.3 if cfg.quick else PAIRED_MIN_SECONDS
                 while r < cfg.warmup + cfg.repeats or (time.perf_counter() - started < min_seconds and r < cfg.warmup + 10 * cfg.repeats):
                     user, s = data.users[w.name][r % cfg.users], r % cfg.candidate_sets
                     items, cates = data.candidates[w.name][s]
                     body = score_body(cfg, data, w.name, d, user, s)
                     for name in names[r % 3 :] + names[: r % 3]:
                         if name == "in_process":
-                            t0 = time.perf_counter()
+                            c0, t0 = time.process_time(), time.perf_counter()
                             engine.score(user, items, cates, model=loaded[d])
-                            seconds = time.perf_counter() - t0
+                            seconds, in_process_cpu = time.perf_counter() - t0, in_process_cpu + time.process_time() - c0
                         else:
                             seconds = clients[name].post(body)[1]
                         if r >= cfg.warmup:
                             timings[name].append(seconds)
                     r += 1
                 p50 = {name: round(float(np.median(v)) * 1000.0, 4) for name, v in timings.items()}
+                per_call = {name: round((cpu(name) - cpu_before[name]) / r * 1000.0, 4) for name in clients}
                 rows.append({"workload": w.name, "att_dim": d, "in_process_p50_ms": p50["in_process"],
-                             "http_p50_ms": p50["http"], "floor_p50_ms": p50["floor"], "rounds": len(timings["http"])})  # fmt: skip
+                             "http_p50_ms": p50["http"], "floor_p50_ms": p50["floor"], "rounds": len(timings["http"]),
+                             "in_process_cpu_ms": round(in_process_cpu / r * 1000.0, 4), "http_server_cpu_ms": per_call["http"],
+                             "floor_server_cpu_ms": per_call["floor"]})  # fmt: skip
     finally:
         for client in clients.values():
             client.close()
@@ -633,10 +652,18 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
         if w in long:
             ratios.append(_at_most("HTTP / in-process (back to back)", w, f"POST /score p50 / in-process p50, att{d}",
                                    row["http_p50_ms"] / row["in_process_p50_ms"], 1.25))  # fmt: skip
+            if row["in_process_cpu_ms"]:
+                ratios.append(_at_most("HTTP / in-process (CPU time)", w, f"server CPU per POST /score / in-process CPU, att{d}",
+                                       row["http_server_cpu_ms"] / row["in_process_cpu_ms"], 1.25))  # fmt: skip
         elif w == "W1":
             overhead = row["http_p50_ms"] - row["in_process_p50_ms"]
             ratios.append(_at_most("service overhead / framework floor", w, f"(POST /score - in-process) / floor p50, att{d}",
                                    overhead / row["floor_p50_ms"], 1.5))  # fmt: skip
+            overhead_cpu = row["http_server_cpu_ms"] - row["in_process_cpu_ms"]
+            if row["floor_server_cpu_ms"]:
+                ratios.append(_at_most("service overhead / framework floor (CPU time)", w,
+                                       f"(server CPU per POST /score - in-process CPU) / floor server CPU, att{d}",
+                                       overhead_cpu / row["floor_server_cpu_ms"], 1.5))  # fmt: skip
     for w in long:
         kernel = peers.get((w, lo, "fused kernel"))
         others = [peers[(w, lo, p)]["p50_ms"] for p in PEERS[1:] if (w, lo, p) in peers]
@@ -683,11 +710,17 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
                   "The in-process call, POST /score to `dare serve`, and the same body POSTed to `floor_app` (bare "
                   "uvicorn + FastAPI, no service code), one after another on the same user and candidates, so the "
                   "service is as warm as the in-process engine.", "",
+                  "Wall p50 ms, and in brackets CPU ms per call: the bench process's for the in-process call, each server "
+                  "process's own for POST /score and the floor.", "",
                   "| workload | att dim | in-process | POST /score | HTTP / in-process | service overhead (POST - in-process) | framework floor | overhead / floor |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in meta["http_paired"]:
             o, h, f = row["in_process_p50_ms"], row["http_p50_ms"], row["floor_p50_ms"]
-            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} | {h:.3f} | {h / o:.2f} | {h - o:.3f} | {f:.3f} | {(h - o) / f:.2f} |")
+            oc, hc, fc = row["in_process_cpu_ms"], row["http_server_cpu_ms"], row["floor_server_cpu_ms"]
+            cpu_ratio = f"{hc / oc:.2f}" if oc else "-"
+            cpu_floor = f"{(hc - oc) / fc:.2f}" if fc else "-"
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} ({oc:.3f}) | {h:.3f} ({hc:.3f}) | {h / o:.2f} ({cpu_ratio}) | "
+                         f"{h - o:.3f} ({hc - oc:.3f}) | {f:.3f} ({fc:.3f}) | {(h - o) / f:.2f} ({cpu_floor}) |")
     if meta.get("search_peers"):
         lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
                   "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
@@ -840,8 +873,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
         http_paired = []
         if client is not None:
-            floor_port = stack.enter_context(floor_server(work / "floor.log"))
-            http_paired = measure_http_paired(cfg, data, engine, loaded, client.port, floor_port)
+            servers = {"http": (client.port, process.pid), "floor": stack.enter_context(floor_server(work / "floor.log"))}
+            http_paired = measure_http_paired(cfg, data, engine, loaded, servers)
         search_peers = measure_search_peers(cfg, data, store, loaded)
 
     records = to_records(samples)

@@ -68,11 +68,15 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     assert names.count("HTTP / in-process") == len(long) * len(cfg.att_dims)
     assert names.count("HTTP / in-process (back to back)") == len(long) * len(cfg.att_dims)
     assert names.count("service overhead / framework floor") == len(cfg.att_dims)
+    # CPU-time rows where the cell's CPU time is above zero (servers count theirs in 10 ms clock ticks)
+    assert 0 < names.count("service overhead / framework floor (CPU time)") <= len(cfg.att_dims)
+    assert 0 < names.count("HTTP / in-process (CPU time)") <= len(long) * len(cfg.att_dims)
     assert names.count("torch eager / onnxruntime (CPU time)") == len(cfg.att_dims)
     # In-process, POST /score and the framework floor, back to back, for every workload and dim.
     paired = meta["http_paired"]
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["floor_p50_ms"] > 0 for p in paired)
+    assert all(p["in_process_cpu_ms"] > 0 and p["http_server_cpu_ms"] >= 0 and p["floor_server_cpu_ms"] >= 0 for p in paired)
     assert "## POST /score, in-process and the framework floor, back to back (p50 ms)" in md
     assert (meta["fused_search"] is True) == kernel_available()[0]
     if not kernel_available()[0]:
@@ -109,7 +113,8 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     assert not by_detail[("HTTP / in-process", "POST /score p50 / in-process total p50, att128")].met  # 1.33x
     assert all(r.workload != "W1" for r in by_detail.values())  # W1 is judged against the framework floor
     meta = {
-        "http_paired": [{"workload": "W1", "att_dim": 16, "in_process_p50_ms": 1.0, "http_p50_ms": 2.2, "floor_p50_ms": 1.0}],
+        "http_paired": [{"workload": "W1", "att_dim": 16, "in_process_p50_ms": 1.0, "http_p50_ms": 2.2, "floor_p50_ms": 1.0,
+                         "in_process_cpu_ms": 1.0, "http_server_cpu_ms": 1.6, "floor_server_cpu_ms": 0.5}],
         "search_peers": [
             {"workload": "W2", "att_dim": d, "peer": p, "p50_ms": ms, "cpu_p50_ms": ms, "same_events": 1.0}
             for d, p, ms in ((16, "fused kernel", 1.0), (16, "faiss", 2.0), (16, "numpy", 1.4), (128, "fused kernel", 5.0))
@@ -117,6 +122,7 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     }
     by_name = {r.name: r for r in target_ratios(records, cfg, meta)}
     assert by_name["service overhead / framework floor"].value == pytest.approx(1.2) and by_name["service overhead / framework floor"].met
+    assert by_name["service overhead / framework floor (CPU time)"].value == pytest.approx(1.2)
     assert by_name["fused kernel vs best peer"].value == pytest.approx(1.4) and not by_name["fused kernel vs best peer"].met
     assert by_name["search att_dim scaling (CPU time)"].value == pytest.approx(5.0)
 

@@ -101,18 +101,24 @@ class ClientLimits(asyncio.Protocol):
                 if self.body_left == 0:
                     self._cancel()  # the request is complete: the server's own time is DARE_REQUEST_TIMEOUT_S's
             return
-        start = max(len(self.head) - 3, 0)
-        self.head += data
-        end = self.head.find(b"\r\n\r\n", start)
-        if (len(self.head) if end < 0 else end) > self.max_header_bytes:
+        if self.head:  # the headers began in an earlier chunk
+            start = max(len(self.head) - 3, 0)
+            self.head += data
+            buf: bytes | bytearray = self.head
+        else:  # the usual case: a request's headers in one chunk, searched without a copy
+            start, buf = 0, data
+        end = buf.find(b"\r\n\r\n", start)
+        if (len(buf) if end < 0 else end) > self.max_header_bytes:
             detail = f"request headers exceed {self.max_header_bytes} bytes (DARE_MAX_HEADER_BYTES)"
             self._refuse(_answer(_TOO_LARGE, "headers_too_large", detail))
             return
         if end < 0:
+            if buf is data:
+                self.head += data
             return
-        head = bytes(self.head[: end + 2])
+        head = bytes(buf[: end + 2])
         length = _CONTENT_LENGTH.search(head)
-        after = len(self.head) - (end + 4)
+        after = len(buf) - (end + 4)
         self.head.clear()
         self.in_head = False
         if length is not None:

@@ -43,7 +43,6 @@ _DESCRIPTIONS = {
     400: "The body could not be read at all (not UTF-8, bad Content-Length)",
     401: "Missing or wrong bearer token (only when DARE_API_TOKEN / DARE_ADMIN_TOKEN is set)",
     404: "Unknown model",
-    408: "`dare serve`: the request was not sent completely within DARE_CLIENT_TIMEOUT_S (the connection is closed)",
     413: "Request body larger than DARE_MAX_BODY_BYTES",
     422: "Invalid request: `fields` names each offending field",
     500: "A stored sequence of this user is corrupt (error `corrupt_sequence`)",

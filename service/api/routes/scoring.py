@@ -45,7 +45,7 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses=errors(400, 401, 404, 408, 413, 422, 500, 503),
+    responses=errors(400, 401, 404, 413, 422, 500, 503),
     dependencies=[ApiAuth],
     summary="Click probabilities of candidates for one user",
 )
