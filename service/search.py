@@ -1,20 +1,17 @@
 """The fused search (service/_search.c): the GSU of one user without the [C, N] score matrix search.onnx builds.
 
 search.onnx computes every candidate's score against every history event with one MatMul, writes the [C, N] matrix
-(8 MB at N = 10,000, C = 200) and reads it back for its two-step top-K. Under real traffic that memory round trip
-and the top-K's ~60 small operators cost more than the MatMul at small attention dims, so the search stopped
-scaling with d_att (docs/performance.md, round 5). The kernel computes the same scores tile by tile in registers,
-keeps one maximum per block of 8 events, and rescores exactly only the blocks that can hold a candidate's K best.
-Same answers as search.onnx (the same retrieved events and weights; float32 sums in another order), checked when a
-model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
+(8 MB at N = 10,000, C = 200), reads it back and runs one TopK over it. At small attention dims that memory round
+trip and the TopK cost more than the MatMul, so its time stops shrinking with d_att. The kernel computes the same
+scores tile by tile in registers, keeps one maximum per block of 8 events, and rescores exactly only the blocks that
+can hold a candidate's K best. Same answers as search.onnx (the same retrieved events and weights; float32 sums in
+another order), checked when a model loads (`FusedSearch.load`) and in tests/service/test_fused_search.py.
 
 Used for histories of at least FUSED_MIN_HISTORY_PER_K x top-K events when the model folder carries attention.npz
 (`dare export` writes it for DARE and TWIN), the extension was built, and the CPU has AVX-512F or AVX2 + FMA (the
 kernel is compiled for both and runs the best one); otherwise, and with DARE_SEARCH_KERNEL=onnx, the service runs
-search.onnx. On an AVX2-only CPU (AMD EPYC, Zen 3) `dare bench` measured the AVX2 code, interleaved with search.onnx,
-1.0-1.6x as fast at W1, 1.1-1.5x at W2 and 1.2-1.7x at W3 (docs/bench/bench.md, docs/performance.md round 7). On an
-AVX-512 CPU the kernel's AVX-512 code runs; its AVX2 code there only beat search.onnx's AVX-512 code at small dims
-(round 5).
+search.onnx. `dare bench` times it against search.onnx and against FAISS and numpy on the same tables
+(docs/performance.md has the current figures).
 """
 
 from __future__ import annotations
