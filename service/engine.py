@@ -67,6 +67,13 @@ def run_graphs(
         "cand_item": model.vocab.item(cand_item),  # [C]
         "cand_cate": model.vocab.cate(cand_cate),  # [C]
     }
+    # Equal candidates are scored once: a candidate's float sums can depend on its row in the batch (the graphs'
+    # kernels handle rows in groups), and duplicates must get exactly equal scores (the API documents it).
+    key = feeds["cand_item"] * (int(feeds["cand_cate"].max(initial=0)) + 1) + feeds["cand_cate"]  # [C]
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    duplicates = len(first) < len(key)
+    if duplicates:
+        feeds["cand_item"], feeds["cand_cate"] = feeds["cand_item"][first], feeds["cand_cate"][first]
     t1 = time.perf_counter()
     if use_fused(model.fused, len(history)):
         assert model.fused is not None
@@ -77,6 +84,8 @@ def run_graphs(
     feeds["topk_index"] = topk_index
     feeds["topk_weight"] = topk_weight
     (prob,) = model.score.run([PROB_OUTPUT], feeds, run_options)  # [C]
+    if duplicates:
+        prob, topk_index, topk_weight = prob[inverse], topk_index[inverse], topk_weight[inverse]
     t3 = time.perf_counter()
     return prob, topk_index, topk_weight, GraphTimings(t1 - t0, t2 - t1, t3 - t2)
 
