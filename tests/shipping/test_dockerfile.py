@@ -129,14 +129,14 @@ def test_serve_image_is_lean() -> None:
 
 def test_dare_serve_imports_only_what_the_serve_image_installs() -> None:
     """Import what `dare serve` imports (the CLI with every command registered, the app factory, the store, the
-    HTTP protocol, uvicorn's loop/protocol modules) in a fresh interpreter, map every loaded module to its
-    distribution, and require each to be in the serve image's install set (or the project itself)."""
+    HTTP client limits, the Redis launcher, uvicorn's loop/protocol modules) in a fresh interpreter, map every
+    loaded module to its distribution, and require each to be in the serve image's install set (or the project)."""
     code = (
         "import sys, json\n"
         "import dare.cli; dare.cli._register()\n"
         "import uvicorn, uvicorn.loops.auto, uvicorn.lifespan.on, uvicorn.protocols.http.httptools_impl\n"
         "import service.main, service.store, service.engine, service.registry, service.search, service.metrics\n"
-        "import service.api.protocol, service.core.config\n"
+        "import service.api.client_limits, service.redis_server, service.core.config\n"
         "from importlib import metadata\n"
         "dists = metadata.packages_distributions()\n"
         "print(json.dumps(sorted({d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])})))\n"
