@@ -136,7 +136,7 @@ def _reusable(run_dir: Path, options: TrainOptions, fingerprint: str) -> dict[st
     return metrics if metrics.get("options") == json.loads(json.dumps(asdict(options))) else None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if arr.size == 0:
         return float("nan"), float("nan")
@@ -156,7 +156,7 @@ def summarise(runs: list[dict[str, object]], cells: list[tuple[str, int, int]]) 
             continue
         row: dict[str, object] = {"model": label, "att_dim": att, "repr_dim": rep, "runs": len(group)}
         for key, _, _ in TABLE_METRICS + (("train_seconds", "", 0), ("best_epoch", "", 0)):
-            mean, std = _mean_std([g["metrics"].get(key) for g in group])  # type: ignore[union-attr]
+            mean, std = mean_std([g["metrics"].get(key) for g in group])  # type: ignore[union-attr]
             row[key] = {"mean": mean, "std": std}
         row["stopped_by_patience"] = sum(g["metrics"].get("stop_reason") == "patience" for g in group)  # type: ignore[union-attr]
         rows.append(row)

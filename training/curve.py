@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from training.baselines import evaluate_baselines
-from training.compare import COMPARE_MODELS, _mean_std
+from training.compare import COMPARE_MODELS, mean_std
 from training.train import PreparedData, TrainError, TrainOptions, load_prepared, subsample_train, train
 
 # Baselines drawn beside the models (the rest are in curve.json).
@@ -100,7 +100,7 @@ def _row_stats(point: dict[str, object]) -> dict[str, tuple[float, float, int]]:
     rows: dict[str, list[float]] = {}
     for run in point["runs"]:  # type: ignore[attr-defined]
         rows.setdefault(run["row"], []).append(run["test_auc"])
-    return {row: (*_mean_std(values), len(values)) for row, values in rows.items()}
+    return {row: (*mean_std(values), len(values)) for row, values in rows.items()}
 
 
 def render_markdown(result: dict[str, object]) -> str:

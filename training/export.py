@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.onnx.operators
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -72,7 +73,7 @@ class ExportError(DareError):
 
 def _history_length(hist_item: Tensor) -> Tensor:
     # A 0-d tensor (not a Python int) so the length stays symbolic when traced to ONNX (Shape -> Gather).
-    return torch._shape_as_tensor(hist_item)[0]
+    return torch.onnx.operators.shape_as_tensor(hist_item)[0]
 
 
 def _frozen(tensor: Tensor) -> Tensor:

@@ -249,7 +249,7 @@ def subsample_train(data: PreparedData, fraction: float, seed: int = 0) -> Prepa
     users = np.unique(data.train.user)
     keep = np.random.default_rng(seed).permutation(users)[: max(1, math.ceil(fraction * len(users)))]
     rows = np.flatnonzero(np.isin(data.train.user, keep))
-    train = Split(data.train.name, *(getattr(data.train, name)[rows] for name in SPLIT_ARRAYS))
+    train = Split(name=data.train.name, **{name: getattr(data.train, name)[rows] for name in SPLIT_ARRAYS})
     return dataclasses.replace(data, train=train)
 
 
