@@ -38,7 +38,7 @@ class ScoreResult:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A user's history as read for one call (`ScoringEngine.fetch` / `afetch`)."""
+    """A user's history as read for one call (`ScoringEngine.fetch`)."""
 
     history: History
     degraded: bool  # the store failed and the history was taken as empty
@@ -115,14 +115,6 @@ class ScoringEngine:
         except StoreUnavailableError as exc:
             return self._degraded(exc, t0)
 
-    async def afetch(self, user_id: str) -> Fetched:
-        """`fetch` on the event loop (SequenceStore.aread)."""
-        t0 = time.perf_counter()
-        try:
-            return Fetched(await self.store.aread(user_id, self.max_history), False, time.perf_counter() - t0)
-        except StoreUnavailableError as exc:
-            return self._degraded(exc, t0)
-
     def _degraded(self, error: StoreUnavailableError, t0: float) -> Fetched:
         """An empty history flagged degraded (DARE_DEGRADED_ON_STORE_ERROR), else the store's error."""
         if not self.degraded_on_store_error:
@@ -138,15 +130,12 @@ class ScoringEngine:
         model: LoadedModel | None = None,
         model_name: str | None = None,
         run_options: ort.RunOptions | None = None,
-        fetched: Fetched | None = None,
     ) -> ScoreResult:
         """Score candidates (int64 raw ids, [C] each) for a user with `model`, else the loaded `model_name`, else
-        the default model; the history is read from the store unless `fetched` brings it. Raises the service's
-        specific errors."""
+        the default model; the history is read from the store. Raises the service's specific errors."""
         if model is None:
             model = self.registry.current.get(model_name)  # one snapshot for the whole call
-        if fetched is None:
-            fetched = self.fetch(user_id)
+        fetched = self.fetch(user_id)
         hist, degraded = fetched.history, fetched.degraded
         prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options)
         timings = {"store_fetch": fetched.seconds, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}

@@ -247,7 +247,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         blocking = BlockingPool(settings.scoring_threads, settings.request_timeout_s)
         services = await anyio.to_thread.run_sync(build_services, settings, metrics, blocking)
-        services.store.open_async()  # on this loop: POST /score reads the store without a worker thread
         app.state.services = services
         sighup = _install_sighup(services)
         watcher = None
@@ -262,7 +261,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await watcher
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            await services.store.aclose()
             services.store.close()
             services.blocking.shutdown()
             if multiprocess_dir():

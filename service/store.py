@@ -24,19 +24,16 @@ the tail of the same value. A value that fails the header or length checks raise
 
 Connections: `connect(url)` understands redis:// (password in the URL), rediss:// (TLS), unix:// and
 redis+cluster://host:port (redis.cluster.RedisCluster), all through redis-py's public API: blocking calls, which the
-service runs in its worker threads, and for POST /score's read (`aread`) the redis.asyncio client on the event loop,
-so a slow store holds up the requests that wait on it, never a worker thread (not for Cluster, whose reads stay on
-the threads). Store failures become `StoreUnavailableError` (503 upstream).
+service runs in its worker threads. Store failures become `StoreUnavailableError` (503 upstream).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -48,7 +45,11 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from dare_common import DareError
-from service.errors import CorruptSequenceError, InvalidSequenceInput, StoreUnavailableError
+from service.errors import (
+    CorruptSequenceError,
+    InvalidSequenceInput,
+    StoreUnavailableError,
+)
 from service.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -242,16 +243,6 @@ def connect(
     return redis.Redis.from_url(url, health_check_interval=30, **common)
 
 
-def _connect_async(url: str, *, connect_timeout_s: float, socket_timeout_s: float, max_connections: int) -> Any:
-    """The redis.asyncio client for `url` with `connect`'s settings (create it on the event loop that uses it)."""
-    from redis.asyncio import Redis as AsyncRedis
-    from redis.asyncio.retry import Retry as AsyncRetry
-
-    return AsyncRedis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
-                               max_connections=max_connections, health_check_interval=30,
-                               retry=AsyncRetry(NoBackoff(), 1))  # fmt: skip
-
-
 def check_url(url: str) -> str:
     """The URL's scheme, or a DareError if the store cannot use it."""
     scheme = urlsplit(url).scheme
@@ -281,7 +272,6 @@ class SequenceStore:
         embedded: RedisServer | None = None,
         description: str = "",
         writer: redis.Redis | RedisCluster | None = None,
-        connect_async: Callable[[], Any] | None = None,
     ) -> None:
         if lifelong_max_events < 1:
             raise DareError(f"lifelong_max_events must be >= 1, got {lifelong_max_events}")
@@ -296,8 +286,6 @@ class SequenceStore:
         # applied once", never "applied twice".
         self.writer = writer if writer is not None else client
         self._append = self.writer.register_script(_APPEND_LUA)
-        self._connect_async = connect_async  # from_url: the same server and settings (None for Cluster)
-        self.async_client: Any = None  # redis.asyncio.Redis once `open_async` ran on the service's event loop
 
     @classmethod
     def from_url(
@@ -322,10 +310,6 @@ class SequenceStore:
                     max_connections=max_connections, retries=retries)
             for retries in (1, 0)
         )  # fmt: skip
-        connect_async = None
-        if urlsplit(url).scheme != CLUSTER_SCHEME:
-            connect_async = partial(_connect_async, url, connect_timeout_s=connect_timeout_s,
-                                    socket_timeout_s=socket_timeout_s, max_connections=max_connections)  # fmt: skip
         return cls(
             client,
             key_prefix=key_prefix,
@@ -334,7 +318,6 @@ class SequenceStore:
             embedded=embedded,
             description=_redact(url) if embedded is None else f"embedded Redis ({embedded.folder})",
             writer=writer,
-            connect_async=connect_async,
         )
 
     def key(self, user_id: str) -> str:
@@ -382,29 +365,6 @@ class SequenceStore:
         with self._errors("read", user_id, key):
             replies = self._queue_read(self.client.pipeline(transaction=True), key, max_events).execute(raise_on_error=False)
         return self._parse_read(replies, user_id, key, max_events)
-
-    async def aread(self, user_id: str, max_events: int) -> History:
-        """`read` on the running event loop through the redis.asyncio client (`open_async`): the same commands and
-        checks; a slow or stalled store delays this request only, never the loop or a worker thread."""
-        if self.async_client is None:
-            raise RuntimeError("aread needs open_async() first (and a non-Cluster store)")
-        key = self._read_key(user_id, max_events)
-        with self._errors("read", user_id, key):
-            async with self.async_client.pipeline(transaction=True) as pipe:
-                replies = await self._queue_read(pipe, key, max_events).execute(raise_on_error=False)
-        return self._parse_read(replies, user_id, key, max_events)
-
-    def open_async(self) -> bool:
-        """Create the redis.asyncio client `aread` uses, on the running event loop (its connections belong to that
-        loop). Not for Redis Cluster; returns whether there is one."""
-        if self._connect_async is not None and self.async_client is None:
-            self.async_client = self._connect_async()
-        return self.async_client is not None
-
-    async def aclose(self) -> None:
-        client, self.async_client = self.async_client, None
-        if client is not None:
-            await client.aclose()
 
     def _read_key(self, user_id: str, max_events: int) -> str:
         if max_events < 0:

@@ -92,3 +92,39 @@ def test_errors_in_the_thread_reach_the_caller() -> None:
         asyncio.run(main())
     finally:
         pool.shutdown()
+
+
+def test_one_key_holds_at_most_half_of_the_workers_even_when_its_calls_are_abandoned() -> None:
+    """A user whose calls hang (a stalled store read) times out, and its abandoned calls keep their threads until
+    they end; they hold at most half of the workers, so another user's call runs at once. Once they end, the key's
+    share is free again and no bookkeeping is left behind."""
+    pool = BlockingPool(4, 0.3)
+    release = threading.Event()
+    started: list[str] = []
+
+    def hang() -> None:
+        started.append("slow")
+        release.wait(5)
+
+    async def main() -> tuple[list[object], float, int]:
+        slow = [asyncio.ensure_future(pool.run(hang, what="read", key="slow")) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        other = await pool.run(lambda: "fine", what="read", key="other")
+        other_s = time.perf_counter() - t0
+        outcomes = await asyncio.gather(*slow, return_exceptions=True)
+        release.set()
+        await asyncio.sleep(0.1)  # the abandoned calls end and hand their slots back on the loop
+        again = await pool.run(lambda: "slow again", what="read", key="slow")
+        return [*outcomes, other, again], other_s, len(pool._gates)
+
+    try:
+        outcomes, other_s, gates_left = asyncio.run(main())
+        assert len(started) == 2  # 4 workers: the key's share is 2; the other two calls waited and timed out
+        assert all(isinstance(o, RequestTimeoutError) for o in outcomes[:4])
+        assert outcomes[4:] == ["fine", "slow again"]
+        assert other_s < 0.2  # served by the free half, not after the slow user's timeout
+        assert gates_left == 0
+    finally:
+        release.set()
+        pool.shutdown()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from functools import partial
 
 import numpy as np
@@ -13,7 +11,7 @@ from fastapi import APIRouter, Request
 from service.api.deps import ApiAuth, ExactNumbersRoute, Services, ServicesDep
 from service.api.responses import OrjsonResponse, errors
 from service.engine import ScoreResult
-from service.errors import LimitExceededError, RequestTimeoutError
+from service.errors import LimitExceededError
 from service.registry import LoadedModel
 from service.schemas import CandidateIds, ScoreRequest, ScoreResponse
 
@@ -50,27 +48,17 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
     summary="Click probabilities of candidates for one user",
 )
 async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> OrjsonResponse:
-    """The body is valid and the limits hold before the store is touched. The history is read on the event loop
-    (redis.asyncio: a slow store holds this request, not a worker thread), then both graphs run in a worker thread,
-    bounded in number; the whole request within DARE_REQUEST_TIMEOUT_S. A Cluster store is read in the thread."""
+    """The body is valid and the limits hold before the store is touched. Then one worker thread reads the history
+    and runs both graphs, the whole request within DARE_REQUEST_TIMEOUT_S; one user holds at most half of the
+    workers (`BlockingPool`), so a user whose reads stall does not hold up the others."""
     model, items, cates = checked_request(body, services)
     request.state.model = model.name
-    engine, timeout = services.engine, services.settings.request_timeout_s
-    fetched = None
-    if services.store.async_client is not None:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout):
-                fetched = await engine.afetch(body.user_id)
-        except TimeoutError:
-            raise RequestTimeoutError(f"the store read did not finish within DARE_REQUEST_TIMEOUT_S ({timeout:g} s)") from None
-        timeout -= time.monotonic() - started
     run_options = ort.RunOptions()
     result = await services.blocking.run(
-        partial(engine.score, body.user_id, items, cates, model=model, run_options=run_options, fetched=fetched),
+        partial(services.engine.score, body.user_id, items, cates, model=model, run_options=run_options),
         what="scoring",
+        key=body.user_id,
         run_options=run_options,
-        timeout_s=timeout,
     )
     return OrjsonResponse(score_body(body.user_id, result, explain=body.explain))
 

@@ -82,12 +82,13 @@ async def append_events(
         np.fromiter((now if e.timestamp is None else e.timestamp for e in body.events), dtype=np.int64, count=n),
     )
     if idempotency_key is None:
-        length = await services.blocking.run(partial(services.store.append, body.user_id, events), what="append")
+        length = await services.blocking.run(partial(services.store.append, body.user_id, events), what="append", key=body.user_id)
         replayed = False
     else:
         length, replayed = await services.blocking.run(
             partial(services.store.append_once, body.user_id, events, idempotency_key, settings.idempotency_ttl_s),
             what="append",
+            key=body.user_id,
         )
     if replayed:
         services.metrics.events_replayed.inc()
@@ -118,7 +119,7 @@ async def history(
         limit = default_history_limit(settings.max_history)
     if limit > settings.max_history:
         raise LimitExceededError("limit", f"at most {settings.max_history} (DARE_MAX_HISTORY), got {limit}")
-    hist = await services.blocking.run(partial(services.store.read, user_id, limit), what="history read")
+    hist = await services.blocking.run(partial(services.store.read, user_id, limit), what="history read", key=user_id)
     events = [
         StoredEvent(item_id=i, category_id=c, timestamp=t)
         for i, c, t in zip(
