@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py service/_search.c
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
 	$(BIN)/python -m pip install --quiet --progress-bar on "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --progress-bar on -e ".[train,serve,tools,dev]"
+	$(BIN)/python -m pip install --quiet --progress-bar on -e ".[train,serve,tools,dev,otel]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import onnxruntime as ort
 
 from service.errors import RequestTimeoutError
+
+if TYPE_CHECKING:
+    from service.metrics import ServiceMetrics
 
 T = TypeVar("T")
 
@@ -34,10 +38,15 @@ class BlockingPool:
 
     Calls that name a `key` (POST /score: the user) hold at most `per_key` threads at once (half of them, at least
     one), counting abandoned calls until they end: a user whose store reads stall keeps half of the workers busy at
-    worst, and the other users are served by the rest."""
+    worst, and the other users are served by the rest.
 
-    def __init__(self, threads: int, timeout_s: float) -> None:
+    With `metrics`, each call's wait from `run()` to its start in a worker thread (the key's share included) is
+    observed in dare_queue_wait_seconds{operation=what}; a call dropped by the timeout before it started observes
+    the time it waited."""
+
+    def __init__(self, threads: int, timeout_s: float, metrics: ServiceMetrics | None = None) -> None:
         self.threads = threads
+        self.metrics = metrics
         self.timeout_s = timeout_s
         self.per_key = max(1, threads // 2)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dare-blocking")
@@ -75,6 +84,17 @@ class BlockingPool:
         The waits for the key's share and for a free worker count against the timeout, so an overloaded process
         sheds load with 503s instead of queueing without bound. On timeout a call still waiting is dropped, and a
         running one is abandoned and, if it is inside onnxruntime, told to stop through `run_options.terminate`."""
+        observer: dict[str, str] = {}  # who observes the wait: the worker that starts the call, or the timeout
+        if self.metrics is not None:
+            series = self.metrics.queue_wait_series(what)
+            arrived = time.perf_counter()
+            call = func
+
+            def func() -> T:  # runs in the worker thread
+                if observer.setdefault("by", "worker") == "worker":  # dict.setdefault is atomic: one side wins
+                    series.observe(time.perf_counter() - arrived)
+                return call()
+
         try:
             async with asyncio.timeout(self.timeout_s):
                 if key is None:
@@ -89,6 +109,8 @@ class BlockingPool:
                 loop = asyncio.get_running_loop()
                 return await self.submit(func, on_done=lambda: _call_soon(loop, self._leave, key, gate, True))
         except TimeoutError:
+            if self.metrics is not None and observer.setdefault("by", "timeout") == "timeout":
+                series.observe(time.perf_counter() - arrived)  # never started: waited until the timeout
             if run_options is not None:
                 run_options.terminate = True
             raise RequestTimeoutError(f"{what} did not finish within DARE_REQUEST_TIMEOUT_S ({self.timeout_s:g} s)") from None
