@@ -189,3 +189,12 @@ class TraceRequests:
                 span.set_status(t.error_status)
             t.otel_context.detach(token)
             span.end()
+
+
+def check_tracing(settings: Settings) -> bool:
+    """`dare serve`'s check before it starts: when tracing is on, the SDK is installed and the OTEL_* exporter
+    settings are usable (DareError otherwise). Whether tracing is on."""
+    if not tracing_requested(settings):
+        return False
+    tracer_provider_from_env().shutdown()
+    return True

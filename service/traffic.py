@@ -198,3 +198,16 @@ class ShadowScorer:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # _score logs its own errors; this only keeps asyncio from warning
+
+
+def check_traffic(models_dir: Path, split: str | None, shadow: str | None) -> Routing:
+    """`dare serve`'s check before it starts: the split and shadow (traffic.json's, else the variables') name model
+    folders of the models dir; TrafficConfigError says what is wrong."""
+    routing = routing_source(models_dir, split, shadow)()
+    folders = {p.name: p for p in Path(models_dir).iterdir() if p.is_dir()} if Path(models_dir).is_dir() else {}
+    unknown = routing.unknown_models(folders)
+    if unknown:
+        raise TrafficConfigError(
+            f"{routing.source}: no model folder {', '.join(map(repr, unknown))} in {models_dir} (has: {', '.join(sorted(folders)) or 'none'})"
+        )
+    return routing
