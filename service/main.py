@@ -43,7 +43,7 @@ from service.logs import configure_logging
 from service.metrics import PROCESS_SAMPLE_INTERVAL_S, ServiceMetrics, multiprocess_dir
 from service.registry import InferenceOptions, ModelRegistry, ModelSet
 from service.search import FusedSearch, kernel_isa
-from service.tracing import TraceRequests, Tracing, tracer_provider_from_env, tracing_requested
+from service.tracing import Tracing, fastapi_telemetry, tracer_provider_from_env, tracing_requested
 from service.traffic import ShadowScorer, routing_source
 
 log = logging.getLogger("service")
@@ -300,6 +300,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
         version=dare_common.__version__,
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
+        telemetry=fastapi_telemetry(tracing),  # FastAPI's OpenTelemetry support: request spans when tracing is on
     )
     for router in (scoring.router, users.router, models.router, health.router):
         app.include_router(router)
@@ -308,8 +309,6 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     # Added last = outermost: the duration histogram also sees the 413s of the body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.log_format == "json")
-    if tracing is not None:
-        app.add_middleware(TraceRequests, tracing=tracing)  # outermost: the request span covers everything
     return app
 
 

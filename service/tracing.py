@@ -8,13 +8,14 @@ OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=grpc and opentelemetry-exporter-otlp-proto-
 variables (endpoint, headers, timeouts, OTEL_TRACES_SAMPLER, ...), and the resource reads OTEL_SERVICE_NAME and
 OTEL_RESOURCE_ATTRIBUTES (service.name defaults to `dare-scoring`).
 
-Each HTTP request is one SERVER span named `METHOD /route/template`, continuing the caller's trace when it sends a
-W3C `traceparent` (the propagators of OTEL_PROPAGATORS, by default tracecontext and baggage). A POST /score span
+Each HTTP request (but the scrapes and probes /metrics, /healthz, /readyz) is one SERVER span named
+`METHOD /route/template`, made by FastAPI's own OpenTelemetry support, which continues the caller's trace when it
+sends a W3C `traceparent` (the propagators of OTEL_PROPAGATORS: by default tracecontext and baggage). A POST /score span
 gets the attributes dare.model, dare.model_version, dare.routed_by, dare.history_length, dare.stored_length,
 dare.candidates, dare.degraded and one child span per stage (store_fetch, id_mapping, search, scoring), made after
 the call from the engine's own stage timings with explicit start and end times: nothing is added to the scoring
-path itself. OpenTelemetry is imported only here, and this module only when tracing is on, so the packages (the
-`otel` extra) are needed only then.
+path itself. The SDK and the exporters (the `otel` extra) are imported only when tracing is on (FastAPI itself
+depends on the OpenTelemetry API, not on the SDK).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.telemetry import TelemetryConfig
 
 import dare_common
 from dare_common import DareError
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from service.engine import ScoreResult
 
 SERVICE_NAME = "dare-scoring"
+UNTRACED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})  # scrapes and probes: no traces
 STAGE_ORDER = ("store_fetch", "id_mapping", "search", "scoring")
 
 
@@ -60,9 +62,10 @@ def _import_sdk() -> None:
         ) from None
 
 
-def tracer_provider_from_env(environ: Mapping[str, str] = os.environ) -> TracerProvider:
+def tracer_provider_from_env() -> TracerProvider:
     """A TracerProvider with the exporters of OTEL_TRACES_EXPORTER (module docstring); DareError names a bad value."""
     _import_sdk()
+    environ = os.environ
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -104,17 +107,16 @@ def tracer_provider_from_env(environ: Mapping[str, str] = os.environ) -> TracerP
 
 
 class Tracing:
-    """The app's tracer (from `provider`), its request middleware and the stage spans of POST /score."""
+    """The app's tracer provider: FastAPI's own OpenTelemetry support (`FastAPI(telemetry=...)`) makes the request
+    spans with it, and `score_spans` the stage spans of POST /score."""
 
     def __init__(self, provider: TracerProvider, *, owned: bool) -> None:
-        from opentelemetry import context, propagate, trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry import trace
 
         self.provider = provider
         self.owned = owned  # built here from the environment: shut down (flushed) with the app
         self.tracer = provider.get_tracer("dare.service", dare_common.__version__)
-        self.otel_context, self.propagate, self.trace = context, propagate, trace
-        self.server_kind, self.error_status = SpanKind.SERVER, Status(StatusCode.ERROR)
+        self.trace = trace
 
     def score_spans(self, result: ScoreResult, routed_by: str) -> None:
         """On the current (request) span: the call's attributes and one child span per stage, from its timings."""
@@ -147,54 +149,12 @@ class Tracing:
             self.provider.shutdown()
 
 
-class TraceRequests:
-    """Pure-ASGI middleware: one SERVER span per HTTP request, the caller's `traceparent` honoured."""
-
-    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
-        self.app = app
-        self.tracing = tracing
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t = self.tracing
-        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
-        parent = t.propagate.extract(carrier)
-        method = scope["method"]
-        span = t.tracer.start_span(method, context=parent, kind=t.server_kind, attributes={
-            "http.request.method": method, "url.path": scope.get("path", ""), "url.scheme": scope.get("scheme", "http"),
-        })  # fmt: skip
-        token = t.otel_context.attach(t.trace.set_span_in_context(span, parent))
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except BaseException as exc:
-            span.record_exception(exc)
-            raise
-        finally:
-            route = getattr(scope.get("route"), "path_format", None)
-            if route:
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(t.error_status)
-            t.otel_context.detach(token)
-            span.end()
-
-
-def check_tracing(settings: Settings) -> bool:
-    """`dare serve`'s check before it starts: when tracing is on, the SDK is installed and the OTEL_* exporter
-    settings are usable (DareError otherwise). Whether tracing is on."""
-    if not tracing_requested(settings):
-        return False
-    tracer_provider_from_env().shutdown()
-    return True
+def fastapi_telemetry(tracing: Tracing | None) -> TelemetryConfig:
+    """FastAPI's `telemetry=` settings (its TelemetryConfig): with tracing, its request spans on our provider, no
+    per-operation spans, no OpenTelemetry metrics or logs (Prometheus and the log lines cover those), scrapes and
+    probes untraced; without, all of it off (not even a look at OpenTelemetry's global providers per request)."""
+    off: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False, "auto_configure": False}
+    if tracing is None:
+        return off
+    return {**off, "tracing": True, "tracer_provider": tracing.provider,
+            "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS}  # fmt: skip
