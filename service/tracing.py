@@ -158,3 +158,12 @@ def fastapi_telemetry(tracing: Tracing | None) -> TelemetryConfig:
         return off
     return {**off, "tracing": True, "tracer_provider": tracing.provider,
             "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS}  # fmt: skip
+
+
+def check_tracing(settings: Settings) -> bool:
+    """`dare serve`'s check before it starts: when tracing is on, the SDK is installed and the OTEL_* exporter
+    settings are usable (DareError otherwise). Whether tracing is on."""
+    if not tracing_requested(settings):
+        return False
+    tracer_provider_from_env().shutdown()
+    return True

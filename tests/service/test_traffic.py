@@ -4,6 +4,7 @@ requests and reloads, bad splits rejected with the previous one serving, shadow 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -234,19 +235,21 @@ def test_shadow_waits_for_an_idle_worker(make_client, two_models: Path) -> None:
         found = samples(metrics.exposition().decode(), "dare_shadow_requests_total")
         return {dict(k)["outcome"]: v for k, v in found.items()}
 
-    release = threading.Event()
-    try:
-        pool.submit(release.wait)  # one of the two workers busy: none of the idle half is left
-        assert not scorer.offer(shadow, result, items, cates)
-        assert pool.busy == 1  # nothing was submitted
-        release.set()
-        deadline = time.monotonic() + 5
-        while pool.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert scorer.offer(shadow, result, items, cates)
-        while outcomes().get("scored", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        release.set()
-        pool.shutdown()
+    async def scenario() -> None:  # offer() runs on the event loop, after the primary's answer
+        release = threading.Event()
+        try:
+            held = pool.submit(release.wait)  # one of the two workers busy: none of the idle half is left
+            assert not scorer.offer(shadow, result, items, cates)
+            assert pool.busy == 1  # nothing was submitted
+            release.set()
+            await held
+            assert scorer.offer(shadow, result, items, cates)
+            deadline = time.monotonic() + 5
+            while outcomes().get("scored", 0) < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            release.set()
+            pool.shutdown()
+
+    asyncio.run(scenario())
     assert outcomes() == {"skipped": 1.0, "scored": 1.0}
