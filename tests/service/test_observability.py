@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -335,3 +336,55 @@ def test_tracing_off_imports_no_opentelemetry_sdk(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DARE_", "OTEL_"))}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OTEL_TRACES_EXPORTER": "none"}, check=True)
+
+
+# --- `dare serve` as a real process -------------------------------------------------------------------------------
+
+
+def test_dare_serve_json_logs_and_process_metrics_of_every_worker(tmp_path: Path, exported_model_dir: Path,
+                                                                  redis_url: str) -> None:  # fmt: skip
+    from tests.service.test_serve import call, serving, wait_for
+
+    models = tmp_path / "models"
+    shutil.copytree(exported_model_dir, models / "dare-a")
+    env = {"DARE_REDIS_URL": redis_url, "DARE_MODELS_DIR": str(models), "DARE_WORKERS": "2", "DARE_LOG_FORMAT": "json",
+           "DARE_TRAFFIC_SPLIT": "dare-a=1"}  # fmt: skip
+    with serving([], env) as (base, proc):
+        assert call(base, "POST", "/score", {"user_id": "w", "candidates": CANDS})[0] == 200
+
+        def pids() -> set[str]:
+            text = call(base, "GET", "/metrics")[1]
+            return {labels["pid"] for labels, _ in samples(text).get("process_resident_memory_bytes", [])}
+
+        wait_for(lambda: len(pids()) == 2)  # one series per worker, each worker's own
+        found = samples(call(base, "GET", "/metrics")[1])
+        assert found["process_cpu_seconds_total"][0][1] > 0
+        assert found["dare_score_model_requests_total"] == [({"model": "dare-a", "by": "split"}, 1.0)]
+    output = proc.stdout.read().splitlines()
+    lines = [json.loads(line) for line in output]  # every line of the supervisor and the workers is JSON
+    assert any(line["logger"].startswith("uvicorn") for line in lines)
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert {(a["route"], a["status"], a.get("model")) for a in access} >= {("/score", 200, "dare-a"), ("/readyz", 200, None)}
+    assert not [line for line in lines if line["logger"] == "uvicorn.access"]
+
+
+def test_dare_serve_refuses_a_bad_split_or_tracing_setup_in_one_line(tmp_path: Path, exported_model_dir: Path) -> None:
+    from tests.service.test_serve import DARE
+
+    shutil.copytree(exported_model_dir, tmp_path / "dare-a")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DARE_", "OTEL_"))}
+    cases = [
+        ({"DARE_TRAFFIC_SPLIT": "dare-a=90,dare-b"}, "DARE_TRAFFIC_SPLIT"),
+        ({"DARE_TRAFFIC_SPLIT": "dare-a=90,dare-b=10"}, "no model folder 'dare-b'"),
+        ({"DARE_SHADOW_MODEL": "ghost"}, "no model folder 'ghost'"),
+        ({"DARE_LOG_FORMAT": "xml"}, "DARE_LOG_FORMAT"),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: 'zipkin' is not supported"),
+    ]
+    for extra, message in cases:
+        out = subprocess.run([*DARE, "serve", "--models", str(tmp_path)], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2, (extra, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    (tmp_path / "traffic.json").write_text('{"split": {"dare-a": 1, "dare-c": 1}}')
+    out = subprocess.run([*DARE, "serve", "--models", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "traffic.json: no model folder 'dare-c'" in out.stderr, out.stderr
