@@ -14,12 +14,12 @@ Exported series (all prefixed `dare_`):
   events_appended_total, events_replayed_total   counters
 - model_info{model, version, kind, att_dim, repr_dim, top_k, default, search}   gauge, 1 while loaded (search: the
   fused kernel's instruction set, `avx512` or `avx2`, or `onnx` when search.onnx does the search)
-- http_requests_in_flight   gauge, HTTP requests being handled (summed over live workers)
+- http_requests_in_flight   gauge, HTTP requests being handled (summed over live workers; a scrape counts itself)
 - queue_wait_seconds{operation}   histogram, from a call's arrival at the worker pool (its user's share included)
   to its start in a worker thread (operation: scoring, append, history_read, store_ping); a call dropped by the
   timeout before it started observes the time it waited
-- score_model_requests_total{model, by}   counter, /score requests per model and how the model was chosen (by:
-  request = the body named it, split = the traffic split, default)
+- traffic_split_requests_total{model}   counter, /score requests routed by the traffic split, per model (arm); the
+  requests per model, however chosen, are dare_http_request_duration_seconds_count{endpoint="/score", model}
 - shadow_requests_total{shadow, outcome}, shadow_score_diff{model, shadow}   shadow scoring (service/traffic.py):
   outcome scored / skipped (no idle worker) / error; the mean |primary - shadow| probability per request
 
@@ -136,6 +136,12 @@ class ServiceMetrics:
         self.in_flight = Gauge(
             "dare_http_requests_in_flight", "HTTP requests being handled", registry=r, multiprocess_mode="livesum"
         )
+        # One process: a plain count on the event loop, read at scrape time (a gauge's inc and dec cost ~1 us each
+        # per request). Several: the gauge itself, whose values the workers share through their files.
+        self.in_flight_count = 0
+        self.in_flight_shared = multiprocess_dir() is not None
+        if not self.in_flight_shared:
+            self.in_flight.set_function(lambda: self.in_flight_count)
         self.queue_wait = Histogram(
             "dare_queue_wait_seconds",
             "Wait of a blocking call (scoring, append, ...) for its worker thread, its user's share included",
@@ -143,10 +149,10 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_requests = Counter(
-            "dare_score_model_requests",
-            "POST /score requests by model and how it was chosen (request, split, default)",
-            ("model", "by"),
+        self.split_requests = Counter(
+            "dare_traffic_split_requests",
+            "POST /score requests routed by the traffic split, by the model (arm) it chose",
+            ("model",),
             registry=r,
         )
         self.shadow_requests = Counter(
@@ -164,7 +170,7 @@ class ServiceMetrics:
         self._scoring: dict[str, ScoringSeries] = {}
         self._requests: dict[tuple[str, str, str, str], Histogram] = {}
         self._waits: dict[str, Histogram] = {}
-        self._routed: dict[tuple[str, str], Counter] = {}
+        self._split: dict[str, Counter] = {}
         self._process_copy: ProcessCopy | None = None
         if multiprocess_dir():
             self._process_copy = ProcessCopy(r)
@@ -179,11 +185,11 @@ class ServiceMetrics:
             series = self._waits[operation] = self.queue_wait.labels(operation=operation.replace(" ", "_"))
         return series
 
-    def routed(self, model: str, by: str) -> Counter:
-        """dare_score_model_requests_total{model, by}, bound once per pair."""
-        series = self._routed.get((model, by))
+    def split_series(self, model: str) -> Counter:
+        """dare_traffic_split_requests_total{model}, bound once per model."""
+        series = self._split.get(model)
         if series is None:
-            series = self._routed[(model, by)] = self.model_requests.labels(model=model, by=by)
+            series = self._split[model] = self.split_requests.labels(model=model)
         return series
 
     def shadow_outcome(self, shadow: str, outcome: str) -> Counter:

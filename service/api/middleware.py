@@ -102,7 +102,6 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = False) -> None:
         self.app = app
         self.metrics = metrics
-        self.in_flight = metrics.in_flight
         self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -118,17 +117,24 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
-        self.in_flight.inc()
+        metrics = self.metrics
+        if metrics.in_flight_shared:
+            metrics.in_flight.inc()
+        else:
+            metrics.in_flight_count += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.in_flight.dec()
+            if metrics.in_flight_shared:
+                metrics.in_flight.dec()
+            else:
+                metrics.in_flight_count -= 1
             route = scope.get("route")
             # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:user_id}").
             endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             model = str(scope.get("state", {}).get("model", ""))
             seconds = time.perf_counter() - started
-            self.metrics.request_series(endpoint, scope["method"], model, str(status)).observe(seconds)
+            metrics.request_series(endpoint, scope["method"], model, str(status)).observe(seconds)
             if self.access_log:
                 access_log.info("%s %s %d", scope["method"], endpoint, status, extra={
                     "request_id": header_request_id(scope), "route": endpoint, "method": scope["method"],

@@ -359,7 +359,7 @@ def test_dare_serve_json_logs_and_process_metrics_of_every_worker(tmp_path: Path
         wait_for(lambda: len(pids()) == 2)  # one series per worker, each worker's own
         found = samples(call(base, "GET", "/metrics")[1])
         assert found["process_cpu_seconds_total"][0][1] > 0
-        assert found["dare_score_model_requests_total"] == [({"model": "dare-a", "by": "split"}, 1.0)]
+        assert found["dare_traffic_split_requests_total"] == [({"model": "dare-a"}, 1.0)]
     output = proc.stdout.read().splitlines()
     lines = [json.loads(line) for line in output]  # every line of the supervisor and the workers is JSON
     assert any(line["logger"].startswith("uvicorn") for line in lines)

@@ -155,11 +155,12 @@ def test_split_routes_requests_naming_no_model_stably_across_requests_and_reload
         assert client.post("/admin/reload").json()["traffic_split"] == {"dare-a": 70.0, "dare-b": 30.0}
         for user in users[:60]:
             assert client.post("/score", json={"user_id": user, "candidates": CANDS}).json()["model"] == first[user]
-        routed = samples(client.get("/metrics").text, "dare_score_model_requests_total")
-        by_split = {dict(k)["model"]: v for k, v in routed.items() if dict(k)["by"] == "split"}
+        text = client.get("/metrics").text
+        by_split = {dict(k)["model"]: v for k, v in samples(text, "dare_traffic_split_requests_total").items()}
         want = Counter(first.values()) + Counter(first[u] for u in users[:60])
-        assert by_split == {m: float(c) for m, c in want.items()}
-        assert routed[(("by", "request"), ("model", "dare-b"))] == 1.0
+        assert by_split == {m: float(c) for m, c in want.items()}  # the named request is not a split's
+        per_model = samples(text, "dare_http_request_duration_seconds_count")
+        assert per_model[(("endpoint", "/score"), ("method", "POST"), ("model", "dare-b"), ("status", "200"))] == want["dare-b"] + 1
 
 
 def test_traffic_file_changes_the_split_on_reload_and_a_bad_one_keeps_the_old(make_client, two_models: Path,

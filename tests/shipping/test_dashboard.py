@@ -74,7 +74,7 @@ def test_dashboard_covers_what_the_issue_asks_for() -> None:
         assert f"histogram_quantile({quantile}, sum by (le, operation) (rate(dare_queue_wait_seconds_bucket" in exprs
     assert "rate(process_cpu_seconds_total" in exprs and "process_resident_memory_bytes" in exprs
     assert "python_gc_collections_total" in exprs
-    assert "sum by (model, by) (rate(dare_score_model_requests_total" in exprs and "dare_shadow_score_diff_bucket" in exprs
+    assert "sum by (model) (rate(dare_traffic_split_requests_total" in exprs and "dare_shadow_score_diff_bucket" in exprs
 
 
 def metric_references(expr: str) -> list[tuple[str, set[str]]]:

@@ -34,7 +34,8 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
             "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
         )
     model, by = services.registry.current.route(body.model, body.user_id)
-    services.metrics.routed(model.name, by).inc()
+    if by == "split":
+        services.metrics.split_series(model.name).inc()
     if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
         return model, body.candidates.item_id, body.candidates.category_id
     items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
