@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -45,6 +45,9 @@ from service.registry import InferenceOptions, ModelRegistry, ModelSet
 from service.search import FusedSearch, kernel_isa
 from service.tracing import Tracing, fastapi_telemetry, tracer_provider_from_env, tracing_requested
 from service.traffic import ShadowScorer, routing_source
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("service")
 
@@ -252,7 +255,7 @@ async def _sample_process(metrics: ServiceMetrics) -> None:
         await asyncio.sleep(PROCESS_SAMPLE_INTERVAL_S)
 
 
-def create_app(settings: Settings | None = None, *, tracer_provider: Any = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
     """The app; `settings` default to the DARE_* environment (read now, not at import). Traces go to
     `tracer_provider` (an OpenTelemetry TracerProvider) when given, else to one built from the OTEL_* variables
     when tracing is on (service/tracing.py)."""
