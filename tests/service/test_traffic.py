@@ -254,3 +254,15 @@ def test_shadow_waits_for_an_idle_worker(make_client, two_models: Path) -> None:
 
     asyncio.run(scenario())
     assert outcomes() == {"skipped": 1.0, "scored": 1.0}
+
+
+def test_the_polling_watcher_reloads_when_traffic_json_changes(make_client, two_models: Path) -> None:
+    with make_client(models_dir=two_models, traffic_split="dare-a=1", reload_interval_s=0.1) as client:
+        assert client.get("/models").json()["traffic_split"] == {"dare-a": 1.0}
+        (two_models / TRAFFIC_FILE).write_text(json.dumps({"split": {"dare-b": 1}, "shadow": "dare-a"}))
+        deadline = time.monotonic() + 10
+        while client.get("/models").json()["traffic_split"] != {"dare-b": 1.0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        models = client.get("/models").json()
+        assert models["traffic_split"] == {"dare-b": 1.0} and models["shadow_model"] == "dare-a"
+        assert client.post("/score", json={"user_id": "anyone", "candidates": CANDS}).json()["model"] == "dare-b"
