@@ -388,3 +388,30 @@ def test_dare_serve_refuses_a_bad_split_or_tracing_setup_in_one_line(tmp_path: P
     (tmp_path / "traffic.json").write_text('{"split": {"dare-a": 1, "dare-c": 1}}')
     out = subprocess.run([*DARE, "serve", "--models", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "traffic.json: no model folder 'dare-c'" in out.stderr, out.stderr
+
+
+def test_dare_serve_exports_spans_configured_by_the_otel_variables(tmp_path: Path, exported_model_dir: Path,
+                                                                   redis_url: str) -> None:  # fmt: skip
+    """The environment path end to end: OTEL_TRACES_EXPORTER=console, a request carrying a traceparent; the spans
+    are flushed when the server stops."""
+    import urllib.request
+
+    from tests.service.test_serve import serving
+
+    models = tmp_path / "models"
+    shutil.copytree(exported_model_dir, models / "dare-a")
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    env = {"DARE_REDIS_URL": redis_url, "DARE_MODELS_DIR": str(models), "OTEL_TRACES_EXPORTER": "console",
+           "OTEL_SERVICE_NAME": "dare-test"}  # fmt: skip
+    with serving([], env) as (base, proc):
+        request = urllib.request.Request(
+            base + "/score", data=json.dumps({"user_id": "t", "candidates": CANDS}).encode(), method="POST",
+            headers={"content-type": "application/json", "traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    output = proc.stdout.read()
+    for name in ('"name": "POST /score"', '"name": "store_fetch"', '"name": "scoring"', f'"trace_id": "0x{trace_id}"',
+                 '"service.name": "dare-test"', '"dare.history_length": 0'):  # fmt: skip
+        assert name in output, (name, output[-3000:])
+    assert '"name": "GET /readyz"' not in output  # probes are not traced
