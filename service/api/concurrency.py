@@ -15,6 +15,8 @@ import onnxruntime as ort
 from service.errors import RequestTimeoutError
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from service.metrics import ServiceMetrics
 
 T = TypeVar("T")
@@ -84,21 +86,14 @@ class BlockingPool:
         The waits for the key's share and for a free worker count against the timeout, so an overloaded process
         sheds load with 503s instead of queueing without bound. On timeout a call still waiting is dropped, and a
         running one is abandoned and, if it is inside onnxruntime, told to stop through `run_options.terminate`."""
+        arrived = time.perf_counter()
         observer: dict[str, str] = {}  # who observes the wait: the worker that starts the call, or the timeout
-        if self.metrics is not None:
-            series = self.metrics.queue_wait_series(what)
-            arrived = time.perf_counter()
-            call = func
-
-            def func() -> T:  # runs in the worker thread
-                if observer.setdefault("by", "worker") == "worker":  # dict.setdefault is atomic: one side wins
-                    series.observe(time.perf_counter() - arrived)
-                return call()
-
+        series = self.metrics.queue_wait_series(what) if self.metrics is not None else None
+        job = func if series is None else _observing_wait(func, series, arrived, observer)
         try:
             async with asyncio.timeout(self.timeout_s):
                 if key is None:
-                    return await self.submit(func)
+                    return await self.submit(job)
                 gate = self._gates.get(key) or self._gates.setdefault(key, _Gate(self.per_key))
                 gate.holders += 1
                 try:
@@ -107,9 +102,9 @@ class BlockingPool:
                     self._leave(key, gate, acquired=False)
                     raise
                 loop = asyncio.get_running_loop()
-                return await self.submit(func, on_done=lambda: _call_soon(loop, self._leave, key, gate, True))
+                return await self.submit(job, on_done=lambda: _call_soon(loop, self._leave, key, gate, True))
         except TimeoutError:
-            if self.metrics is not None and observer.setdefault("by", "timeout") == "timeout":
+            if series is not None and observer.setdefault("by", "timeout") == "timeout":
                 series.observe(time.perf_counter() - arrived)  # never started: waited until the timeout
             if run_options is not None:
                 run_options.terminate = True
@@ -125,6 +120,17 @@ class BlockingPool:
     def shutdown(self) -> None:
         """No new calls; running ones finish in their threads (the process does not wait for them here)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _observing_wait(func: Callable[[], T], series: Histogram, arrived: float, observer: dict[str, str]) -> Callable[[], T]:
+    """`func` that first observes how long it waited since `arrived`, unless the timeout observed it already."""
+
+    def job() -> T:  # runs in the worker thread
+        if observer.setdefault("by", "worker") == "worker":  # dict.setdefault is atomic: one side wins
+            series.observe(time.perf_counter() - arrived)
+        return func()
+
+    return job
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: Any) -> None:
