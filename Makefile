@@ -4,17 +4,25 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean ci-tools images compose-test
+.PHONY: demo test install lock bench clean ci-tools images compose-test
 
-$(STAMP): pyproject.toml setup.py service/_search.c
+# Every dependency at the exact version of requirements/dev.txt (the lock of all extras; `make lock` writes it),
+# --no-deps so nothing unpinned slips in, then `pip check` that the set is complete. torch is its CPU build,
+# 2.13.0+cpu: a local wheel (pip's find-links) or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+$(STAMP): pyproject.toml setup.py service/_search.c requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
-	$(BIN)/python -m pip install --quiet --progress-bar on "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --progress-bar on -e ".[train,serve,tools,dev]"
+	$(BIN)/python -m pip install --quiet --progress-bar on --no-deps -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-compile requirements/{serve,train,dev}.txt from pyproject.toml (uv pip compile, from PyPI); a test fails
+# while they are stale (deploy/lock.py --check).
+lock: $(STAMP)
+	$(BIN)/python deploy/lock.py
 
 # DEMO_ARGS passes options through, e.g. `make demo DEMO_ARGS=--exit-after-score` (stop after the first score).
 demo: $(STAMP)
