@@ -113,5 +113,5 @@ USER 10001:10001
 ENV DARE_MODELS_DIR=/models
 # Prepare the bundled sample, train + export DARE at four attention dims into /models, load Redis; then exit.
 # Every step is skipped when its output already exists and is valid, so a re-run of the stack is quick.
-CMD ["dare", "demo", "--no-serve", "--sample", "data/taobao-sample/UserBehavior.csv.gz", "--att-dims", "16,32,64,128", \
+CMD ["dare", "demo", "--no-serve", "--input", "data/taobao-sample/UserBehavior.csv.gz", "--att-dims", "16,32,64,128", \
      "--epochs", "1", "--models", "/models", "--work", "/app/var"]

@@ -259,7 +259,7 @@ def test_files_the_trainer_reads_are_copied_into_the_train_image() -> None:
             copied[dest.removeprefix("./").rstrip("/")] = source
     for where, cmd in (("Dockerfile train CMD", train.of("CMD")[-1].words()),
                        ("docker-compose.yml trainer", compose()["services"]["trainer"]["command"])):  # fmt: skip
-        sample = cmd[cmd.index("--sample") + 1]
+        sample = cmd[cmd.index("--input") + 1]
         folder = next((d for d in copied if sample.startswith(d + "/")), None)
-        assert folder is not None, f"{where}: --sample {sample} is not under any COPY destination {sorted(copied)}"
+        assert folder is not None, f"{where}: --input {sample} is not under any COPY destination {sorted(copied)}"
         assert (ROOT / copied[folder] / sample.removeprefix(folder + "/")).is_file()
