@@ -28,13 +28,21 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dare demo $(DEMO_ARGS)
 
-# promtool (Debian package `prometheus`) lets tests/shipping check deploy/prometheus/prometheus.yml. Only in CI
-# (CI=true, as root, with apt-get) is it installed here; a failed install is not an error: that check then skips.
+# What some tests need from Debian, installed here only in CI (CI=true, as root, with apt-get), each package only
+# when its command is missing: promtool (package `prometheus`: checks deploy/prometheus/prometheus.yml) and chromium
+# (loads /docs and /redoc offline). A failed install is not an error: those tests then skip, saying why.
 ci-tools:
-	@if [ -n "$$CI" ] && ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-	    && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus) >/dev/null 2>&1 || echo "promtool could not be installed; its check will be skipped"; \
+	@if [ -n "$$CI" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -qq >/dev/null 2>&1; \
+	    for pkg in $$missing; do \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null 2>&1 \
+	        || echo "$$pkg could not be installed; the tests that need it will be skipped"; \
+	    done; \
+	  fi; \
 	fi
 
 test: $(STAMP) ci-tools

@@ -116,6 +116,8 @@ def compile_locks(wheels: Path | None) -> None:
             # torch's CPU build: the local version label keeps the resolver off PyPI's CUDA wheel and its deps.
             source.write_text("\n".join(r + "+cpu" if requirement_name(r) == "torch" else r for r in inputs) + "\n")
             out = Path(tmp) / "lock.txt"
+            if (LOCK_DIR / f"{name}.txt").is_file():  # uv keeps its pins where they still fit: a re-lock moves little
+                shutil.copy(LOCK_DIR / f"{name}.txt", out)
             subprocess.run(
                 [uv, "pip", "compile", str(source), "-o", str(out), "--quiet", "--no-header",
                  "--python-version", PYTHON_VERSION, "--python-platform", PLATFORM, *torch_source],
