@@ -52,6 +52,15 @@ def operations(service) -> list[tuple[str, str, str]]:
             for method, op in ops.items()]  # fmt: skip
 
 
+def rendered_offline(service, path: str, profile: Path) -> str:
+    """The page at `path`, which must load every asset from the service itself, as the offline browser renders it."""
+    page = httpx.get(service.base_url + path, timeout=10)
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets and all(a.startswith("/") for a in assets), f"{path} loads assets from elsewhere: {assets}"
+    return render(service.base_url + path, profile)
+
+
 def test_the_browser_really_has_no_internet(tmp_path: Path) -> None:
     """The control: the CDN script FastAPI's default /docs loads never arrives in this browser."""
     page = tmp_path / "cdn.html"
@@ -62,11 +71,7 @@ def test_the_browser_really_has_no_internet(tmp_path: Path) -> None:
 
 
 def test_swagger_ui_renders_every_operation_offline(service, tmp_path: Path) -> None:
-    page = httpx.get(service.base_url + "/docs", timeout=10)
-    assert page.status_code == 200
-    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
-    assert assets and all(a.startswith("/") for a in assets), f"/docs loads assets from elsewhere: {assets}"
-    dom = render(service.base_url + "/docs", tmp_path / "profile")
+    dom = rendered_offline(service, "/docs", tmp_path / "profile")
     assert 'class="swagger-ui' in dom and "DARE scoring service" in dom
     rendered = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
     expected = {path for _, path, _ in operations(service)}
@@ -75,11 +80,7 @@ def test_swagger_ui_renders_every_operation_offline(service, tmp_path: Path) -> 
 
 
 def test_redoc_renders_every_operation_offline(service, tmp_path: Path) -> None:
-    page = httpx.get(service.base_url + "/redoc", timeout=10)
-    assert page.status_code == 200
-    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
-    assert assets and all(a.startswith("/") for a in assets), f"/redoc loads assets from elsewhere: {assets}"
-    dom = render(service.base_url + "/redoc", tmp_path / "profile")
+    dom = rendered_offline(service, "/redoc", tmp_path / "profile")
     rendered = set(re.findall(r'data-section-id="operation/([^"]+)"', dom))
     expected = {op_id for _, _, op_id in operations(service)}
     assert rendered == expected, f"rendered {sorted(rendered)}, documented {sorted(expected)}"
