@@ -30,7 +30,7 @@ def _root(
         bool, typer.Option("--version", help="print the version and exit", is_eager=True, callback=_print_version)
     ] = False,
 ) -> None:
-    """DARE long-sequence CTR: prepare data, train, export to ONNX, serve, benchmark and load-test."""
+    """The group's own options (its help text is the Typer's `help`)."""
 
 
 def _command():
