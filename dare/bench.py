@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import numpy as np
 import typer
 
-from dare_common import DareError, int_list
+from dare_common import DareError, int_list, renamed
 from dare.processes import stop_process
 
 if TYPE_CHECKING:
@@ -947,17 +947,19 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads = torch threads")] = 1,
     http: Annotated[bool, typer.Option("--http/--no-http", help="also time POST /score on a real `dare serve`")] = True,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes for a smoke run (2 dims, short histories)")] = False,
-    work_dir: Annotated[
-        Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here (default: a temporary folder)")
+    work: Annotated[
+        Optional[Path], typer.Option("--work", help="keep Redis data, models and serve.log here (default: a temporary folder)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", hidden=True)] = None,  # the old spelling of --work
 ) -> None:
     """Latency per stage (store fetch, id mapping, search, scoring, total) at W1/W2/W3 for each attention dim, in
     onnxruntime (the service's engine), PyTorch eager and over HTTP, against the framework floor, and the search
     against FAISS and numpy; writes JSON, a markdown table and a PNG chart."""
     cfg = BenchConfig(out=out, att_dims=int_list("--att-dims", att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
-                      http=http, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
+                      http=http, quick=quick, work_dir=renamed("--work-dir", "--work", work_dir) or work, seed=seed,
+                      progress=progress)  # fmt: skip
     records, files = run(cfg, command=shlex.join(["dare", *sys.argv[1:]]))
     typer.echo(files[2].read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(f) for f in files))

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -271,7 +272,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
                 multiprocess.mark_process_dead(os.getpid())
 
-    app = FastAPI(
+    # FastAPI's self-hosted docs (docs_url=None + get_swagger_ui_html/get_redoc_html on local assets), packaged:
+    # /docs and /redoc load Swagger UI and ReDoc from /static-offline-docs, so they work without internet.
+    app = FastAPIOffline(
         title="DARE scoring service",
         summary="CTR scores over lifelong behaviour sequences (DARE: decoupled attention and representation embeddings)",
         version=dare_common.__version__,
