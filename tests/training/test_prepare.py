@@ -200,7 +200,7 @@ def test_vocab_round_trip_and_first_appearance_order(data: dict, reference: dict
     assert set(vocab) == set(VOCAB_ARRAYS)
     for field, ref in (("item", reference["item_row"]), ("cate", reference["cate_row"])):
         raw, index = vocab[f"{field}_raw"], vocab[f"{field}_index"]
-        assert raw.dtype == index.dtype == np.int64
+        assert raw.dtype == (np.uint64 if field == "item" else np.int64) and index.dtype == np.int64  # items: 64-bit hashes
         assert (np.diff(raw) > 0).all(), "raw ids must be sorted and unique"
         assert sorted(index.tolist()) == list(range(2, 2 + len(raw)))  # rows 0, 1 reserved
         mapped = index[np.searchsorted(raw, np.array(list(ref)))]  # raw -> row through the arrays
