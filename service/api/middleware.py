@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from fastapi.routing import iter_route_contexts
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,7 +21,8 @@ class BodySizeLimit:
     (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app.
 
     It answers before routing; so that the request histogram counts such an answer under its route (not
-    "unmatched"), it first matches the app's `routes` itself (Starlette's public `BaseRoute.matches`)."""
+    "unmatched"), it first matches the app's `routes` itself (FastAPI's public `iter_route_contexts` and each
+    route's `matches`)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
@@ -28,10 +30,10 @@ class BodySizeLimit:
         self.routes = routes
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str) -> None:
-        for route in self.routes:
-            match, child = route.matches(scope)
+        for context in iter_route_contexts(self.routes):  # included routers' routes too
+            match, _ = context.matches(scope)
             if match is Match.FULL:
-                scope["route"] = child.get("route", route)
+                scope["route"] = context.original_route  # what routing would have set
                 break
         await error_response(status, code, detail)(scope, receive, send)
 

@@ -349,7 +349,7 @@ CORRUPT_VALUES: dict[str, bytes | None] = {
     "garbage": b"garbage!",
     "empty": b"",
     "wrong-magic": b"XSEQ\x01\x10\x00\x00" + bytes(16),
-    "future-version": b"DSEQ\x02\x10\x00\x00" + bytes(16),
+    "future-version": b"DSEQ\x03\x10\x00\x00" + bytes(16),
     "wrong-record-size": b"DSEQ\x01\x20\x00\x00" + bytes(32),
     "reserved-bytes": b"DSEQ\x01\x10\x01\x00" + bytes(16),
     "torn-record": b"DSEQ\x01\x10\x00\x00" + bytes(16) + b"abc",
