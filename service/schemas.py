@@ -2,7 +2,7 @@
 
 Ids are JSON integers, as JSON Schema defines them: numbers without a fractional part (`7`, `7.0`, `7e0`; read by
 `exact_number`, so `1.0000000000000001`, which a float parser rounds to 1.0, is a fraction) in the ranges the store
-can hold, or the same number as a string of decimal digits (`"18446744073709551615"`, for clients whose JSON numbers
+can hold, or the same number as a canonical decimal string (`"18446744073709551615"`, for clients whose JSON numbers
 are float64): item_id 0..2**64-1 (64-bit hashed ids), category_id 0..2**32-1. timestamp is an integer 0..2**32-1
 (Unix seconds; a value in milliseconds is refused with a hint). Booleans, fractions, NaN, infinities and other
 strings are refused. Answers always give ids as JSON integers (exact: orjson writes 64-bit integers as digits).
@@ -56,23 +56,39 @@ def exact_number(text: str) -> int | float:
     return float(text)
 
 
-_DIGITS = re.compile(r"[0-9]{1,20}")
+_DIGITS = re.compile(r"0|[1-9][0-9]{0,19}")  # a decimal number as written canonically: no sign, space, leading zero
 
 
 def _decimal_string(value: Any) -> Any:
     """An id given as a string of decimal digits becomes that int (range-checked next); other strings are refused."""
     if type(value) is str:
         if _DIGITS.fullmatch(value) is None:
-            raise PydanticCustomError("id_string", "a string id must be 1 to 20 decimal digits, got {text}",
-                                      {"text": repr(value[:40])})  # fmt: skip
+            raise PydanticCustomError(
+                "id_string", "a string id must be a decimal number without sign, spaces or leading zeros, got {text}",
+                {"text": repr(value[:40])},
+            )
         return int(value)
     return value
 
 
+def at_most_pattern(maximum: int) -> str:
+    """A regular expression for the canonical decimal numbers 0..maximum (the string form of an id, in the schema)."""
+    top = str(maximum)
+    alternatives = ["0", f"[1-9][0-9]{{0,{len(top) - 2}}}"] if len(top) > 1 else ["0"]
+    for i, digit in enumerate(top):  # as many digits as the maximum: its prefix, then a smaller digit, then any
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            alternatives.append(f"{top[:i]}[{low}-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}")
+    return "^(" + "|".join([*alternatives, top]) + ")$"
+
+
 def _id_schema(maximum: int, what: str) -> WithJsonSchema:
+    # exclusiveMaximum (maximum + 1): 2**64 - 1 is not a float, and a tool reading the bound as a float would take
+    # 2**64 + 383 for valid; 2**64 and 2**32 are floats, exact.
     return WithJsonSchema({
-        "anyOf": [{"type": "integer", "minimum": 0, "maximum": maximum}, {"type": "string", "pattern": "^[0-9]{1,20}$"}],
-        "description": f"{what}: an integer 0..{maximum}, or the same number as a string of decimal digits",
+        "anyOf": [{"type": "integer", "minimum": 0, "exclusiveMaximum": maximum + 1},
+                  {"type": "string", "pattern": at_most_pattern(maximum)}],
+        "description": f"{what}: an integer 0..{maximum}, or the same number as a decimal string",
     })  # fmt: skip
 
 
