@@ -35,7 +35,7 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
             "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
         )
     model = services.registry.current.get(body.model)
-    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
+    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already arrays
         return model, body.candidates.item_id, body.candidates.category_id
     items = np.fromiter((c.item_id for c in body.candidates), dtype=np.uint64, count=n)  # [C]
     cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
