@@ -105,6 +105,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics, blocking: Blocki
         max_history=settings.max_history,
         degraded_on_store_error=settings.degraded_on_store_error,
         metrics=metrics,
+        search_threads=settings.search_threads,
     )
     log.info(
         "store: %s; models loaded: %s (default %s), rejected: %s; auth: %s",
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             services.store.close()
             services.blocking.shutdown()
+            services.engine.splitter.shutdown()
             if multiprocess_dir():
                 # Drop this worker's live gauges (dare_model_info) from the aggregated /metrics.
                 from prometheus_client import multiprocess
