@@ -309,3 +309,16 @@ def test_service_imports_neither_torch_nor_training() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", f"service imported {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "message"),
+    [(1_511_600_000_000, "at most 4294967295 (Unix seconds expected; this looks like milliseconds)"),
+     (1_511_600_000_000_000, "at most 4294967295 (Unix seconds expected; this looks like microseconds)"),
+     (2**32, "at most 4294967295 (Unix seconds)")],
+)  # fmt: skip
+def test_timestamps_in_milliseconds_are_refused_with_a_hint(make_client, timestamp: int, message: str) -> None:
+    with make_client() as client:
+        r = client.post("/events", json={"user_id": "ms", "events": [{**GOOD_EVENT, "timestamp": timestamp}]})
+        assert r.status_code == 422 and r.json()["fields"] == [{"field": "events.0.timestamp", "message": message}], r.text
+        assert client.get("/users/ms/history").json()["exists"] is False  # nothing stored
