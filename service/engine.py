@@ -65,7 +65,7 @@ def run_graphs(
     t0 = time.perf_counter()
     feeds = {
         "hist_item": model.vocab.item(history["item_id"]),  # [N]
-        "hist_cate": model.vocab.cate(history["category_id"].astype(np.int64)),  # [N]
+        "hist_cate": model.vocab.cate(history["category_id"]),  # [N]
         "cand_item": model.vocab.item(cand_item),  # [C]
         "cand_cate": model.vocab.cate(cand_cate),  # [C]
     }

@@ -33,6 +33,8 @@ import dare_common
 from service.api.concurrency import BlockingPool
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.request_id import HEADER as REQUEST_ID_HEADER
+from service.api.request_id import RequestIdFilter, RequestIdMiddleware, current_request_id
 from service.api.responses import OrjsonResponse, error_response, service_error_response
 from service.api.routes import health, models, scoring, users
 from service.api.routes.users import default_history_limit
@@ -162,15 +164,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> OrjsonResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):  # FastAPI's own parse (routes without a body)
+            return error_response(400, "invalid_json", "the body is not valid JSON")
         fields = []
         for err in exc.errors():
             kind = err.get("type")
-            name = "body" if kind == "json_invalid" else _field(err.get("loc", ()))
+            name = _field(err.get("loc", ()))
             msg = str(err.get("msg", "invalid"))
             if kind == "missing" and name == "body":
                 msg = "a JSON body is required"
-            elif kind == "json_invalid":
-                msg = f"not valid JSON ({msg.lower()} at character {err.get('ctx', {}).get('error', '?')})"
+            elif kind == "extra_forbidden":
+                msg = "unknown field (the schema at /openapi.json lists the accepted ones)"
             elif kind in ("model_attributes_type", "dict_type") and name == "body":
                 msg = f"{msg} (send a JSON object with Content-Type: application/json)"
             fields.append({"field": name, "message": msg})
@@ -185,7 +189,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> OrjsonResponse:
         log.exception("unhandled error on %s %r", request.method, request.url.path)  # %r: the path is the client's
-        return error_response(500, "internal_error", "internal error (see the service log)")
+        # Answered outside RequestIdMiddleware (Starlette's outermost error middleware): the header is set here.
+        response = error_response(500, "internal_error", "internal error (see the service log)")
+        response.headers[REQUEST_ID_HEADER] = current_request_id()
+        return response
 
 
 def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
@@ -285,14 +292,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    # Added last = outermost: the duration histogram also sees the 413s of the body limit.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last = outermost: the duration histogram also sees the 413s of the body limit (under their route).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, routes=app.router.routes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer and log line of a request has its id
     return app
 
 
 def create_app_from_env() -> FastAPI:
     """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")  # fmt: skip
+    install_request_id_logging()
     return create_app(settings)
+
+
+def install_request_id_logging() -> None:
+    """The request id on every log line: `RequestIdFilter` on the root handlers and on uvicorn's access log, whose
+    lines end in `[<request id>]`."""
+    from uvicorn.logging import AccessFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    for handler in logging.getLogger("uvicorn.access").handlers:
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(AccessFormatter('%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s '
+                                             "[%(request_id)s]"))  # fmt: skip

@@ -1,50 +1,57 @@
-"""Pure-ASGI middleware: the request body size limit (413) and the request-duration histogram."""
+"""Pure-ASGI middleware: the request body size limit (413) and the request-duration histogram (the request id:
+service/api/request_id.py)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-import orjson
+from fastapi.routing import iter_route_contexts
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.responses import error_response
 from service.metrics import ServiceMetrics
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
-    payload = orjson.dumps(body)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    })
-    await send({"type": "http.response.body", "body": payload})
-
-
 class BodySizeLimit:
     """Answers 413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually received
-    (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app."""
+    (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    It answers before routing; so that the request histogram counts such an answer under its route (not
+    "unmatched"), it first matches the app's `routes` itself (FastAPI's public `iter_route_contexts` and each
+    route's `matches`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str) -> None:
+        for context in iter_route_contexts(self.routes):  # included routers' routes too
+            match, _ = context.matches(scope)
+            if match is Match.FULL:
+                scope["route"] = context.original_route  # what routing would have set
+                break
+        await error_response(status, code, detail)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        too_large = {"error": "body_too_large", "detail": f"request body exceeds {self.max_bytes} bytes (DARE_MAX_BODY_BYTES)"}
+        too_large = f"request body exceeds {self.max_bytes} bytes (DARE_MAX_BODY_BYTES)"
         headers = dict(scope.get("headers", ()))
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError:
-                await _send_json(send, 400, {"error": "bad_request", "detail": "Content-Length is not an integer"})
+                await self._refuse(scope, receive, send, 400, "bad_request", "Content-Length is not an integer")
                 return
             if length > self.max_bytes:
-                await _send_json(send, 413, too_large)
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
         chunks: list[bytes] = []
         received = 0
@@ -55,7 +62,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_bytes:
-                await _send_json(send, 413, too_large)
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
