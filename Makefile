@@ -4,29 +4,45 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean ci-tools images compose-test
+.PHONY: demo test install lock bench clean ci-tools images compose-test
 
-$(STAMP): pyproject.toml setup.py service/_search.c
+# Every dependency at the exact version of requirements/dev.txt (the lock of all extras; `make lock` writes it),
+# --no-deps so nothing unpinned slips in, then `pip check` that the set is complete. torch is its CPU build,
+# 2.13.0+cpu: a local wheel (pip's find-links) or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+$(STAMP): pyproject.toml setup.py service/_search.c requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
-	$(BIN)/python -m pip install --quiet --progress-bar on "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --progress-bar on -e ".[train,serve,tools,dev,otel]"
+	$(BIN)/python -m pip install --quiet --progress-bar on --no-deps -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-compile requirements/{serve,train,dev}.txt from pyproject.toml (uv pip compile, from PyPI); a test fails
+# while they are stale (deploy/lock.py --check).
+lock: $(STAMP)
+	$(BIN)/python deploy/lock.py
 
 # DEMO_ARGS passes options through, e.g. `make demo DEMO_ARGS=--exit-after-score` (stop after the first score).
 demo: $(STAMP)
 	$(BIN)/dare demo $(DEMO_ARGS)
 
-# promtool (Debian package `prometheus`) lets tests/shipping check deploy/prometheus/prometheus.yml. Only in CI
-# (CI=true, as root, with apt-get) is it installed here; a failed install is not an error: that check then skips.
+# What some tests need from Debian, installed here only in CI (CI=true, as root, with apt-get), each package only
+# when its command is missing: promtool (package `prometheus`: checks deploy/prometheus/prometheus.yml) and chromium
+# (loads /docs and /redoc offline). A failed install is not an error: those tests then skip, saying why.
 ci-tools:
-	@if [ -n "$$CI" ] && ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-	    && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus) >/dev/null 2>&1 || echo "promtool could not be installed; its check will be skipped"; \
+	@if [ -n "$$CI" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -qq >/dev/null 2>&1; \
+	    for pkg in $$missing; do \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null 2>&1 \
+	        || echo "$$pkg could not be installed; the tests that need it will be skipped"; \
+	    done; \
+	  fi; \
 	fi
 
 test: $(STAMP) ci-tools

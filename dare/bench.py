@@ -7,7 +7,7 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
 1. starts a private `redis-server` on a free port (never the machine's shared Redis) and stores SYNTHETIC lifelong
    sequences in the service's binary format: `training.synth` histories (Zipf item popularity, planted category
    structure, sorted timestamps), 5% of the items unknown to the vocabulary (the out-of-vocabulary row). Users of
-   W1, W2 and W3 hold the last 200, 10,000 and 50,000 events of the same generated sequences.
+   W1, W2, W3 and W4 hold the last 200, 10,000, 50,000 and 100,000 events of the same generated sequences.
 2. for each attention dim builds a RANDOMLY INITIALISED DARE model (representation dim fixed) and writes a model
    folder with `dare export`'s own code (parity-verified against PyTorch). Random weights are fine for latency:
    no operator's cost depends on the values; the scores mean nothing.
@@ -22,9 +22,11 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
 4. with `--http`, back to back on the same user and candidates (so the service is as warm as the in-process
    engine): the in-process call, POST /score, and the same body POSTed to the framework floor (`floor_app`: bare
    uvicorn + FastAPI parsing the body and answering as many scores, no service code).
-5. the search against its peers, interleaved call by call on the same embedding tables and histories (W2, W3):
+5. the search against its peers, interleaved call by call on the same embedding tables and histories (W2-W4):
    the fused kernel (service/search.py), FAISS exact inner-product top-K (`faiss.knn`, BLAS path) and numpy
-   (gather, matmul, argpartition), one thread each, wall and CPU time.
+   (gather, matmul, argpartition), one thread each, wall and CPU time; and the kernel's arithmetic rate (4 C N d
+   flops per call: every candidate against every event, item and category) as a share of this CPU's measured
+   single-thread peak (the best of a few single-thread float32 GEMMs through numpy's BLAS).
 6. writes FILE.json (records {att_dim, workload, backend, stage, p50_ms, p99_ms}), FILE.meta.json (settings,
    machine, load average, command, CPU-time medians, the back-to-back and peer rows, the target ratios), FILE.md
    (tables + ratios) and FILE.png (latency vs attention dim).
@@ -53,7 +55,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import numpy as np
 import typer
 
-from dare_common import DareError, int_list
+from dare_common import DareError, int_list, renamed
 from dare.processes import stop_process
 
 if TYPE_CHECKING:
@@ -75,13 +77,14 @@ class BenchError(DareError):
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # "W1" | "W2" | "W3"
+    name: str  # "W1" .. "W4"
     history: int  # N: events stored for (and read from) each user
     candidates: int  # C per call
 
 
-FULL_WORKLOADS = (Workload("W1", 200, 100), Workload("W2", 10_000, 200), Workload("W3", 50_000, 200))
-QUICK_WORKLOADS = (Workload("W1", 50, 20), Workload("W2", 400, 40), Workload("W3", 1_000, 40))
+FULL_WORKLOADS = (Workload("W1", 200, 100), Workload("W2", 10_000, 200), Workload("W3", 50_000, 200), Workload("W4", 100_000, 200))
+QUICK_WORKLOADS = (Workload("W1", 50, 20), Workload("W2", 400, 40), Workload("W3", 1_000, 40), Workload("W4", 2_000, 40))
+LONG = ("W2", "W3", "W4")  # the long-sequence workloads: the HTTP / in-process targets and the search peers
 
 
 @dataclass(frozen=True)
@@ -493,7 +496,7 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
 
 
 def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
-    """The fused kernel, FAISS and numpy on the same histories and candidates (W2, W3), interleaved call by call in
+    """The fused kernel, FAISS and numpy on the same histories and candidates (W2-W4), interleaved call by call in
     shuffled order; one thread each. All three compute the exact top-K of score(c, t) = <scale item[c], item[t]> +
     <scale cate[c], cate[t]> + poscol[min(N - t, max_position)] over the model's attention tables, written for the
     peers as one inner product over [item, cate, poscol] (gathered per call) and turned into softmax weights. The
@@ -502,7 +505,7 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
     import faiss
     from threadpoolctl import threadpool_limits
 
-    workloads = [w for w in cfg.workloads if w.name in ("W2", "W3")]
+    workloads = [w for w in cfg.workloads if w.name in LONG]
     if not workloads or any(loaded[d].fused is None for d in cfg.att_dims):
         return []
     faiss.omp_set_num_threads(1)
@@ -570,9 +573,26 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
                     cpu[(w, d, peer)].append(cpu_seconds)
             for (w, d, peer), index in results.items():
                 same[(w, d, peer)].append(float((index == results[(w, d, "fused kernel")]).all(axis=1).mean()))
+    flops = {w.name: 4.0 * w.candidates * w.history for w in workloads}  # x d: C x N dot products of 2d, 2 flops each
     return [{"workload": w, "att_dim": d, "peer": p, "p50_ms": round(float(np.median(wall[(w, d, p)])) * 1000.0, 4),
-             "cpu_p50_ms": round(float(np.median(cpu[(w, d, p)])) * 1000.0, 4), "same_events": round(float(np.mean(same[(w, d, p)])), 4)}
+             "cpu_p50_ms": round(float(np.median(cpu[(w, d, p)])) * 1000.0, 4), "same_events": round(float(np.mean(same[(w, d, p)])), 4),
+             "gflops": round(flops[w] * d / float(np.median(wall[(w, d, p)])) / 1e9, 2)}
             for w, d, p in jobs]  # fmt: skip
+
+
+def peak_gflops(repeats: int = 5, n: int = 1024) -> float:
+    """This CPU's single-thread float32 arithmetic peak as measured: the best of `repeats` n x n x n GEMMs through
+    numpy's BLAS on one thread (2 n^3 flops each)."""
+    from threadpoolctl import threadpool_limits
+
+    a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    best = float("inf")
+    with threadpool_limits(limits=1):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
 
 
 def to_records(samples: Samples) -> list[dict[str, Any]]:
@@ -622,7 +642,7 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
     lo, hi = min(cfg.att_dims), max(cfg.att_dims)
     names = [w.name for w in cfg.workloads]
     w2 = "W2" if "W2" in names else names[0]
-    long = [w for w in names if w in ("W2", "W3")]
+    long = [w for w in names if w in LONG]
     ratios: list[Ratio] = []
     a, b = _p50(records, w2, hi, "onnxruntime", "search"), _p50(records, w2, lo, "onnxruntime", "search")
     if a is not None and b and hi != lo:
@@ -725,14 +745,17 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
                   "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
                   "rows, score them (FAISS `knn` inner product on its BLAS path; numpy matmul + argpartition) and take "
-                  "the softmax of the top-K. `same` = share of candidates whose retrieved events equal the kernel's.", "",
-                  "| workload | att dim | " + " | ".join(PEERS) + " | same (faiss, numpy) |",
-                  "|---|---:|" + "---:|" * len(PEERS) + "---|"]  # fmt: skip
+                  "the softmax of the top-K. `same` = share of candidates whose retrieved events equal the kernel's. Kernel "
+                  "GFLOP/s: 4 C N d flops per call over its wall p50; peak: the best single-thread float32 GEMM through "
+                  f"numpy's BLAS in this run, {meta['peak_gflops']:.1f} GFLOP/s.", "",
+                  "| workload | att dim | " + " | ".join(PEERS) + " | same (faiss, numpy) | kernel GFLOP/s (share of peak) |",
+                  "|---|---:|" + "---:|" * len(PEERS) + "---|---:|"]  # fmt: skip
         peers = {(p["workload"], p["att_dim"], p["peer"]): p for p in meta["search_peers"]}
         for w, d in dict.fromkeys((p["workload"], p["att_dim"]) for p in meta["search_peers"]):
             cells_ = [f"{peers[(w, d, p)]['p50_ms']:.3f} ({peers[(w, d, p)]['cpu_p50_ms']:.3f})" for p in PEERS]
             same = ", ".join(f"{peers[(w, d, p)]['same_events']:.2f}" for p in PEERS[1:])
-            lines.append(f"| {w} | {d} | " + " | ".join(cells_) + f" | {same} |")
+            rate = peers[(w, d, "fused kernel")]["gflops"]
+            lines.append(f"| {w} | {d} | " + " | ".join(cells_) + f" | {same} | {rate:.1f} ({rate / meta['peak_gflops']:.0%}) |")
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (the service's "
               f"search: {'the fused kernel (service/search.py) from 10 x top-K events, else search.onnx' if meta.get('fused_search') is True else 'search.onnx'} "
               "/ CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
@@ -898,6 +921,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "cpu_p50_ms": {f"{w}|{d}|{b}": round(float(np.median(v)) * 1000.0, 4) for (w, d, b), v in samples.cpu.items()},
         "http_paired": http_paired,
         "search_peers": search_peers,
+        "peak_gflops": round(peak_gflops(), 2),
         "fused_search": fused_search,  # True, or why search.onnx ran instead
         "random_init": True,
         "synthetic_data": True,
@@ -923,17 +947,19 @@ def bench(
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads = torch threads")] = 1,
     http: Annotated[bool, typer.Option("--http/--no-http", help="also time POST /score on a real `dare serve`")] = True,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes for a smoke run (2 dims, short histories)")] = False,
-    work_dir: Annotated[
-        Optional[Path], typer.Option("--work-dir", help="keep Redis data, models and serve.log here (default: a temporary folder)")
+    work: Annotated[
+        Optional[Path], typer.Option("--work", help="keep Redis data, models and serve.log here (default: a temporary folder)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", hidden=True)] = None,  # the old spelling of --work
 ) -> None:
     """Latency per stage (store fetch, id mapping, search, scoring, total) at W1/W2/W3 for each attention dim, in
     onnxruntime (the service's engine), PyTorch eager and over HTTP, against the framework floor, and the search
     against FAISS and numpy; writes JSON, a markdown table and a PNG chart."""
     cfg = BenchConfig(out=out, att_dims=int_list("--att-dims", att_dims), repr_dim=repr_dim, repeats=repeats, warmup=warmup, threads=threads,
-                      http=http, quick=quick, work_dir=work_dir, seed=seed, progress=progress)  # fmt: skip
+                      http=http, quick=quick, work_dir=renamed("--work-dir", "--work", work_dir) or work, seed=seed,
+                      progress=progress)  # fmt: skip
     records, files = run(cfg, command=shlex.join(["dare", *sys.argv[1:]]))
     typer.echo(files[2].read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(f) for f in files))

@@ -35,7 +35,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from dare_common import DareError, int_list
+from dare_common import DareError, int_list, renamed
 from dare.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ class DemoConfig:
         if self.epochs < 1:
             raise DareError(f"--epochs must be >= 1, got {self.epochs}")
         if not self.sample.is_file():
-            raise DareError(f"--sample {self.sample}: no such file (the bundled sample is {SAMPLE})")
+            raise DareError(f"--input {self.sample}: no such file (the bundled sample is {SAMPLE})")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -439,18 +439,21 @@ def demo(
     att_dims: Annotated[str, typer.Option("--att-dims", help="attention dims to train, comma-separated")] = "16,64",
     repr_dim: Annotated[int, typer.Option("--repr-dim", help="representation dim of every model")] = REPR_DIM,
     epochs: Annotated[int, typer.Option("--epochs", help="training epochs per model (1 keeps the demo quick)")] = 1,
-    sample: Annotated[Path, typer.Option("--sample", help="Taobao-format CSV(.gz) to build from")] = SAMPLE,
-    redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="DARE_REDIS_URL", help="use this Redis instead of the embedded one")] = None,
+    input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV(.gz) to build from")] = SAMPLE,
+    redis: Annotated[str | None, typer.Option("--redis", envvar="DARE_REDIS_URL", help="use this Redis instead of the embedded one")] = None,
     host: Annotated[str, typer.Option("--host", help="address the service binds")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port the service listens on")] = 8000,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="start the service after building")] = True,
     exit_after_score: Annotated[bool, typer.Option("--exit-after-score", help="stop after the first successful score")] = False,
+    sample: Annotated[Path | None, typer.Option("--sample", hidden=True)] = None,  # the old spelling of --input
+    redis_url: Annotated[str | None, typer.Option("--redis-url", hidden=True)] = None,  # the old spelling of --redis
 ) -> None:
     """Prepare the bundled sample, train + export DARE at two attention dims, load Redis, serve on :8000."""
     dims = int_list("--att-dims", att_dims)
     cfg = DemoConfig(
-        sample=sample, work=work, models=models, att_dims=dims, repr_dim=repr_dim, epochs=epochs,
-        redis_url=redis_url or None, host=host, port=port, serve=serve, exit_after_score=exit_after_score,
+        sample=renamed("--sample", "--input", sample) or input, work=work, models=models, att_dims=dims,
+        repr_dim=repr_dim, epochs=epochs, redis_url=renamed("--redis-url", "--redis", redis_url) or redis or None,
+        host=host, port=port, serve=serve, exit_after_score=exit_after_score,
     )  # fmt: skip
     def stop_on_sigterm(_signum: int, _frame: object) -> None:
         # `docker stop`, systemd, `kill`: stop as on Ctrl-C, so the service and the embedded Redis go down with us.

@@ -5,11 +5,21 @@ service/, training/, loadtest/ and the `dare` CLI import this; it imports none o
 
 from __future__ import annotations
 
+import sys
+
 __version__ = "0.1.0"
 
 
 class DareError(Exception):
     """Bad input a user can act on: a malformed file, a missing folder, an option out of range."""
+
+
+def renamed(old: str, new: str, value):
+    """The value of a hidden option spelling kept for old scripts (`--quiet` -> `--no-progress`), with a note on
+    stderr when it is used; every command shows the new spelling only."""
+    if value not in (None, False):
+        print(f"warning: {old} is deprecated, use {new}", file=sys.stderr)
+    return value
 
 
 def int_list(option: str, text: str) -> tuple[int, ...]:

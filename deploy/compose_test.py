@@ -10,9 +10,12 @@ port, Grafana left out). Steps, each printed with its time:
   2. the services of the stack started one by one with `up -d --no-deps SERVICE`, in docker-compose.yml's
      depends_on order, each once its dependencies' conditions hold: redis healthy (its healthcheck passes), the
      trainer (prepare, train + export four models, load Redis) exited 0, then api and prometheus
+  0. compose refuses the stack without DARE_API_TOKEN (`config` fails naming it); the run then uses a fresh random
+     token and Grafana password (the environment's, when set), as `.env` would give them
   3. the api answers /readyz and its image's HEALTHCHECK passes
   4. POST /score for a Taobao user of the bundled sample returns scores with history_length > 0
-  5. POST /events, then GET /users/{id}/history shows the event
+  5. POST /events, then GET /users/{id}/history shows the event; without the token, POST /events, POST /score and
+     POST /admin/reload are 401, with it /admin/reload is 200
   6. Prometheus has the api as a healthy target and holds dare_* series (its HTTP API)
   7. `down -v` (unless --keep), and the engine holds no container of the project
 
@@ -26,6 +29,7 @@ import argparse
 import gzip
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -113,9 +117,10 @@ def containers(engine_cmd: list[str], service: str | None = None) -> list[dict[s
 # -------------------------------------------------------------------------------------------------------------
 
 
-def http(method: str, url: str, body: object | None = None, timeout: float = 10) -> tuple[int, object]:
+def http(method: str, url: str, body: object | None = None, timeout: float = 10, token: str = "") -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, json.loads(answer.read() or b"null")
@@ -289,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compose-test] FAILED: {exc}", file=sys.stderr)
         return 1
     redis_port = int(os.environ.get("DARE_COMPOSE_REDIS_PORT", "6390"))
-    env = {**os.environ, **images, "DARE_COMPOSE_REDIS_PORT": str(redis_port)}
+    # The secrets docker-compose.yml requires (from `.env` in a real deployment): the environment's, or fresh ones.
+    token = os.environ.get("DARE_API_TOKEN") or secrets.token_urlsafe(24)
+    grafana = os.environ.get("GRAFANA_ADMIN_PASSWORD") or secrets.token_urlsafe(18)
+    env = {**os.environ, **images, "DARE_COMPOSE_REDIS_PORT": str(redis_port), "DARE_API_TOKEN": token,
+           "GRAFANA_ADMIN_PASSWORD": grafana}  # fmt: skip
+    token_file = OUT / "api-token"
+    token_file.write_text(token + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
     files = [arg for f in FILES for arg in ("-f", f)]
     base = [*compose, "-p", PROJECT, *files]
     steps.say(f"compose: {' '.join(base)}  (log: {log.relative_to(ROOT)})")
@@ -305,6 +317,17 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: str | None = None
     try:
+        # 0. Without the token compose stops before anything starts, naming the variable (an empty .env value too).
+        t = time.monotonic()
+        unset = {k: v for k, v in env.items() if k != "DARE_API_TOKEN"}
+        refused = subprocess.run([*base, "config"], cwd=ROOT, env={**unset, "DARE_API_TOKEN": ""}, capture_output=True,
+                                 text=True, timeout=120)  # fmt: skip
+        if refused.returncode == 0 or "DARE_API_TOKEN" not in refused.stdout + refused.stderr:
+            raise Failed(f"compose without DARE_API_TOKEN did not refuse naming it: exit {refused.returncode}, "
+                         f"{(refused.stdout + refused.stderr)[-500:]}")  # fmt: skip
+        message = next((line for line in refused.stderr.splitlines() if "DARE_API_TOKEN" in line), "")
+        steps.done("no token, no stack", t, f"`config` exit {refused.returncode}: {message.strip()[:140]}")
+
         # 1. A clean slate: no containers or volumes (models, Redis data) of an earlier run.
         down("clean slate")
         if redis_port == 6379:
@@ -352,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         # 6. A real score for a Taobao user through the api container.
         t = time.monotonic()
         user, candidates = taobao_user()
-        status, scored = http("POST", f"{API}/score", {"user_id": user, "candidates": candidates})
+        status, scored = http("POST", f"{API}/score", {"user_id": user, "candidates": candidates}, token=token)
         if status != 200 or not isinstance(scored, dict):
             raise Failed(f"POST /score for user {user}: {status} {scored}")
         scores = scored.get("scores")
@@ -366,13 +389,13 @@ def main(argv: list[str] | None = None) -> int:
 
         # 7. An event appended through the api is in the user's history.
         t = time.monotonic()
-        before = http("GET", f"{API}/users/{user}/history?limit=1")
+        before = http("GET", f"{API}/users/{user}/history?limit=1", token=token)
         event = {"item_id": candidates[0]["item_id"], "category_id": candidates[0]["category_id"],
                  "timestamp": int(time.time())}  # fmt: skip
-        status, appended = http("POST", f"{API}/events", {"user_id": user, "events": [event]})
+        status, appended = http("POST", f"{API}/events", {"user_id": user, "events": [event]}, token=token)
         if status != 200:
             raise Failed(f"POST /events: {status} {appended}")
-        status, history = http("GET", f"{API}/users/{user}/history?limit=1")
+        status, history = http("GET", f"{API}/users/{user}/history?limit=1", token=token)
         if status != 200 or not isinstance(history, dict) or not history.get("events"):
             raise Failed(f"GET /users/{user}/history: {status} {history}")
         last = history["events"][-1]
@@ -380,6 +403,24 @@ def main(argv: list[str] | None = None) -> int:
             raise Failed(f"GET /users/{user}/history does not show the event {event}: {history} (before: {before})")
         steps.done("POST /events + GET history", t, f"length {before[1]['length']} -> {history['length']}, "
                    f"last event {last}")  # fmt: skip
+
+        # No write without the token; /admin/* takes it.
+        t = time.monotonic()
+        open_doors = {}
+        for method, path, body in (("POST", "/events", {"user_id": user, "events": [event]}),
+                                   ("POST", "/score", {"user_id": user, "candidates": candidates}),
+                                   ("POST", "/admin/reload", None)):  # fmt: skip
+            for wrong in ("", "not-the-token"):
+                status, _ = http(method, f"{API}{path}", body, token=wrong)
+                if status != 401:
+                    open_doors[f"{method} {path} token={wrong!r}"] = status
+        if open_doors:
+            raise Failed(f"answered without the right token: {open_doors}")
+        status, reloaded = http("POST", f"{API}/admin/reload", None, token=token)
+        if status != 200:
+            raise Failed(f"POST /admin/reload with the token: {status} {reloaded}")
+        steps.done("auth", t, "POST /events, /score, /admin/reload: 401 without or with a wrong token; "
+                   "/admin/reload 200 with it")  # fmt: skip
 
         # 8. Prometheus scraped the api's dare_* series, including a scrape after the event appended above.
         t = time.monotonic()
@@ -425,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)  # fmt: skip
 
     if args.keep and failed is None:
-        steps.say("--keep: the stack stays up; `" + " ".join([*base, "down", "-v"]) + "` tears it down")
+        steps.say("--keep: the stack stays up (its api token: var/compose-test/api-token); `"
+                  + " ".join([*base, "down", "-v"]) + "` tears it down")
     else:
         try:
             down("teardown")

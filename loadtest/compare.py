@@ -34,7 +34,7 @@ from dare_common import DareError
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port
-from loadtest.scenario import Payloads
+from loadtest.scenario import Payloads, ScenarioSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -230,10 +230,11 @@ def peak_rps(finished_at: np.ndarray) -> float:
 def warm_up(base_url: str, model: str, payloads: Payloads, candidates: int, requests: int = 20) -> None:
     """A few requests per model before measuring, so onnxruntime's first-call allocations are not in the figures."""
     rng = random.Random(1)
+    headers = {"Content-Type": "application/json", **ScenarioSettings.from_env().headers}  # Locust sends the same
     for _ in range(requests):
         body = payloads.request(rng, candidates, model)
         request = urllib.request.Request(f"{base_url}/score", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+                                         headers=headers)  # fmt: skip
         try:
             urllib.request.urlopen(request, timeout=30).read()
         except urllib.error.HTTPError as exc:

@@ -17,6 +17,7 @@ Environment variables (all optional):
                               a line, to this file at the end, so the comparison can compute exact percentiles and
                               throughput per second (Locust's CSV rounds percentiles and smooths the rate)
     DARE_LOADTEST_SEED        random seed for the payloads (default 0)
+    DARE_LOADTEST_TOKEN       the service's DARE_API_TOKEN, sent as `Authorization: Bearer` (default: none)
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class ScoringUser(FastHttpUser):
     @task
     def score(self) -> None:
         payload = PAYLOADS.request(self.rng, SETTINGS.candidates, SETTINGS.model)
-        with self.client.post(SCORE_PATH, json=payload, name=SCORE_PATH, catch_response=True) as response:
+        with self.client.post(SCORE_PATH, json=payload, name=SCORE_PATH, headers=SETTINGS.headers,
+                              catch_response=True) as response:  # fmt: skip
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
                 return
@@ -86,7 +88,7 @@ def missing_history(host: str) -> str | None:
     for user in PAYLOADS.users[:5]:
         url = f"{host}/users/{urllib.parse.quote(user, safe='')}/history?limit=1"
         try:
-            with urllib.request.urlopen(url, timeout=10) as answer:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=SETTINGS.headers), timeout=10) as answer:
                 length = json.loads(answer.read()).get("length", 0)
         except (urllib.error.URLError, ValueError, OSError) as exc:
             return f"cannot read {url}: {exc}"

@@ -104,6 +104,12 @@ class ScenarioSettings:
     ramp_seconds: float
     raw: str
     seed: int
+    token: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header the service wants when it has DARE_API_TOKEN (docker-compose.yml sets it)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @classmethod
     def from_env(cls) -> ScenarioSettings:
@@ -118,6 +124,7 @@ class ScenarioSettings:
             ramp_seconds=env_float("DARE_LOADTEST_RAMP_SECONDS", 30.0),
             raw=os.environ.get("DARE_LOADTEST_RAW", ""),
             seed=env_int("DARE_LOADTEST_SEED", 0),
+            token=os.environ.get("DARE_LOADTEST_TOKEN", ""),
         )
         if settings.candidates < 1 or settings.max_users < 1 or settings.ramp_users < 1:
             raise ValueError("DARE_LOADTEST_CANDIDATES, _MAX_USERS and _RAMP_USERS must be >= 1")

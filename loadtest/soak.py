@@ -33,7 +33,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from dare_common import DareError, int_list
+from dare_common import DareError, int_list, renamed
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port
@@ -442,7 +442,7 @@ def write_outputs(cfg: SoakConfig, result: SoakResult, command: str) -> tuple[Pa
 def soak(
     models: Annotated[Path, typer.Option("--models", help="folder of model folders to serve")] = Path("var/models"),
     model: Annotated[str, typer.Option("--model", help="model to score with (default: the service's default)")] = "",
-    data: Annotated[Path, typer.Option("--data", help="Taobao-format CSV(.gz) loaded into the private Redis")] = SAMPLE,
+    input: Annotated[Path, typer.Option("--input", help="Taobao-format CSV(.gz) loaded into the private Redis")] = SAMPLE,
     duration: Annotated[int, typer.Option("--duration", help="seconds of sustained load")] = 600,
     warmup: Annotated[int, typer.Option("--warmup", help="seconds before RSS growth is measured")] = 60,
     rate: Annotated[float, typer.Option("--rate", help="total requests/s; 0 = measure capacity first")] = 0.0,
@@ -457,12 +457,13 @@ def soak(
     out: Annotated[Path, typer.Option("--out", help="where soak.json, soak.md and soak.png go")] = Path("docs/reliability"),
     work: Annotated[Path, typer.Option("--work", help="scratch folder: Redis, logs, Locust CSVs")] = Path("var/soak"),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data: Annotated[Path | None, typer.Option("--data", hidden=True)] = None,  # the old spelling of --input
 ) -> None:
     """Sustained load (Locust, fixed rate near capacity): failed requests, server RSS growth, p50/p99 per minute."""
     import shlex
 
     cfg = SoakConfig(
-        models=models, model=model, data=data, duration_s=duration, warmup_s=warmup, rate=rate,
+        models=models, model=model, data=renamed("--data", "--input", data) or input, duration_s=duration, warmup_s=warmup, rate=rate,
         capacity_fraction=capacity_fraction, capacity_probe_s=capacity_probe, users=users, candidates=candidates,
         workers=workers, service_cpus=int_list("--service-cpus", service_cpus),
         locust_cpus=int_list("--locust-cpus", locust_cpus), max_rss_growth_pct=max_rss_growth, out=out, work=work,

@@ -5,10 +5,12 @@ Heavy imports (onnxruntime, uvicorn, pyarrow) happen inside the commands so `dar
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -63,6 +65,7 @@ def serve(
         check_url(settings.redis_url)
     check_traffic(settings.models_dir, settings.traffic_split, settings.shadow_model)  # a clear error, not a log line
     check_tracing(settings)
+    check_port_free(settings.host, settings.port)  # before the embedded Redis starts and the workers load models
 
     embedded = None
     multiproc_dir = None
@@ -101,6 +104,24 @@ def serve(
             embedded.stop()
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A DareError (one line, exit 2) when `host:port` cannot be listened on: in use, not this machine's, or
+    privileged. Binds a probe socket as uvicorn binds (SO_REUSEADDR) and closes it at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as exc:
+        raise DareError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DareError(f"port {port} on {host} is already in use (pass --port or set DARE_PORT)") from None
+            raise DareError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

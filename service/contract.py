@@ -39,7 +39,8 @@ MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.npz"
 PAD_INDEX = 0
 OOV_INDEX = 1
-# vocab.npz arrays: `<field>_raw` is the sorted raw ids (int64), `<field>_index` the row for each (int64, >= 2).
+# vocab.npz arrays: `<field>_raw` is the sorted raw ids (`dare prepare` writes item_raw as uint64, cate_raw as int64;
+# the service takes int64 or uint64 for both), `<field>_index` the row for each (int64, >= 2).
 VOCAB_ARRAYS = ("item_raw", "item_index", "cate_raw", "cate_index")
 
 GraphRole = Literal["search", "score"]

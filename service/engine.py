@@ -16,7 +16,7 @@ import onnxruntime as ort
 from service.contract import PROB_OUTPUT, SEARCH_OUTPUTS
 from service.errors import StoreUnavailableError
 from service.registry import LoadedModel, ModelRegistry
-from service.search import use_fused
+from service.search import SearchSplitter, use_fused
 from service.store import RECORD_DTYPE, History, SequenceStore
 
 if TYPE_CHECKING:
@@ -59,12 +59,14 @@ def run_graphs(
     cand_item: np.ndarray,
     cand_cate: np.ndarray,
     run_options: ort.RunOptions | None = None,
+    splitter: SearchSplitter | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, GraphTimings]:
-    """Map raw ids to rows and run search then scoring; returns (prob [C], topk_index [C,K], topk_weight [C,K])."""
+    """Map raw ids to rows and run search then scoring; returns (prob [C], topk_index [C,K], topk_weight [C,K]).
+    With a `splitter`, a long fused search may use more than one thread."""
     t0 = time.perf_counter()
     feeds = {
         "hist_item": model.vocab.item(history["item_id"]),  # [N]
-        "hist_cate": model.vocab.cate(history["category_id"].astype(np.int64)),  # [N]
+        "hist_cate": model.vocab.cate(history["category_id"]),  # [N]
         "cand_item": model.vocab.item(cand_item),  # [C]
         "cand_cate": model.vocab.cate(cand_cate),  # [C]
     }
@@ -78,7 +80,8 @@ def run_graphs(
     t1 = time.perf_counter()
     if use_fused(model.fused, len(history)):
         assert model.fused is not None
-        topk_index, topk_weight = model.fused.run(feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
+        args = (feeds["hist_item"], feeds["hist_cate"], feeds["cand_item"], feeds["cand_cate"])
+        topk_index, topk_weight = model.fused.run(*args) if splitter is None else splitter.run(model.fused, *args)
     else:
         topk_index, topk_weight = model.search.run(list(SEARCH_OUTPUTS), feeds, run_options)  # [C, K] each
     t2 = time.perf_counter()
@@ -100,12 +103,14 @@ class ScoringEngine:
         max_history: int = 100_000,
         degraded_on_store_error: bool = False,
         metrics: ServiceMetrics | None = None,
+        search_threads: int = 1,
     ) -> None:
         self.store = store
         self.registry = registry
         self.max_history = max_history
         self.degraded_on_store_error = degraded_on_store_error
         self.metrics = metrics
+        self.splitter = SearchSplitter(search_threads)
 
     def fetch(self, user_id: str) -> Fetched:
         """The user's history from the store (blocking), or an empty degraded one when the store fails and
@@ -139,7 +144,7 @@ class ScoringEngine:
         started_ns = time.time_ns()
         fetched = self.fetch(user_id)
         hist, degraded = fetched.history, fetched.degraded
-        prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options)
+        prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options, self.splitter)
         timings = {"store_fetch": fetched.seconds, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}
         if self.metrics is not None:
             series = self.metrics.scoring_series(model.name)

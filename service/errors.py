@@ -7,6 +7,35 @@ from __future__ import annotations
 
 from dare_common import DareError
 
+# Every error answer: its `error` code -> (HTTP status, when). The one list that README's API section (the errors
+# table), the OpenAPI `responses` (service/api/responses.py) and tests/service/test_error_contract.py (which
+# provokes each one end to end) follow. Every body is {"error", "detail", "request_id", "fields"?}, except the two
+# that `dare serve` answers before a request reaches the app (408, 431: {"error", "detail"}, connection closed).
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "invalid_json": (400, "the body is not JSON: malformed, not UTF-8, compressed, nested too deeply"),
+    "bad_request": (400, "Content-Length is not an integer"),
+    "unauthorized": (401, "a token is configured and the `Authorization: Bearer` header is missing or wrong"),
+    "not_found": (404, "no such path"),
+    "unknown_model": (404, "`model` names no loaded model"),
+    "method_not_allowed": (405, "the path does not take this method (`Allow` lists those it takes)"),
+    "client_timeout": (408, "`dare serve`: the request was not sent completely within `DARE_CLIENT_TIMEOUT_S`"),
+    "body_too_large": (413, "body over `DARE_MAX_BODY_BYTES` (by Content-Length or by bytes received)"),
+    "unsupported_media_type": (415, "a body route without `Content-Type: application/json` (charset utf-8, if "
+                               "given), or with a `Content-Encoding`"),
+    "invalid_request": (422, "schema errors (`fields` names each one, e.g. `candidates.3.item_id`), unknown body "
+                        "fields, a malformed `X-Request-ID` or `Idempotency-Key`"),
+    "limit_exceeded": (422, "over `DARE_MAX_CANDIDATES`, `DARE_MAX_EVENTS_PER_REQUEST`, `DARE_MAX_HISTORY` or "
+                       "`DARE_MAX_USER_ID_LENGTH`"),
+    "headers_too_large": (431, "`dare serve`: headers over `DARE_MAX_HEADER_BYTES`"),
+    "corrupt_sequence": (500, "this user's stored value is not a valid sequence (left untouched; other users "
+                         "unaffected)"),
+    "internal_error": (500, "a bug: the service log has the traceback"),
+    "store_unavailable": (503, "the store is down (the service recovers by itself)"),
+    "store_timeout": (503, "the store is slower than `DARE_REDIS_SOCKET_TIMEOUT_S`"),
+    "request_timeout": (503, "the call, queueing included, took longer than `DARE_REQUEST_TIMEOUT_S`"),
+    "no_model": (503, "no model is loaded, or the configured default is not"),
+}
+
 
 class ServiceError(DareError):
     """Base class: `status` and `code` say how the HTTP layer answers."""
@@ -68,6 +97,18 @@ class LimitExceededError(ServiceError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.detail = message
+
+
+class MalformedBodyError(ServiceError):
+    """The request body cannot be read as JSON at all (before any schema check)."""
+
+    status = 400
+    code = "invalid_json"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class InvalidSequenceInput(DareError):

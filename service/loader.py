@@ -3,8 +3,9 @@
 Input: the 5-column UserBehavior CSV (plain or .gz, no header): user_id,item_id,category_id,behavior_type,timestamp.
 Quirks handled as `dare prepare` handles them: blank lines are skipped; a last line cut mid-row (no newline, too
 few fields) is dropped and counted; any other malformed line, a non-integer id or an unknown behaviour type is a
-DareError naming the file and the line. Only the behaviour types asked for are kept (default `pv`). Rows whose ids
-or timestamp do not fit the stored format (negative, item >= 2**53, category or timestamp >= 2**32) are dropped and
+DareError naming the file and the line. Only the behaviour types asked for are kept (default `pv`). item_id is
+read as an unsigned 64-bit integer (0..2**64-1; a negative or larger one is a DareError); rows whose other fields do
+not fit the stored format (a negative user, category or timestamp, category or timestamp >= 2**32) are dropped and
 counted.
 
 Stages, vectorised (no Python loop per row): stream-parse the CSV with pyarrow in blocks -> keep the wanted rows ->
@@ -31,13 +32,12 @@ from dare_common import DareError
 from service.errors import ServiceError
 from service.store import (
     _APPEND_LUA,
-    HEADER,
     MAX_CATEGORY_ID,
-    MAX_ITEM_ID,
     MAX_TIMESTAMP,
     RECORD_DTYPE,
-    RECORD_SIZE,
     SequenceStore,
+    append_args,
+    encode,
 )
 
 BEHAVIOURS = ("pv", "buy", "cart", "fav")
@@ -119,7 +119,7 @@ def _open(path: Path) -> _TailReader:
 @dataclass
 class _Columns:
     user: np.ndarray  # int64 [R]
-    item: np.ndarray  # int64 [R]
+    item: np.ndarray  # uint64 [R]
     cate: np.ndarray  # int64 [R]
     ts: np.ndarray  # int64 [R]
 
@@ -142,7 +142,7 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
     convert = pacsv.ConvertOptions(
         column_types={
             "user_id": pa.int64(),
-            "item_id": pa.int64(),
+            "item_id": pa.uint64(),
             "category_id": pa.int64(),
             "behavior_type": pa.string(),
             "timestamp": pa.int64(),
@@ -174,8 +174,7 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
             keep = pc.is_in(behaviour, value_set=wanted).to_numpy(zero_copy_only=False)
             dropped["behavior_not_kept"] += int((~keep).sum())
             cols = _Columns(*(batch.column(c).to_numpy()[keep] for c in ("user_id", "item_id", "category_id", "timestamp")))
-            fits = (cols.item >= 0) & (cols.item <= MAX_ITEM_ID) & (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID)
-            fits &= cols.user >= 0
+            fits = (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID) & (cols.user >= 0)
             in_time = (cols.ts >= 0) & (cols.ts <= MAX_TIMESTAMP)
             if cfg.min_timestamp is not None:
                 in_time &= cols.ts >= cfg.min_timestamp
@@ -206,7 +205,7 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
         report.truncated_last_line = 1
     report.dropped = dropped
     if not parts:
-        return _Columns(*(np.empty(0, dtype=np.int64) for _ in range(4)))
+        return _Columns(*(np.empty(0, dtype=dtype) for dtype in (np.int64, np.uint64, np.int64, np.int64)))
     return _Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "item", "cate", "ts")))
 
 
@@ -262,9 +261,9 @@ def load(cfg: LoadConfig, store: SequenceStore) -> LoadReport:
                 report.events_trimmed += kept_start - start
                 user = str(user_ids[k])
                 if not cfg.append:
-                    pipe.set(store.key(user), HEADER + records[kept_start:end].tobytes())
+                    pipe.set(store.key(user), encode(records[kept_start:end]))
                 elif append_sha is not None:
-                    pipe.evalsha(append_sha, 1, store.key(user), HEADER, records[kept_start:end].tobytes(), RECORD_SIZE, cap)
+                    pipe.evalsha(append_sha, 1, store.key(user), *append_args(records[kept_start:end], cap))
                 else:
                     _append_one(store, user, records[kept_start:end])
             if len(pipe):

@@ -2,8 +2,8 @@
 
 A JSON line has `time` (UTC, ISO 8601 with milliseconds), `level`, `logger`, `message`, and whichever of
 `request_id`, `route`, `method`, `status`, `duration_ms`, `model` the record carries (the access lines of
-`service.api.middleware.RequestMetrics` carry them all; a logging filter that sets `record.request_id` adds the
-request id to every line), plus `exception` with the traceback when there is one. orjson escapes every control
+`service.api.middleware.RequestMetrics` carry them all; `service.api.request_id.RequestIdFilter` puts the request
+id on every line of a request), plus `exception` with the traceback when there is one. orjson escapes every control
 character, so a client's string cannot break a line.
 """
 
@@ -16,7 +16,6 @@ import orjson
 
 EXTRA_FIELDS = ("request_id", "route", "method", "status", "duration_ms", "model")
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,7 +30,7 @@ class JsonFormatter(logging.Formatter):
         }
         for name in EXTRA_FIELDS:
             value = record.__dict__.get(name)
-            if value is not None:
+            if value is not None and value != "-":  # "-": RequestIdFilter's "outside a request"
                 line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
@@ -40,17 +39,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """The process's log output (`dare serve`'s workers): the root logger at `level`; with fmt "json", the root's
-    and uvicorn's handlers write JSON lines, and uvicorn's access log gives way to the service's own access lines
-    (which carry the route template, the duration and the model)."""
-    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT)
-    if fmt != "json":
-        return
+def configure_json_logging(level: str) -> None:
+    """DARE_LOG_FORMAT=json for this process (`dare serve`'s workers): the root logger at `level`; the root's and
+    uvicorn's handlers write JSON lines with the request id (RequestIdFilter), and uvicorn's access log gives way to
+    the service's own access lines (which carry the route template, the duration and the model)."""
+    from service.api.request_id import RequestIdFilter
+
+    logging.basicConfig(level=level.upper())
     formatter = JsonFormatter()
     for name in ("", *UVICORN_LOGGERS):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(formatter)
+            handler.addFilter(RequestIdFilter())
     logging.getLogger("uvicorn.access").disabled = True
 
 

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi_offline import FastAPIOffline
 from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,13 +34,15 @@ from dare_common import DareError
 from service.api.concurrency import BlockingPool
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.request_id import HEADER as REQUEST_ID_HEADER
+from service.api.request_id import RequestIdFilter, RequestIdMiddleware, current_request_id
 from service.api.responses import OrjsonResponse, error_response, service_error_response
 from service.api.routes import health, models, scoring, users
 from service.api.routes.users import default_history_limit
 from service.core.config import Settings, get_settings
 from service.engine import ScoringEngine
 from service.errors import InvalidSequenceInput, ServiceError
-from service.logs import configure_logging
+from service.logs import configure_json_logging
 from service.metrics import PROCESS_SAMPLE_INTERVAL_S, ServiceMetrics, multiprocess_dir
 from service.registry import InferenceOptions, ModelRegistry, ModelSet
 from service.search import FusedSearch, kernel_isa
@@ -111,6 +114,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics, blocking: Blocki
         max_history=settings.max_history,
         degraded_on_store_error=settings.degraded_on_store_error,
         metrics=metrics,
+        search_threads=settings.search_threads,
     )
     log.info(
         "store: %s; models loaded: %s (default %s), rejected: %s; traffic: %s; auth: %s",
@@ -170,15 +174,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> OrjsonResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):  # FastAPI's own parse (routes without a body)
+            return error_response(400, "invalid_json", "the body is not valid JSON")
         fields = []
         for err in exc.errors():
             kind = err.get("type")
-            name = "body" if kind == "json_invalid" else _field(err.get("loc", ()))
+            name = _field(err.get("loc", ()))
             msg = str(err.get("msg", "invalid"))
             if kind == "missing" and name == "body":
                 msg = "a JSON body is required"
-            elif kind == "json_invalid":
-                msg = f"not valid JSON ({msg.lower()} at character {err.get('ctx', {}).get('error', '?')})"
+            elif kind == "extra_forbidden":
+                msg = "unknown field (the schema at /openapi.json lists the accepted ones)"
             elif kind in ("model_attributes_type", "dict_type") and name == "body":
                 msg = f"{msg} (send a JSON object with Content-Type: application/json)"
             fields.append({"field": name, "message": msg})
@@ -193,7 +199,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> OrjsonResponse:
         log.exception("unhandled error on %s %r", request.method, request.url.path)  # %r: the path is the client's
-        return error_response(500, "internal_error", "internal error (see the service log)")
+        # Answered outside RequestIdMiddleware (Starlette's outermost error middleware): the header is set here.
+        response = error_response(500, "internal_error", "internal error (see the service log)")
+        response.headers[REQUEST_ID_HEADER] = current_request_id()
+        return response
 
 
 def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
@@ -291,13 +300,16 @@ def create_app(settings: Settings | None = None, *, tracer_provider: TracerProvi
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             services.store.close()
             services.blocking.shutdown()
+            services.engine.splitter.shutdown()
             if multiprocess_dir():
                 # Drop this worker's live gauges (dare_model_info) from the aggregated /metrics.
                 from prometheus_client import multiprocess
 
                 multiprocess.mark_process_dead(os.getpid())
 
-    app = FastAPI(
+    # FastAPI's self-hosted docs (docs_url=None + get_swagger_ui_html/get_redoc_html on local assets), packaged:
+    # /docs and /redoc load Swagger UI and ReDoc from /static-offline-docs, so they work without internet.
+    app = FastAPIOffline(
         title="DARE scoring service",
         summary="CTR scores over lifelong behaviour sequences (DARE: decoupled attention and representation embeddings)",
         version=dare_common.__version__,
@@ -309,18 +321,37 @@ def create_app(settings: Settings | None = None, *, tracer_provider: TracerProvi
         app.include_router(router)
     app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     _install_error_handlers(app)
-    # Added last = outermost: the duration histogram also sees the 413s of the body limit.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last = outermost: the duration histogram also sees the 413s of the body limit (under their route).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, routes=app.router.routes)
     app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.log_format == "json")
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer and log line of a request has its id
     return app
 
 
 def create_app_from_env() -> FastAPI:
     """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_format == "json":
+        configure_json_logging(settings.log_level)  # the request id too, from RequestIdFilter
+    else:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")  # fmt: skip
+        install_request_id_logging()
     try:
         return create_app(settings)
     except DareError as exc:  # e.g. tracing on without the otel extra: one line, not a traceback
         log.error("%s", exc)
         raise SystemExit(2) from None
+
+
+def install_request_id_logging() -> None:
+    """The request id on every log line: `RequestIdFilter` on the root handlers and on uvicorn's access log, whose
+    lines end in `[<request id>]`."""
+    from uvicorn.logging import AccessFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    for handler in logging.getLogger("uvicorn.access").handlers:
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(AccessFormatter('%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s '
+                                             "[%(request_id)s]"))  # fmt: skip

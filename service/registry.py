@@ -78,27 +78,35 @@ DENSE_LOOKUP_MAX_BYTES = 64 << 20
 @dataclass(frozen=True)
 class IdMap:
     """raw id -> embedding row for one field, unknown -> OOV row: a dense lookup table when the raw ids are small
-    enough (see DENSE_LOOKUP_MAX_BYTES), else a binary search on the sorted raw ids."""
+    enough (see DENSE_LOOKUP_MAX_BYTES), else a binary search on the sorted raw ids. Raw ids are unsigned 64-bit
+    (hashed item ids use the whole range); the lookups take any integer array of ids >= 0."""
 
-    raw: np.ndarray  # int64 [V], strictly increasing
+    raw: np.ndarray  # uint64 [V], strictly increasing
     index: np.ndarray  # int64 [V], rows >= 2
     dense: np.ndarray | None = None  # int32 [max raw id + 1]: row of each raw id, OOV_INDEX for unknown ids
 
     @classmethod
     def build(cls, raw: np.ndarray, index: np.ndarray) -> IdMap:
+        """From sorted unique raw ids (int64 or uint64; negative int64 ids, which no request can hold, are left
+        out) and their rows."""
+        if raw.dtype != np.uint64:
+            keep = raw >= 0  # sorted: the negative ids are a prefix
+            raw, index = raw[keep].astype(np.uint64), index[keep]
         raw, index = np.ascontiguousarray(raw), np.ascontiguousarray(index)
         dense = None
-        if raw.size and raw[0] >= 0 and (int(raw[-1]) + 1) * 4 <= DENSE_LOOKUP_MAX_BYTES and int(index.max()) < 2**31:
+        if raw.size and (int(raw[-1]) + 1) * 4 <= DENSE_LOOKUP_MAX_BYTES and int(index.max()) < 2**31:
             dense = np.full(int(raw[-1]) + 1, OOV_INDEX, dtype=np.int32)
             dense[raw] = index
         return cls(raw, index, dense)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)  # [n]
+        ids = np.asarray(ids)  # [n]
+        if ids.dtype != np.uint64:  # ids are >= 0 (validated): the same values as uint64
+            ids = ids.astype(np.uint64)
         if self.raw.size == 0:
             return np.full(ids.shape, OOV_INDEX, dtype=np.int64)
         if self.dense is not None:
-            inside = (ids >= 0) & (ids < self.dense.size)  # [n]
+            inside = ids < self.dense.size  # [n]
             rows = self.dense[np.where(inside, ids, 0)]  # [n] int32
             return np.where(inside, rows, OOV_INDEX).astype(np.int64, copy=False)
         pos = np.searchsorted(self.raw, ids)  # [n], insertion points
@@ -125,8 +133,10 @@ class Vocab:
         maps = {}
         for fld, rows in (("item", item_rows), ("cate", cate_rows)):
             raw, index = arrays[f"{fld}_raw"], arrays[f"{fld}_index"]
-            if raw.dtype != np.int64 or index.dtype != np.int64 or raw.ndim != 1 or raw.shape != index.shape:
-                raise ModelFolderError(f"{path}: {fld}_raw and {fld}_index must be 1-D int64 arrays of equal length")
+            if raw.dtype not in (np.int64, np.uint64) or index.dtype != np.int64 or raw.ndim != 1 or raw.shape != index.shape:
+                raise ModelFolderError(
+                    f"{path}: {fld}_raw (int64 or uint64) and {fld}_index (int64) must be 1-D arrays of equal length"
+                )
             if raw.size > 1 and not (np.diff(raw) > 0).all():
                 raise ModelFolderError(f"{path}: {fld}_raw must be sorted and unique")
             if index.size and (index.min() < 2 or index.max() >= rows):

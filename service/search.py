@@ -17,6 +17,8 @@ search.onnx. `dare bench` times it against search.onnx and against FAISS and num
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,6 +52,11 @@ def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
 
 
 ISA_NAMES = {512: "AVX-512F", 256: "AVX2 + FMA"}
+
+# The kernel handles candidates in tiles of this many; a split search gives each thread whole tiles.
+CANDIDATE_TILE = 32
+# A search is split over threads from this many (history events x candidates) on: W2 (10,000 x 200) and up.
+SPLIT_MIN_WORK = 2_000_000
 
 
 def kernel_isa() -> int:
@@ -97,6 +104,18 @@ class FusedSearch:
             self.scale, self.max_position, self.top_k, index, weight, self.isa,
         )  # fmt: skip
         return index, weight
+
+    def run_split(self, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray, cand_cate: np.ndarray,
+                  pool: ThreadPoolExecutor, parts: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """`run` with the candidates cut into `parts` slices of whole tiles, the first searched in this thread and the
+        others in `pool`. A candidate's top-K depends on that candidate alone, so the answer is `run`'s exactly."""
+        tiles = -(-len(cand_item) // CANDIDATE_TILE)
+        cuts = [CANDIDATE_TILE * (tiles * p // parts) for p in range(parts)] + [len(cand_item)]
+        slices = [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        futures = [pool.submit(self.run, hist_item, hist_cate, cand_item[s], cand_cate[s]) for s in slices[1:]]
+        results = [self.run(hist_item, hist_cate, cand_item[slices[0]], cand_cate[slices[0]])]
+        results += [f.result() for f in futures]
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     @classmethod
     def load(cls, folder: Path, manifest: Manifest, search: ort.InferenceSession, kernel: SearchKernel) -> FusedSearch | None:
@@ -164,3 +183,33 @@ class FusedSearch:
                 f"{path}: the attention tables disagree with search.onnx (same retrieved events for {same_sets:.0%} of "
                 f"candidates, weights differ by up to {weight_diff:.2g}); re-export the model"
             )
+
+
+class SearchSplitter:
+    """Splits one long search over `threads` threads (DARE_SEARCH_THREADS) while it is the only search this process is
+    running: a lone request then uses every core, and under load, when searches overlap, each runs in its own
+    thread as before, so the split never takes cores from other requests."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search") if threads > 1 else None
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def run(self, fused: FusedSearch, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray,
+            cand_cate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        with self._lock:
+            self._running += 1
+            alone = self._running == 1
+        try:
+            big = len(hist_item) * len(cand_item) >= SPLIT_MIN_WORK and len(cand_item) > CANDIDATE_TILE
+            if self.pool is not None and alone and big:
+                return fused.run_split(hist_item, hist_cate, cand_item, cand_cate, self.pool, self.threads)
+            return fused.run(hist_item, hist_cate, cand_item, cand_cate)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)

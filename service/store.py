@@ -7,13 +7,21 @@ the user id ends and no user id or Idempotency-Key can make one user's key equal
 Value (binary, little-endian, not JSON):
 
     offset 0   4 bytes   magic  b"DSEQ"
-    offset 4   1 byte    format version (1)
+    offset 4   1 byte    format version (1 or 2, below)
     offset 5   1 byte    record size in bytes (16)
     offset 6   2 bytes   reserved, zero
     offset 8   N records of 16 bytes each, oldest first (arrival order):
-                 item_id      int64   0 .. 2**53-1 (ids stay exact as JSON numbers in any client)
+                 item_id      uint64  0 .. 2**64-1 (version 1: int64, 0 .. 2**63-1)
                  category_id  uint32  0 .. 2**32-1
                  timestamp    uint32  Unix seconds, 0 .. 2**32-1 (until 2106)
+
+Versions. Version 1 (releases before 2026-12) stores item_id as int64; version 2 as uint64, so 64-bit hashed ids
+fit. Records with item ids below 2**63 are the same bytes in both, so a writer keeps a value at version 1 while all
+its item ids are below 2**63 (the previous release, e.g. during a rolling deploy or after a rollback, still reads
+it) and writes version 2 once one is not: a new value or a replace gets the header its records need; an append of
+such an id to a version-1 value rewrites the 8-byte header to version 2 in the same atomic script, then appends
+(the records already stored are not touched). This code reads both; a version-1 value whose item_id has the top
+bit set (a negative int64) is corrupt.
 
 Because the header is fixed and every record has the same size, appending is a plain Redis APPEND of more
 records, and the most recent n events are one GETRANGE from the end. An append runs inside a Lua script so it
@@ -58,50 +66,67 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"DSEQ"
-FORMAT_VERSION = 1
-RECORD_DTYPE = np.dtype([("item_id", "<i8"), ("category_id", "<u4"), ("timestamp", "<u4")])
+FORMAT_VERSION = 2  # the newest version, read and written; version 1 is still read and appended to
+RECORD_DTYPE = np.dtype([("item_id", "<u8"), ("category_id", "<u4"), ("timestamp", "<u4")])
 RECORD_SIZE = RECORD_DTYPE.itemsize  # 16
+HEADER_V1 = MAGIC + struct.pack("<BBH", 1, RECORD_SIZE, 0)
 HEADER = MAGIC + struct.pack("<BBH", FORMAT_VERSION, RECORD_SIZE, 0)
 HEADER_SIZE = len(HEADER)  # 8
+HEADERS = {1: HEADER_V1, 2: HEADER}
 
-MAX_ITEM_ID = 2**53 - 1  # the largest integer every JSON parser (JavaScript, float64) keeps exact
+MAX_ITEM_ID = 2**64 - 1  # item ids are unsigned 64-bit (hashed ids); ids above 2**53 are exact in JSON integers
+MAX_V1_ITEM_ID = 2**63 - 1  # what a version-1 value (int64 item ids) holds
 MAX_CATEGORY_ID = 2**32 - 1
 MAX_TIMESTAMP = 2**32 - 1
 
 CLUSTER_SCHEME = "redis+cluster"
 
-# KEYS[1] = the user's key; ARGV = header, records, record size, lifelong maximum. Optional idempotency: KEYS[2] =
-# the request's marker key (same hash tag), ARGV[5] = its TTL in seconds.
+# KEYS[1] = the user's key; ARGV = version-1 header, version-2 header, records, record size, lifelong maximum,
+# marker TTL in seconds, "1" if the records need version 2 (an item id >= 2**63) else "0" (`append_args`).
+# Optional idempotency: KEYS[2] = the request's marker key (same hash tag).
 # Validates an existing value before touching it (a corrupt value is never appended to or rewritten); then, with a
 # marker key, sets the marker (NX) and returns without appending if it already existed (a replayed request); else
-# appends and keeps only the most recent `max` records. Returns {length in records, 1 if replayed else 0}.
+# upgrades a version-1 header when the records need it, appends and keeps only the most recent `max` records.
+# Returns {length in records, 1 if replayed else 0}.
 _APPEND_LUA = """
 local key = KEYS[1]
-local header = ARGV[1]
-local payload = ARGV[2]
-local rsize = tonumber(ARGV[3])
-local maxn = tonumber(ARGV[4])
-local hlen = string.len(header)
+local v1 = ARGV[1]
+local v2 = ARGV[2]
+local payload = ARGV[3]
+local rsize = tonumber(ARGV[4])
+local maxn = tonumber(ARGV[5])
+local needs_v2 = ARGV[7] == '1'
+local hlen = string.len(v2)
 if string.len(payload) % rsize ~= 0 then
   return redis.error_reply('DARE_BADINPUT payload length is not a multiple of the record size')
 end
 local kind = redis.call('TYPE', key)['ok']
 local cur = 0
+local head = v1
+if needs_v2 then
+  head = v2
+end
+local upgrade = false
 if kind == 'string' then
   cur = redis.call('STRLEN', key)
   if cur < hlen then
     return redis.error_reply('DARE_CORRUPT value of ' .. cur .. ' bytes is shorter than the header')
   end
-  if redis.call('GETRANGE', key, 0, hlen - 1) ~= header then
-    return redis.error_reply('DARE_CORRUPT header is not DSEQ version 1 with 16-byte records')
+  local stored = redis.call('GETRANGE', key, 0, hlen - 1)
+  if stored ~= v1 and stored ~= v2 then
+    return redis.error_reply('DARE_CORRUPT header is not DSEQ version 1 or 2 with 16-byte records')
   end
   if (cur - hlen) % rsize ~= 0 then
     return redis.error_reply('DARE_CORRUPT value length ' .. cur .. ' is not header + whole records')
   end
+  if stored == v2 then
+    head = v2
+  end
+  upgrade = stored == v1 and head == v2
 elseif kind ~= 'none' then
   return redis.error_reply('DARE_CORRUPT the key holds a Redis ' .. kind .. ', not a string')
 end
-if KEYS[2] and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[5])) then
+if KEYS[2] and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[6])) then
   if kind == 'none' then
     return {0, 1}
   end
@@ -109,15 +134,18 @@ if KEYS[2] and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[5])
 end
 local len
 if kind == 'none' then
-  redis.call('SET', key, header .. payload)
+  redis.call('SET', key, head .. payload)
   len = hlen + string.len(payload)
 else
+  if upgrade then
+    redis.call('SETRANGE', key, 0, v2)
+  end
   len = redis.call('APPEND', key, payload)
 end
 local n = (len - hlen) / rsize
 if n > maxn then
   local tail = redis.call('GETRANGE', key, len - maxn * rsize, -1)
-  redis.call('SET', key, header .. tail)
+  redis.call('SET', key, head .. tail)
   n = maxn
 end
 return {n, 0}
@@ -135,9 +163,9 @@ class History:
 
 def make_events(item_id: Any, category_id: Any, timestamp: Any) -> np.ndarray:
     """Validated RECORD_DTYPE array from three equally long integer sequences; InvalidSequenceInput if not."""
-    items = np.asarray(item_id)
-    cates = np.asarray(category_id)
-    stamps = np.asarray(timestamp)
+    items = _integers(item_id)
+    cates = _integers(category_id)
+    stamps = _integers(timestamp)
     for name, arr, hi in (
         ("item_id", items, MAX_ITEM_ID),
         ("category_id", cates, MAX_CATEGORY_ID),
@@ -160,9 +188,29 @@ def make_events(item_id: Any, category_id: Any, timestamp: Any) -> np.ndarray:
     return events
 
 
+def _integers(values: Any) -> np.ndarray:
+    """`np.asarray(values)`, except that a list of Python ints beyond int64 (which numpy would make float64, losing
+    digits) becomes uint64 when every one fits."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "fO" and arr.ndim == 1 and all(type(v) is int for v in values):
+        try:
+            return np.array(values, dtype=np.uint64)
+        except OverflowError:  # a negative id beside one above 2**63: refused below as not integers
+            pass
+    return arr
+
+
+def header_for(events: np.ndarray) -> bytes:
+    """The header a value holding `events` gets: version 1 while every item id fits int64, else version 2."""
+    if events.size and int(events["item_id"].max()) > MAX_V1_ITEM_ID:
+        return HEADER
+    return HEADER_V1
+
+
 def encode(events: np.ndarray) -> bytes:
     """Header + records: a complete stored value."""
-    return HEADER + encode_records(events)
+    records = encode_records(events)
+    return header_for(events) + records
 
 
 def encode_records(events: np.ndarray) -> bytes:
@@ -171,34 +219,42 @@ def encode_records(events: np.ndarray) -> bytes:
     return np.ascontiguousarray(events).tobytes()
 
 
+def append_args(events: np.ndarray, max_events: int, ttl_s: int = 0) -> list[Any]:
+    """ARGV of the append script (`_APPEND_LUA`) for appending `events` and trimming to `max_events`."""
+    needs_v2 = header_for(events) is HEADER
+    return [HEADER_V1, HEADER, encode_records(events), RECORD_SIZE, max_events, ttl_s, "1" if needs_v2 else "0"]
+
+
 def decode(value: bytes) -> np.ndarray:
     """A complete stored value -> RECORD_DTYPE array; ValueError saying what is wrong."""
-    check_header(value[:HEADER_SIZE])
+    version = check_header(value[:HEADER_SIZE])
     if (len(value) - HEADER_SIZE) % RECORD_SIZE:
         raise ValueError(f"value length {len(value)} is not {HEADER_SIZE} + a multiple of {RECORD_SIZE}")
-    return decode_records(value[HEADER_SIZE:])
+    return decode_records(value[HEADER_SIZE:], version)
 
 
-def check_header(head: bytes) -> None:
+def check_header(head: bytes) -> int:
+    """The format version of a value's first 8 bytes; ValueError saying what is wrong."""
     if len(head) < HEADER_SIZE:
         raise ValueError(f"value of {len(head)} bytes is shorter than the {HEADER_SIZE}-byte header")
     if head[:4] != MAGIC:
         raise ValueError(f"magic is {head[:4]!r}, expected {MAGIC!r}")
     version, size, _ = struct.unpack("<BBH", head[4:HEADER_SIZE])
-    if version != FORMAT_VERSION:
-        raise ValueError(f"format version {version} is not supported (this service reads {FORMAT_VERSION})")
+    if version not in HEADERS:
+        raise ValueError(f"format version {version} is not supported (this service reads 1 and {FORMAT_VERSION})")
     if size != RECORD_SIZE:
         raise ValueError(f"record size {size} does not match {RECORD_SIZE}")
-    if head != HEADER:
+    if head != HEADERS[version]:
         raise ValueError("reserved header bytes are not zero")
+    return version
 
 
-def decode_records(raw: bytes) -> np.ndarray:
+def decode_records(raw: bytes | memoryview, version: int = FORMAT_VERSION) -> np.ndarray:
     if len(raw) % RECORD_SIZE:
         raise ValueError(f"{len(raw)} record bytes are not a multiple of {RECORD_SIZE}")
     events = np.frombuffer(raw, dtype=RECORD_DTYPE)
-    if events.size and int(events["item_id"].min()) < 0:
-        raise ValueError("a record has a negative item_id")
+    if version == 1 and events.size and int(events["item_id"].max()) > MAX_V1_ITEM_ID:
+        raise ValueError("a record of this version-1 value has a negative item_id (int64)")
     return events
 
 
@@ -340,11 +396,11 @@ class SequenceStore:
         return user_key(self.key_prefix, user_id, f"req:{request_key}")
 
     def _run_append(self, user_id: str, events: np.ndarray, marker: str | None, ttl_s: int) -> tuple[int, bool]:
-        payload = encode_records(events[-self.lifelong_max_events :])
+        args = append_args(events[-self.lifelong_max_events :], self.lifelong_max_events, ttl_s)
         key = self.key(user_id)
         keys = [key] if marker is None else [key, marker]
         with self._errors("append", user_id, key):
-            length, replayed = self._append(keys=keys, args=[HEADER, payload, RECORD_SIZE, self.lifelong_max_events, ttl_s])
+            length, replayed = self._append(keys=keys, args=args)
         return int(length), bool(replayed)
 
     def replace(self, user_id: str, events: np.ndarray) -> int:
@@ -389,13 +445,13 @@ class SequenceStore:
             if kind != "string":
                 raise ValueError(f"the key holds a Redis {kind}, not a string")
             total, head = int(replies[1]), replies[2]
-            check_header(head)
+            version = check_header(head)
             if (total - HEADER_SIZE) % RECORD_SIZE:
                 raise ValueError(f"value length {total} is not {HEADER_SIZE} + whole {RECORD_SIZE}-byte records")
             stored = (total - HEADER_SIZE) // RECORD_SIZE
             take = min(max_events, stored)
             tail = memoryview(replies[3]) if max_events > 0 else memoryview(b"")
-            events = decode_records(tail[len(tail) - take * RECORD_SIZE :])  # drops the header of a short value
+            events = decode_records(tail[len(tail) - take * RECORD_SIZE :], version)  # drops a short value's header
         except ValueError as exc:
             raise self._corrupt(user_id, key, str(exc)) from None
         return History(events, stored, True)

@@ -96,14 +96,16 @@ TEST_ITEM_RAW_IDS = tuple(range(1000, 1058))  # vocab rows 2..59 (0 = padding, 1
 TEST_CATE_RAW_IDS = tuple(range(10, 20))  # vocab rows 2..11
 
 
-def write_test_data_folder(folder: Path) -> Path:
-    """A minimal prepared-data folder for save_run: vocab.npz and meta.json (no samples)."""
+def write_test_data_folder(folder: Path, item_raw_ids: tuple[int, ...] = TEST_ITEM_RAW_IDS) -> Path:
+    """A minimal prepared-data folder for save_run: vocab.npz and meta.json (no samples). `item_raw_ids` (sorted,
+    unique) replaces TEST_ITEM_RAW_IDS; ids of 2**63 or more make item_raw uint64, as `dare prepare` writes it."""
     import json
 
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
-    items, cates = np.array(TEST_ITEM_RAW_IDS, dtype=np.int64), np.array(TEST_CATE_RAW_IDS, dtype=np.int64)
+    items = np.array(item_raw_ids, dtype=np.uint64 if max(item_raw_ids) >= 2**63 else np.int64)
+    cates = np.array(TEST_CATE_RAW_IDS, dtype=np.int64)
     np.savez(
         folder / "vocab.npz",
         item_raw=items, item_index=np.arange(2, 2 + len(items), dtype=np.int64),
@@ -157,6 +159,7 @@ def export_random_model(
     seed: int = 0,
     name: str | None = None,
     search: str = "topk",
+    item_raw_ids: tuple[int, ...] = TEST_ITEM_RAW_IDS,
 ) -> Path:
     """Build a RANDOMLY INITIALISED model, save it as a run (folder/run) and export it (folder/model); return
     the model folder. The run folder beside it gives the PyTorch model back via training.run.load_run."""
@@ -169,13 +172,13 @@ def export_random_model(
 
     torch.manual_seed(seed)
     model_cfg = ModelConfig(
-        kind=kind, item_rows=2 + len(TEST_ITEM_RAW_IDS), cate_rows=2 + len(TEST_CATE_RAW_IDS),  # type: ignore[arg-type]
+        kind=kind, item_rows=2 + len(item_raw_ids), cate_rows=2 + len(TEST_CATE_RAW_IDS),  # type: ignore[arg-type]
         att_dim=att_dim, repr_dim=repr_dim, top_k=top_k, max_position=max_position, search=search,  # type: ignore[arg-type]
     )  # fmt: skip
     model = build_model(model_cfg)
     randomize_for_tests(model, seed)
     cfg = TrainConfig(model=model_cfg, seed=seed)
-    save_run(folder / "run", model, cfg, {"note_random_init": 1}, write_test_data_folder(folder / "data"))
+    save_run(folder / "run", model, cfg, {"note_random_init": 1}, write_test_data_folder(folder / "data", item_raw_ids))
     export_run(folder / "run", folder / "model", name=name or f"random-{kind}-att{att_dim}", progress=False)
     return folder / "model"
 

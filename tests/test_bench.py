@@ -34,7 +34,7 @@ def test_records_schema_and_coverage(quick_run: tuple[BenchConfig, list[dict], l
         assert set(record) == set(RECORD_KEYS)
         for key, kind in RECORD_KEYS.items():
             assert isinstance(record[key], kind), (key, record)
-        assert record["workload"] in ("W1", "W2", "W3")
+        assert record["workload"] in ("W1", "W2", "W3", "W4")
         assert record["backend"] in BACKENDS
         assert 0 < record["p50_ms"] <= record["p99_ms"]
     cells = {(r["workload"], r["att_dim"], r["backend"], r["stage"]) for r in on_disk}
@@ -82,10 +82,16 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     if not kernel_available()[0]:
         assert meta["search_peers"] == []
         return
-    # The kernel and its peers on the same inputs, W2 and W3, every dim; the peers find the kernel's events.
+    # The kernel and its peers on the same inputs, W2 to W4, every dim; the peers find the kernel's events.
     peers = meta["search_peers"]
     assert {(p["workload"], p["att_dim"], p["peer"]) for p in peers} == {(w.name, d, p) for w in long for d in cfg.att_dims for p in PEERS}
     assert all(p["p50_ms"] > 0 and p["same_events"] >= 0.9 for p in peers)
+    # Arithmetic rate: 4 C N d flops over the p50, against the measured single-thread GEMM peak.
+    w_of = {w.name: w for w in long}
+    for p in peers:
+        w = w_of[p["workload"]]
+        assert abs(p["gflops"] - 4 * w.candidates * w.history * p["att_dim"] / (p["p50_ms"] / 1000) / 1e9) <= 0.01 + 0.01 * p["gflops"]
+    assert meta["peak_gflops"] > 1 and "share of peak" in md
     assert names.count("search att_dim scaling (CPU time)") == 1
     assert names.count("fused kernel vs best peer") == len(long)
     assert "## The search and its peers" in md

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from dare_common import DareError
-from dare_common import int_list
+from dare_common import int_list, renamed
 from training.config import PrepareConfig
 
 
@@ -117,14 +117,16 @@ def bench_prepare(
     out: Annotated[Path, typer.Option("--out", help="JSON file for the figures (a PNG of the stages goes beside it)")],
     rows: Annotated[int, typer.Option(help="rows of the generated synthetic log")] = 10_000_000,
     events_per_user: Annotated[int, typer.Option(help="events per synthetic user")] = 500,
-    work_dir: Annotated[
-        Optional[Path], typer.Option(help="where the log and prepared data go (default: a temporary folder, removed after)")
+    work: Annotated[
+        Optional[Path], typer.Option("--work", help="where the log and prepared data go (default: a temporary folder, removed after)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show progress on stderr")] = True,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", hidden=True)] = None,  # the old spelling of --work
 ) -> None:
     """Measure `dare prepare` throughput (rows/s) on a generated SYNTHETIC log; write JSON + PNG."""
     from training.prepare import benchmark
 
+    work_dir = renamed("--work-dir", "--work", work_dir) or work
     report = benchmark(rows, events_per_user, out, work_dir=work_dir, progress=progress)
     typer.echo(
         f"prepare: {report['rows']:,} rows in {report['prepare_seconds']:.1f} s = {report['rows_per_second']:,.0f} rows/s "
@@ -148,7 +150,8 @@ def train(
     search: Annotated[str, typer.Option("--search", help="topk (the model's search) or recency (the K most recent: an ablation)")] = "topk",
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="validation passes per epoch")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", hidden=True)] = False,  # the old spelling of --no-progress
 ) -> None:
     """Train DARE, TWIN or TWIN-proj; keep the best checkpoint by validation AUC; write metrics.json."""
     from training.train import TrainOptions, train as run_train
@@ -157,7 +160,8 @@ def train(
         model=model, att_dim=att_dim, repr_dim=repr_dim, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch, patience=patience, search=search,
     )  # fmt: skip
-    m = run_train(data, options, out, progress=not quiet).metrics
+    progress = progress and not renamed("--quiet", "--no-progress", quiet)
+    m = run_train(data, options, out, progress=progress).metrics
     ndcg = m["test_ndcg_at_k"]
     typer.echo(
         f"{out}: test AUC {m['test_auc']:.4f}, GAUC {m['test_gauc']:.4f}, logloss {m['test_logloss']:.4f}, "
@@ -182,7 +186,8 @@ def compare(
     aux_loss: Annotated[bool, typer.Option("--aux-loss/--no-aux-loss")] = True,
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", hidden=True)] = False,  # the old spelling of --no-progress
 ) -> None:
     """Train DARE, TWIN, TWIN-proj and DARE-recency over seeds and dims beside model-free baselines; write a table,
     paired differences, a verdict per paper claim, and charts."""
@@ -203,7 +208,8 @@ def compare(
         lr=lr, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch,
     )  # fmt: skip
     command = shlex.join(["dare", *sys.argv[1:]])
-    result = run_compare(data, options, out, command=command, progress=not quiet)
+    progress = progress and not renamed("--quiet", "--no-progress", quiet)
+    result = run_compare(data, options, out, command=command, progress=progress)
     typer.echo(result.markdown)
     typer.echo(f"wrote {out}/results.md, results.json, results.png, learning_curves.png ({len(result.runs)} runs)")
 
@@ -214,7 +220,8 @@ def curve(
     rows: Annotated[str, typer.Option("--rows", help="comma-separated label:att:repr (labels as in dare compare)")] = "dare:16:16,twin:16:16",
     fractions: Annotated[str, typer.Option("--fractions", help="comma-separated shares of the training users")] = "0.25,0.5,1",
     seeds: Annotated[int, typer.Option("--seeds")] = 3,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", hidden=True)] = False,  # the old spelling of --no-progress
 ) -> None:
     """Test AUC vs training-set size for a few models beside the model-free baselines (is it the model or the data?)."""
     import shlex
@@ -233,7 +240,8 @@ def curve(
     except ValueError:
         raise DareError(f"--fractions: {fractions!r} is not a comma-separated list of numbers") from None
     options = CurveOptions(rows=tuple(parsed), fractions=shares, seeds=seeds)
-    result = run_curve(data, options, out, command=shlex.join(["dare", *sys.argv[1:]]), progress=not quiet)
+    progress = progress and not renamed("--quiet", "--no-progress", quiet)
+    result = run_curve(data, options, out, command=shlex.join(["dare", *sys.argv[1:]]), progress=progress)
     typer.echo((out / "curve.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {out}/curve.md, curve.json, curve.png ({sum(len(p['runs']) for p in result['points'])} runs)")  # type: ignore[attr-defined]
 

@@ -69,11 +69,14 @@ CHUNK_CELLS = 1 << 24
 
 _SCHEMA = {
     "user": pl.Int64,
-    "item": pl.Int64,
+    "item": pl.UInt64,  # 64-bit hashed item ids use the whole unsigned range (vocab.npz: item_raw is uint64)
     "cate": pl.Int64,
     "behavior": pl.Enum(BEHAVIOR_TYPES),
     "ts": pl.Int64,
 }
+
+
+_SCHEMA_COLUMN = dict(zip(LOG_COLUMNS, _SCHEMA, strict=True))  # log column name -> frame column name
 
 
 class PrepareError(DareError):
@@ -206,8 +209,8 @@ def _diagnose(source: Path | io.BytesIO, path: Path) -> None:
             invalid = ~value.is_in(BEHAVIOR_TYPES)
             expected = "one of " + ", ".join(BEHAVIOR_TYPES)
         else:
-            invalid = value.cast(pl.Int64, strict=False).is_null()
-            expected = "an integer"
+            invalid = value.cast(_SCHEMA[_SCHEMA_COLUMN[column]], strict=False).is_null()
+            expected = "an integer from 0 to 2**64-1" if column == "item_id" else "an integer"
         bad = fields.filter(invalid).head(1)
         if bad.height:
             lineno, text = bad["lineno"][0], bad[names[i]][0]
@@ -290,7 +293,7 @@ class Events:
     cate: np.ndarray  # int64 [E] category row >= 2
     start: np.ndarray  # int64 [U] index of each user's first event
     length: np.ndarray  # int64 [U] events per user
-    item_raw: np.ndarray  # int64 [I] sorted raw item ids ...
+    item_raw: np.ndarray  # uint64 [I] sorted raw item ids ...
     item_index: np.ndarray  # int64 [I] ... and their rows
     cate_raw: np.ndarray
     cate_index: np.ndarray
@@ -299,11 +302,12 @@ class Events:
 
 
 def _first_appearance_rows(column: pl.Series, first_row: int) -> tuple[pl.Series, np.ndarray, np.ndarray]:
-    """Rows in order of first appearance: (row per element, sorted raw ids, their rows)."""
+    """Rows in order of first appearance: (row per element, sorted raw ids (the column's dtype: int64, or uint64 for
+    items), their rows)."""
     uniques = column.unique(maintain_order=True)  # raw ids, order of first appearance
     rows = np.arange(first_row, first_row + len(uniques), dtype=np.int64)
     mapped = column.replace_strict(uniques, pl.Series(rows), return_dtype=pl.Int64)
-    raw = uniques.to_numpy().astype(np.int64)
+    raw = uniques.to_numpy()
     order = np.argsort(raw, kind="stable")
     return mapped, raw[order], rows[order]
 

@@ -7,7 +7,8 @@ closes a connection whose client
 
 - sends more than DARE_MAX_HEADER_BYTES before the blank line that ends a request's headers (answered 431), or
 - has not finished sending a request DARE_CLIENT_TIMEOUT_S after its first byte (answered 408): the headers, then
-  the Content-Length bytes of the body (a chunked body: until the answer starts).
+  the Content-Length bytes of the body (a chunked body: until the answer starts), or
+- sends a Content-Length that is not an integer (answered 400 `bad_request`, as the app would).
 
 `dare serve` uses it (`uvicorn.run(..., http="service.api.client_limits:ClientLimits")`, limits from the DARE_*
 settings); the body size limit (413) stays in the app (service/api/middleware.py).
@@ -25,6 +26,8 @@ from service.core.config import get_settings
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
 _TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+_ANY_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:", re.IGNORECASE)
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
 _TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
 
 
@@ -118,6 +121,10 @@ class ClientLimits(asyncio.Protocol):
             return
         head = bytes(buf[: end + 2])
         length = _CONTENT_LENGTH.search(head)
+        if length is None and _ANY_CONTENT_LENGTH.search(head) is not None:
+            # httptools would refuse it with a plain-text 400: the same answer as the app's (service/api/middleware.py)
+            self._refuse(_answer(_BAD_REQUEST, "bad_request", "Content-Length is not an integer"))
+            return
         after = len(buf) - (end + 4)
         self.head.clear()
         self.in_head = False

@@ -1,52 +1,58 @@
 """Pure-ASGI middleware: the request body size limit (413), the request-duration histogram, the in-flight gauge
-and (DARE_LOG_FORMAT=json) the access log."""
+and (DARE_LOG_FORMAT=json) the access log (the request id: service/api/request_id.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
-import orjson
+from fastapi.routing import iter_route_contexts
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.responses import error_response
 from service.metrics import ServiceMetrics
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
-    payload = orjson.dumps(body)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    })
-    await send({"type": "http.response.body", "body": payload})
-
-
 class BodySizeLimit:
     """Answers 413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually received
-    (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app."""
+    (chunked uploads have no Content-Length). The accepted body is buffered and replayed to the app.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    It answers before routing; so that the request histogram counts such an answer under its route (not
+    "unmatched"), it first matches the app's `routes` itself (FastAPI's public `iter_route_contexts` and each
+    route's `matches`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str) -> None:
+        for context in iter_route_contexts(self.routes):  # included routers' routes too
+            match, _ = context.matches(scope)
+            if match is Match.FULL:
+                scope["route"] = context.original_route  # what routing would have set
+                break
+        await error_response(status, code, detail)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        too_large = {"error": "body_too_large", "detail": f"request body exceeds {self.max_bytes} bytes (DARE_MAX_BODY_BYTES)"}
+        too_large = f"request body exceeds {self.max_bytes} bytes (DARE_MAX_BODY_BYTES)"
         headers = dict(scope.get("headers", ()))
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError:
-                await _send_json(send, 400, {"error": "bad_request", "detail": "Content-Length is not an integer"})
+                await self._refuse(scope, receive, send, 400, "bad_request", "Content-Length is not an integer")
                 return
             if length > self.max_bytes:
-                await _send_json(send, 413, too_large)
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
         chunks: list[bytes] = []
         received = 0
@@ -57,7 +63,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_bytes:
-                await _send_json(send, 413, too_large)
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -80,15 +86,6 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
 
 
 access_log = logging.getLogger("service.access")
-
-
-def header_request_id(scope: Scope) -> str | None:
-    """The request id of an access line: the client's X-Request-ID header, if any. (Hook: where the request-id
-    context of issue 17 sets its own id, read it here instead.)"""
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            return value.decode("latin-1")
-    return None
 
 
 class RequestMetrics:
@@ -137,6 +134,6 @@ class RequestMetrics:
             metrics.request_series(endpoint, scope["method"], model, str(status)).observe(seconds)
             if self.access_log:
                 access_log.info("%s %s %d", scope["method"], endpoint, status, extra={
-                    "request_id": header_request_id(scope), "route": endpoint, "method": scope["method"],
+                    "request_id": scope.get("state", {}).get("request_id"), "route": endpoint, "method": scope["method"],
                     "status": status, "duration_ms": round(seconds * 1000.0, 3), "model": model or None,
                 })  # fmt: skip

@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
-from service.errors import LimitExceededError, ServiceError
+from service.api.request_id import request_id_var
+from service.errors import ERROR_CODES, LimitExceededError, ServiceError
 from service.schemas import ErrorBody
 
 log = logging.getLogger("service")
@@ -24,7 +25,7 @@ class OrjsonResponse(JSONResponse):
 
 def error_response(status: int, code: str, detail: str, *, fields: list[dict[str, str]] | None = None,
                    headers: dict[str, str] | None = None) -> OrjsonResponse:
-    body: dict[str, Any] = {"error": code, "detail": detail}
+    body: dict[str, Any] = {"error": code, "detail": detail, "request_id": request_id_var.get()}
     if fields is not None:
         body["fields"] = fields
     return OrjsonResponse(body, status_code=status, headers=headers)
@@ -39,17 +40,13 @@ def service_error_response(exc: ServiceError, method: str, path: str) -> OrjsonR
     return error_response(exc.status, exc.code, str(exc))
 
 
-_DESCRIPTIONS = {
-    400: "The body could not be read at all (not UTF-8, bad Content-Length)",
-    401: "Missing or wrong bearer token (only when DARE_API_TOKEN / DARE_ADMIN_TOKEN is set)",
-    404: "Unknown model",
-    413: "Request body larger than DARE_MAX_BODY_BYTES",
-    422: "Invalid request: `fields` names each offending field",
-    500: "A stored sequence of this user is corrupt (error `corrupt_sequence`)",
-    503: "Store unavailable or slow (store_unavailable, store_timeout), request timeout, or no model loaded",
-}
-
-
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries for these error statuses, all with the ErrorBody schema."""
-    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+    """OpenAPI `responses=` entries for these error statuses, all with the ErrorBody schema; each lists its error
+    codes (service.errors.ERROR_CODES)."""
+    return {
+        s: {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{code}`: {when}" for code, (status, when) in ERROR_CODES.items() if status == s),
+        }
+        for s in statuses
+    }

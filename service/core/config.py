@@ -92,6 +92,10 @@ class Settings(BaseSettings):
         "with AVX2 + FMA on a CPU without AVX-512F (not measured on such a CPU: measure first); onnx: always search.onnx",
     )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
+    search_threads: int = Field(
+        2, ge=1, description="threads one long fused search (history x candidates >= 2M) may use while it is the only "
+        "search of this process; 1 = never split",
+    )
 
     # --- server (used by `dare serve`) --------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
@@ -23,6 +23,14 @@ SERVICE_SETTINGS = {"max_candidates": 20, "max_events_per_request": 20, "max_his
 
 OPERATIONS = ["POST /score", "POST /events", "GET /users/{user_id}/history", "GET /models", "POST /admin/reload",
               "GET /metrics", "GET /healthz", "GET /readyz"]  # fmt: skip
+
+
+def _beyond_uint64(value: object) -> bool:
+    if isinstance(value, dict):
+        return any(_beyond_uint64(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_beyond_uint64(v) for v in value)
+    return type(value) is int and value >= 2**64
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +54,10 @@ def test_operation_never_5xx_and_matches_the_schema(api_schema, label: str) -> N
     @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(case=cases)
     def fuzz(case) -> None:
+        # The generator reads integer bounds near 2**64 through a float (item_id's exclusiveMaximum 2**64 becomes
+        # 18446744073709552000) and so offers ids up to ~2**64 + 383 as valid; the service rightly refuses them
+        # (tests/reliability/test_bad_input.py checks ids >= 2**64 explicitly).
+        assume(not _beyond_uint64(case.body))
         case.call_and_validate(timeout=30)
 
     fuzz()

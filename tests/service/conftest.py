@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -38,3 +40,14 @@ def make_client(redis_url: str, tmp_path: Path) -> Callable[..., AbstractContext
             yield client
 
     return make
+
+
+V1_RECORD_DTYPE = np.dtype([("item_id", "<i8"), ("category_id", "<u4"), ("timestamp", "<u4")])
+
+
+def encode_v1(items: list[int], cates: list[int], stamps: list[int]) -> bytes:
+    """A stored value as the format-version-1 encoder of the previous release wrote it (service/store.py before
+    2026-12: the header `DSEQ`, 1, 16, 0 and int64 item ids), for the tests that read and append to old values."""
+    records = np.empty(len(items), dtype=V1_RECORD_DTYPE)
+    records["item_id"], records["category_id"], records["timestamp"] = items, cates, stamps
+    return b"DSEQ" + struct.pack("<BBH", 1, 16, 0) + records.tobytes()

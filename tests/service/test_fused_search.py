@@ -230,3 +230,68 @@ def test_threshold_is_documented_in_the_settings() -> None:
 
     description = Settings.model_fields["search_kernel"].description or ""
     assert f"at least {FUSED_MIN_HISTORY_PER_K} x top-K events" in description
+
+
+@needs_kernel
+def test_a_split_search_gives_exactly_the_single_thread_answer(big_vocab_model: Path) -> None:
+    """The candidates cut into slices of whole tiles, searched in other threads: bit for bit the one-thread answer, on
+    many random users, with histories shorter than one block, heavy ties (a tiny vocabulary) and odd candidate
+    counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fused = fused_of(big_vocab_model)
+    rng = np.random.default_rng(11)
+    with ThreadPoolExecutor(3) as pool:
+        for trial in range(60):
+            n = int(rng.choice([0, 3, 7, 150, 2_000, 20_000]))
+            c = int(rng.integers(1, 230))
+            vocab = 5_002 if trial % 2 else 4  # 4 item rows x 3 categories: nearly every score ties
+            args = (rng.integers(1, vocab, n), rng.integers(1, min(vocab, 102), n),
+                    rng.integers(1, vocab, c), rng.integers(1, min(vocab, 102), c))  # fmt: skip
+            want_index, want_weight = fused.run(*args)
+            for parts in (2, 3):
+                index, weight = fused.run_split(*args, pool=pool, parts=parts)
+                assert np.array_equal(index, want_index) and np.array_equal(weight, want_weight), (n, c, parts)
+
+
+@needs_kernel
+def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> None:
+    """A long search splits while no other search runs; one that overlaps another runs in its own thread only."""
+    import threading
+
+    from service.search import SearchSplitter
+
+    calls: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+
+    class Recording(FusedSearch):
+        def run(self, hist_item, hist_cate, cand_item, cand_cate):  # type: ignore[no-untyped-def]
+            calls.append(len(cand_item))
+            if len(cand_item) == 7:  # the blocker: a short search held open
+                inside.set()
+                release.wait(5)
+            return super().run(hist_item, hist_cate, cand_item, cand_cate)
+
+    base = fused_of(big_vocab_model)
+    fused = Recording(base.item, base.cate, base.position_column, base.scale, base.max_position, base.top_k)
+    splitter = SearchSplitter(2)
+    rng = np.random.default_rng(5)
+    long_args = (rng.integers(1, 5_002, 20_000), rng.integers(1, 102, 20_000), rng.integers(1, 5_002, 200), rng.integers(1, 102, 200))
+    try:
+        splitter.run(fused, *long_args)
+        assert sorted(calls) == [96, 104]  # alone: two slices of whole 32-candidate tiles
+        calls.clear()
+        blocker = threading.Thread(target=splitter.run, args=(fused, *long_args[:2], long_args[2][:7], long_args[3][:7]))
+        blocker.start()
+        assert inside.wait(5)
+        splitter.run(fused, *long_args)
+        assert calls == [7, 200]  # another search was running: not split
+        release.set()
+        blocker.join(5)
+        short = (long_args[0][:500], long_args[1][:500], long_args[2], long_args[3])
+        calls.clear()
+        splitter.run(fused, *short)
+        assert calls == [200]  # 500 x 200 is below SPLIT_MIN_WORK
+    finally:
+        release.set()
+        splitter.shutdown()

@@ -154,3 +154,20 @@ def test_interleaved_users_are_grouped(tmp_path: Path, store: SequenceStore) -> 
     assert load(LoadConfig(input=log, progress=False), store).users == 2
     assert store.read("1", 10).events["item_id"].tolist() == [10, 11, 12]
     assert store.read("2", 10).events["item_id"].tolist() == [20, 21]
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_item_ids_use_the_whole_unsigned_64_bit_range(tmp_path: Path, store: SequenceStore, append: bool) -> None:
+    log = write(tmp_path / "big.csv", f"5,{2**64 - 1},3,pv,1511600000\n5,7,3,pv,1511600001\n6,{2**63},4,pv,1511600002\n")
+    report = load(LoadConfig(input=log, append=append, progress=False), store)
+    assert report.events == 3 and report.dropped["id_out_of_range"] == 0
+    assert store.read("5", 10).events["item_id"].tolist() == [2**64 - 1, 7]
+    assert store.read("6", 10).events["item_id"].tolist() == [2**63]
+    assert store.client.get(store.key("5"))[:5] == b"DSEQ\x02"  # the format version that holds them
+
+
+def test_a_negative_or_too_large_item_id_is_an_error_naming_it(tmp_path: Path, store: SequenceStore) -> None:
+    for bad in ("-5", str(2**64)):
+        log = write(tmp_path / "bad.csv", f"5,1,3,pv,1511600000\n5,{bad},3,pv,1511600001\n")
+        with pytest.raises(DareError, match=bad):
+            load(LoadConfig(input=log, progress=False), store)

@@ -45,11 +45,21 @@ BODIES: list[tuple[str, Any]] = [
     ("whole float id", {"user_id": "a", "candidates": [{"item_id": 7.0, "category_id": 2}]}),
     ("fraction id", {"user_id": "a", "candidates": [{"item_id": 7.5, "category_id": 2}]}),
     ("string id", {"user_id": "a", "candidates": [{"item_id": "7", "category_id": 2}]}),
+    ("string ids", {"user_id": "a", "candidates": [{"item_id": str(MAX_ITEM_ID), "category_id": "4294967295"}]}),
+    ("string id with a sign", {"user_id": "a", "candidates": [{"item_id": "+7", "category_id": 2}]}),
+    ("string id with spaces", {"user_id": "a", "candidates": [{"item_id": "7 ", "category_id": 2}]}),
+    ("string id beyond range", {"user_id": "a", "candidates": [{"item_id": str(2**64), "category_id": 2}]}),
+    ("string category beyond range", {"user_id": "a", "candidates": [{"item_id": "1", "category_id": str(2**32)}]}),
+    ("empty string id", {"user_id": "a", "candidates": [{"item_id": "", "category_id": 2}]}),
+    ("string id with a leading zero", {"user_id": "a", "candidates": [{"item_id": "07", "category_id": 2}]}),
+    ("string zero", {"user_id": "a", "candidates": [{"item_id": "0", "category_id": "0"}]}),
+    ("mixed int and string ids", {"user_id": "a", "candidates": [{"item_id": "7", "category_id": 2}, *OK]}),
+    ("above int64", {"user_id": "a", "candidates": [{"item_id": 2**63 + 192, "category_id": 2}]}),
     ("null id", {"user_id": "a", "candidates": [{"item_id": None, "category_id": 2}]}),
     ("negative id", {"user_id": "a", "candidates": [{"item_id": -1, "category_id": 2}]}),
     ("item id above range", {"user_id": "a", "candidates": [{"item_id": MAX_ITEM_ID + 1, "category_id": 2}]}),
     ("category above range", {"user_id": "a", "candidates": [{"item_id": 1, "category_id": MAX_CATEGORY_ID + 1}]}),
-    ("beyond int64", {"user_id": "a", "candidates": [{"item_id": 2**64, "category_id": 2}]}),
+    ("beyond uint64", {"user_id": "a", "candidates": [{"item_id": 2**64, "category_id": 2}]}),
     ("missing key", {"user_id": "a", "candidates": [{"item_id": 1}]}),
     ("other key", {"user_id": "a", "candidates": [{"item_id": 1, "category": 2}]}),
     ("extra candidate key", {"user_id": "a", "candidates": [{"item_id": 1, "category_id": 2, "x": 0}]}),
@@ -83,9 +93,9 @@ def test_vectorised_candidate_check_answers_as_pydantic_does(name: str, data: An
     assert _outcome(ScoreRequest.model_validate, data) == _outcome(PlainScoreRequest.model_validate, data)
 
 
-def test_well_formed_candidates_become_int64_arrays() -> None:
+def test_well_formed_candidates_become_arrays() -> None:
     body = ScoreRequest.model_validate({"user_id": "alice", "candidates": OK, "explain": True})
-    assert isinstance(body.candidates, CandidateIds) and body.candidates.item_id.dtype == np.int64
+    assert isinstance(body.candidates, CandidateIds) and body.candidates.item_id.dtype == np.uint64
     assert _as_pairs(body.candidates) == [(1, 2), (MAX_ITEM_ID, MAX_CATEGORY_ID), (0, 0)] and body.explain is True
 
 
@@ -101,3 +111,17 @@ def test_ids_are_read_from_their_json_text(text: str, valid: bool) -> None:
         with pytest.raises(ValidationError) as info:
             ScoreRequest.model_validate(data)
         assert [e["loc"] for e in info.value.errors()] == [("candidates", 0, "item_id")]
+
+
+@pytest.mark.parametrize("maximum", [0, 9, 10, 4095, schemas.MAX_CATEGORY_ID, 2**53, MAX_ITEM_ID])
+def test_the_documented_string_id_pattern_is_exactly_0_to_the_maximum(maximum: int) -> None:
+    """The OpenAPI pattern of the string form of an id accepts exactly what the service accepts."""
+    import random
+    import re
+
+    pattern = re.compile(schemas.at_most_pattern(maximum))
+    rng = random.Random(maximum)
+    values = [*range(3000), maximum - 1, maximum, maximum + 1, 10 * maximum, *(rng.randrange(3 * maximum + 10) for _ in range(5000))]
+    for value in values:
+        assert (pattern.fullmatch(str(value)) is not None) == (0 <= value <= maximum), value
+    assert not any(pattern.fullmatch(text) for text in ("", "00", "01", "+1", "-0", " 1", "1 "))

@@ -14,6 +14,7 @@ from service.schemas import ModelsResponse, ReloadResponse, ScoreResponse
 from service.search import kernel_isa
 from service.store import SequenceStore, make_events
 from tests.conftest import TEST_CATE_RAW_IDS, TEST_ITEM_RAW_IDS, export_random_model
+from tests.service.conftest import encode_v1
 
 UNKNOWN_ITEM, UNKNOWN_CATE = 999_999, 77  # not in the test vocabulary: out-of-vocabulary row
 
@@ -306,3 +307,87 @@ def test_watcher_does_not_retry_an_unchanged_broken_folder(models_dir: Path, exp
     assert registry.changed()
     assert registry.reload().loaded == ["broken"]
     assert not registry.changed()
+
+
+# 64-bit hashed item ids: the top of the vocabulary at and above 2**63 (uint64 item_raw, as `dare prepare` writes it).
+BIG_ITEMS = (2**63, 2**63 + 5, 2**64 - 1)
+U64_ITEM_RAW_IDS = TEST_ITEM_RAW_IDS[: -len(BIG_ITEMS)] + BIG_ITEMS
+
+
+@pytest.fixture(scope="session")
+def u64_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RANDOMLY INITIALISED DARE model whose item vocabulary ends in ids >= 2**63."""
+    return export_random_model(tmp_path_factory.mktemp("random-dare-u64"), kind="dare", att_dim=8, repr_dim=16,
+                               seed=3, item_raw_ids=U64_ITEM_RAW_IDS)  # fmt: skip
+
+
+def test_ids_above_2_63_end_to_end(make_client, redis_url: str, tmp_path: Path, u64_model_dir: Path) -> None:
+    """Events with ids >= 2**63 (JSON integers and decimal strings) are stored exactly, read back exactly, mapped to
+    their own embedding rows (the scores equal PyTorch's), and returned exactly by history and explain."""
+    models = tmp_path / "models"
+    shutil.copytree(u64_model_dir, models / "u64")
+    unknown_big = 2**63 + 7  # not in the vocabulary: the out-of-vocabulary row
+    # An old value (format version 1, small ids) that the big ids are appended to: upgraded in place to version 2.
+    redis_client = SequenceStore.from_url(redis_url)
+    redis_client.client.set("dare:{hashed}:seq", encode_v1([1000, 1001], [10, 11], [1_511_600_000, 1_511_600_001]))
+    events = [
+        {"item_id": 2**64 - 1, "category_id": 12, "timestamp": 1_511_600_002},
+        {"item_id": str(2**63 + 5), "category_id": "13", "timestamp": 1_511_600_003},
+        {"item_id": 2**63, "category_id": 14, "timestamp": 1_511_600_004},
+        {"item_id": str(unknown_big), "category_id": 15, "timestamp": 1_511_600_005},
+    ]
+    stored = [1000, 1001, 2**64 - 1, 2**63 + 5, 2**63, unknown_big]
+    candidates = [{"item_id": i, "category_id": c} for i, c in ((2**64 - 1, 12), (2**63 + 5, 13), (1000, 10), (unknown_big, 15))]
+    with make_client(models_dir=models) as client:
+        r = client.post("/events", json={"user_id": "hashed", "events": events})
+        assert r.status_code == 200 and r.json()["length"] == 6, r.text
+        assert redis_client.client.get("dare:{hashed}:seq")[:5] == b"DSEQ\x02"
+        h = client.get("/users/hashed/history")
+        assert [e["item_id"] for e in h.json()["events"]] == stored
+        assert '"item_id":18446744073709551615' in h.text  # digits, exact (not 1.8446744073709552e19)
+        # as integers and as strings: the same answer
+        r = client.post("/score", json={"user_id": "hashed", "candidates": candidates, "explain": True})
+        as_strings = [{"item_id": str(c["item_id"]), "category_id": str(c["category_id"])} for c in candidates]
+        r2 = client.post("/score", json={"user_id": "hashed", "candidates": as_strings, "explain": True})
+    assert r.status_code == 200 and r2.status_code == 200, (r.text, r2.text)
+    assert r.json()["scores"] == r2.json()["scores"] and r.json()["explain"] == r2.json()["explain"]
+    history = make_events(stored, [10, 11, 12, 13, 14, 15], list(range(1_511_600_000, 1_511_600_006)))
+    prob, _, _ = torch_reference(u64_model_dir.parent / "run", u64_model_dir, history, candidates)
+    assert np.abs(np.array(r.json()["scores"]) - prob).max() <= 1e-5
+    # the big ids map to their own rows: each scores unlike the out-of-vocabulary id in the same category context
+    assert len(set(r.json()["scores"])) == 4
+    retrieved = {b["item_id"] for behaviours in r.json()["explain"] for b in behaviours}
+    assert retrieved <= set(stored) and 2**64 - 1 in retrieved
+    redis_client.close()
+
+
+def test_a_version_1_value_is_scored(make_client, redis_url: str, models_dir: Path, exported_model_dir: Path) -> None:
+    """A value written by the previous release's encoder (format version 1) scores as the same events do."""
+    rng = np.random.default_rng(5)
+    history = random_history(rng, 300)
+    candidates = random_candidates(rng, 20)
+    store = SequenceStore.from_url(redis_url)
+    store.client.set("dare:{veteran}:seq", encode_v1(*(history[f].tolist() for f in ("item_id", "category_id", "timestamp"))))
+    store.close()
+    with make_client(models_dir=models_dir) as client:
+        r = client.post("/score", json={"user_id": "veteran", "candidates": candidates})
+    assert r.status_code == 200, r.text
+    assert r.json()["history_length"] == 300 and not r.json()["cold_start"]
+    prob, _, _ = torch_reference(exported_model_dir.parent / "run", exported_model_dir, history, candidates)
+    assert np.abs(np.array(r.json()["scores"]) - prob).max() <= 1e-5
+
+
+def test_id_map_covers_the_whole_uint64_range() -> None:
+    """Both lookups (the dense table for small ids, the binary search otherwise) on uint64 and int64 ids; negative
+    raw ids of an int64 vocabulary are left out (no request can hold one)."""
+    from service.registry import IdMap
+
+    ids = np.array([0, 3, 10, 11, 2**63, 2**64 - 1], dtype=np.uint64)
+    small = IdMap.build(np.array([-4, 3, 10], dtype=np.int64), np.array([2, 3, 4]))
+    assert small.dense is not None and small.raw.tolist() == [3, 10] and small.raw.dtype == np.uint64
+    assert small(ids).tolist() == [1, 3, 4, 1, 1, 1]
+    assert small(np.array([3, 10, 0], dtype=np.int64)).tolist() == small(np.array([3, 10, 0], dtype=np.uint32)).tolist() == [3, 4, 1]
+    big = IdMap.build(np.array([3, 2**63, 2**64 - 1], dtype=np.uint64), np.array([2, 3, 4]))
+    assert big.dense is None
+    assert big(ids).tolist() == [1, 2, 1, 1, 3, 4]
+    assert big(np.array([3, 4], dtype=np.int64)).tolist() == [2, 1]

@@ -13,8 +13,10 @@ import redis
 from service.errors import CorruptSequenceError, InvalidSequenceInput, StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.store import (
+    FORMAT_VERSION,
     HEADER,
     HEADER_SIZE,
+    HEADER_V1,
     MAX_CATEGORY_ID,
     MAX_ITEM_ID,
     RECORD_SIZE,
@@ -24,6 +26,7 @@ from service.store import (
     make_events,
     user_key,
 )
+from tests.service.conftest import encode_v1
 
 
 def events(items: list[int], start_ts: int = 1_511_600_000) -> np.ndarray:
@@ -37,18 +40,25 @@ def sample(metrics: ServiceMetrics, name: str, labels: dict[str, str] | None = N
 
 # --- format -------------------------------------------------------------------------------------------------------
 def test_encoding_is_the_documented_layout() -> None:
-    ev = make_events([7, MAX_ITEM_ID], [3, MAX_CATEGORY_ID], [1_511_544_070, 0])
+    ev = make_events([7, 2**53], [3, MAX_CATEGORY_ID], [1_511_544_070, 0])
     value = encode(ev)
+    # item ids below 2**63: version 1, byte for byte what the previous release wrote
     assert value[:4] == b"DSEQ" and value[4] == 1 and value[5] == RECORD_SIZE == 16 and value[6:8] == b"\0\0"
+    assert value == encode_v1([7, 2**53], [3, MAX_CATEGORY_ID], [1_511_544_070, 0])
     assert len(value) == HEADER_SIZE + 2 * RECORD_SIZE
-    # record 0: item int64 LE, category uint32 LE, timestamp uint32 LE
+    # record 0: item uint64 LE, category uint32 LE, timestamp uint32 LE
     assert value[8:16] == (7).to_bytes(8, "little")
     assert value[16:20] == (3).to_bytes(4, "little")
     assert value[20:24] == (1_511_544_070).to_bytes(4, "little")
     back = decode(value)
-    assert back["item_id"].tolist() == [7, MAX_ITEM_ID]
+    assert back["item_id"].tolist() == [7, 2**53]
     assert back["category_id"].tolist() == [3, MAX_CATEGORY_ID]
     assert back["timestamp"].tolist() == [1_511_544_070, 0]
+    # an item id of 2**63 or more: version 2, the id as uint64
+    value = encode(make_events([7, MAX_ITEM_ID, 2**63], [3, 4, 5], [1, 2, 3]))
+    assert value[:8] == HEADER == b"DSEQ\x02\x10\x00\x00" and FORMAT_VERSION == 2
+    assert value[24:32] == (MAX_ITEM_ID).to_bytes(8, "little") and value[40:48] == (2**63).to_bytes(8, "little")
+    assert decode(value)["item_id"].tolist() == [7, MAX_ITEM_ID, 2**63]
 
 
 @pytest.mark.parametrize(
@@ -56,10 +66,11 @@ def test_encoding_is_the_documented_layout() -> None:
     [
         (b"DSE", "shorter than"),
         (b"JSON" + HEADER[4:], "magic"),
-        (b"DSEQ\x02\x10\x00\x00", "version 2"),
+        (b"DSEQ\x03\x10\x00\x00", "version 3"),
         (b"DSEQ\x01\x18\x00\x00", "record size 24"),
+        (b"DSEQ\x02\x10\x00\x01", "reserved"),
         (HEADER + b"\x01" * 5, "multiple"),
-        (HEADER + (-1).to_bytes(8, "little", signed=True) + bytes(8), "negative item_id"),
+        (HEADER_V1 + (-1).to_bytes(8, "little", signed=True) + bytes(8), "version-1 value has a negative item_id"),
     ],
 )
 def test_decode_names_the_problem(value: bytes, problem: str) -> None:
@@ -71,6 +82,7 @@ def test_decode_names_the_problem(value: bytes, problem: str) -> None:
     ("items", "cates", "stamps", "problem"),
     [
         ([-1], [1], [1], "item_id must be within"),
+        ([2**64], [1], [1], "item_id must be integers"),
         ([1], [2**32], [1], "category_id must be within"),
         ([1], [1], [2**32], "timestamp must be within"),
         ([1.5], [1], [1], "item_id must be integers"),
@@ -229,6 +241,52 @@ def test_corrupt_value_is_a_specific_error_and_never_overwritten(store: Sequence
     assert store.client.get("dare:{broken}:seq") == bad  # untouched
     assert store.read("fine", 10).events["item_id"].tolist() == [1, 2]
     assert sample(store.metrics, "dare_corrupt_sequences_total") == 2
+
+
+def test_a_version_1_value_is_read_and_appended_to_in_place(store: SequenceStore) -> None:
+    """A value the previous release wrote: read as it is; appends of ids below 2**63 keep it at version 1 (the
+    previous release can still read it, e.g. during a rolling deploy), byte for byte what that release would
+    have stored."""
+    old = encode_v1([5, 2**53 - 1], [1, 2], [100, 200])
+    store.client.set("dare:{old}:seq", old)
+    hist = store.read("old", 10)
+    assert hist.exists and hist.stored_length == 2 and hist.events["item_id"].tolist() == [5, 2**53 - 1]
+    assert store.append("old", make_events([2**63 - 1], [3], [300])) == 3
+    assert store.append_once("old", make_events([8], [4], [400]), "k1", ttl_s=60) == (4, False)
+    assert store.client.get("dare:{old}:seq") == encode_v1([5, 2**53 - 1, 2**63 - 1, 8], [1, 2, 3, 4], [100, 200, 300, 400])
+
+
+def test_an_id_above_2_63_upgrades_a_version_1_value_atomically(redis_url: str) -> None:
+    store = SequenceStore.from_url(redis_url, lifelong_max_events=4)
+    store.client.set("dare:{up}:seq", encode_v1([5, 6, 7], [1, 2, 3], [100, 200, 300]))
+    assert store.append("up", make_events([2**64 - 1], [4], [400])) == 4
+    raw = store.client.get("dare:{up}:seq")
+    assert raw[:8] == HEADER  # version 2; the stored records are the same bytes
+    assert raw[8:] == encode_v1([5, 6, 7], [1, 2, 3], [100, 200, 300])[8:] + (2**64 - 1).to_bytes(8, "little") + bytes(
+        [4, 0, 0, 0, 144, 1, 0, 0]
+    )
+    assert store.read("up", 10).events["item_id"].tolist() == [5, 6, 7, 2**64 - 1]
+    # the trim keeps the value's version: later small ids stay readable beside the big one
+    assert store.append("up", make_events([9, 10], [5, 6], [500, 600])) == 4
+    assert store.client.get("dare:{up}:seq")[:8] == HEADER
+    assert store.read("up", 10).events["item_id"].tolist() == [7, 2**64 - 1, 9, 10]
+    # a version-1 value trimmed by small ids stays version 1
+    store.client.set("dare:{v1}:seq", encode_v1([1, 2, 3, 4], [1, 1, 1, 1], [1, 2, 3, 4]))
+    assert store.append("v1", make_events([5, 6], [1, 1], [5, 6])) == 4
+    assert store.client.get("dare:{v1}:seq") == encode_v1([3, 4, 5, 6], [1, 1, 1, 1], [3, 4, 5, 6])
+    # new values and replaces get the header their records need
+    store.append("new", make_events([1], [1], [1]))
+    store.replace("big", make_events([2**63], [1], [1]))
+    assert store.client.get("dare:{new}:seq")[:8] == HEADER_V1 and store.client.get("dare:{big}:seq")[:8] == HEADER
+    store.close()
+
+
+def test_a_version_1_value_with_a_negative_id_is_corrupt_and_kept(store: SequenceStore) -> None:
+    bad = HEADER_V1 + (-3).to_bytes(8, "little", signed=True) + bytes(8)
+    store.client.set("dare:{neg}:seq", bad)
+    with pytest.raises(CorruptSequenceError, match="negative item_id"):
+        store.read("neg", 10)
+    assert store.client.get("dare:{neg}:seq") == bad
 
 
 def test_wrong_redis_type_is_corrupt(store: SequenceStore) -> None:

@@ -195,7 +195,7 @@ class DemoBuild:
 
     def args(self, port: int, *extra: str) -> list[str]:
         dims = ",".join(map(str, DEMO_DIMS))
-        return [sys.executable, "-m", "dare.cli", "demo", "--sample", str(self.sample), "--work", str(self.work),
+        return [sys.executable, "-m", "dare.cli", "demo", "--input", str(self.sample), "--work", str(self.work),
                 "--att-dims", dims, "--repr-dim", "16", "--port", str(port), *extra]  # fmt: skip
 
 

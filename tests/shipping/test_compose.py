@@ -4,9 +4,11 @@ it names exists in the project."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,8 +142,86 @@ def test_ports_are_consistent() -> None:
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
     assert container_ports("grafana") == {3000}
     assert container_ports("locust") == {8089}
-    host_ports = [str(p).split(":")[0] for s in SERVICES for p in service(s).get("ports", [])]
+    host_ports = [str(p).rsplit(":", 2)[-2] for s in SERVICES for p in service(s).get("ports", [])]
     assert len(host_ports) == len(set(host_ports)), f"two services publish one host port: {host_ports}"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Safe by default: secrets from .env, no unauthenticated writes, dashboards on localhost, the CPU torch build
+# -------------------------------------------------------------------------------------------------------------
+
+REQUIRED = re.compile(r"^\$\{([A-Z_]+):\?.+\}$")  # `${VAR:?message}`: compose stops when VAR is unset or empty
+
+
+def test_the_api_token_and_grafana_password_are_required_from_the_env_file() -> None:
+    api = env_of("api")
+    assert REQUIRED.match(api["DARE_API_TOKEN"]).group(1) == "DARE_API_TOKEN", api["DARE_API_TOKEN"]
+    assert api["DARE_ADMIN_TOKEN"] == "${DARE_ADMIN_TOKEN:-}", "an empty admin token falls back to the API token"
+    assert REQUIRED.match(env_of("locust")["DARE_LOADTEST_TOKEN"]).group(1) == "DARE_API_TOKEN"
+    grafana = env_of("grafana")
+    assert REQUIRED.match(grafana["GF_SECURITY_ADMIN_PASSWORD"]).group(1) == "GRAFANA_ADMIN_PASSWORD"
+    assert "GF_SECURITY_ADMIN_USER" not in grafana or grafana.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer"
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer", "anonymous visitors may only look"
+
+
+def test_env_example_names_every_variable_and_env_stays_out_of_git_and_images() -> None:
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    used = set(re.findall(r"\$\{([A-Z_]+)", text))
+    example = dict(
+        line.split("=", 1) for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    )  # fmt: skip
+    assert used == set(example), f"docker-compose.yml uses {sorted(used)}, .env.example names {sorted(example)}"
+    required = {m.group(1) for m in re.finditer(r"\$\{([A-Z_]+):\?", text)}
+    assert required == {"DARE_API_TOKEN", "GRAFANA_ADMIN_PASSWORD"}
+    assert all(example[name] == "" for name in required | {"DARE_ADMIN_TOKEN"}), "the example must hold no secret"
+    assert example["DARE_BIND"] == "127.0.0.1"
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT, timeout=30).returncode
+        assert ignored == 0, ".env is not git-ignored"
+        tracked = subprocess.run(["git", "ls-files", ".env.example"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=30).stdout.strip()  # fmt: skip
+        assert tracked == ".env.example"
+    from tests.shipping import dockerfile
+
+    assert dockerfile.is_ignored(".env", dockerfile.dockerignore_patterns(ROOT / ".dockerignore")), (
+        ".env would be sent into the image build context"
+    )
+
+
+def test_only_the_api_is_published_beyond_localhost_by_default() -> None:
+    for name in SERVICES:
+        for port in service(name).get("ports", []):
+            host = str(port).rsplit(":", 2)
+            if name == "api":
+                assert len(host) == 2, f"api publishes {port}"  # every write there needs the token
+            else:
+                assert len(host) == 3 and host[0] == "${DARE_BIND:-127.0.0.1}", f"{name} publishes {port}"
+
+
+def test_trainer_builds_the_cpu_torch_by_default() -> None:
+    args = service("trainer")["build"]["args"]
+    assert args["TORCH"] == "cpu"
+    train_args = {a.value.split("=", 1)[0] for a in docker().stages["train"].of("ARG")}
+    assert "TORCH" in train_args, "TORCH is no build arg of the train stage"
+    assert "build" in service("api") and "args" not in service("api")["build"], "the serve image takes no torch"
+
+
+def test_compose_refuses_to_run_without_the_token() -> None:
+    """podman-compose resolves the file as `docker compose` does: without DARE_API_TOKEN it stops, naming it."""
+    podman_compose = shutil.which("podman-compose") or str(Path(sys.executable).with_name("podman-compose"))
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (podman-compose checks for it before it reads the file)")
+    env = {k: v for k, v in os.environ.items() if k not in ("DARE_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")}
+    cmd = [podman_compose, "--env-file", os.devnull, "-f", str(ROOT / "docker-compose.yml"), "config"]
+    refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "required variable DARE_API_TOKEN is missing a value" in refused.stderr
+    env.update(DARE_API_TOKEN="t0ken", GRAFANA_ADMIN_PASSWORD="pw")
+    accepted = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    rendered = yaml.safe_load(accepted.stdout)["services"]
+    assert rendered["api"]["environment"]["DARE_API_TOKEN"] == "t0ken"
+    assert rendered["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
 
 
 def test_locust_image_matches_the_pinned_locust() -> None:

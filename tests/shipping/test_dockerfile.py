@@ -20,15 +20,15 @@ from tests.shipping import dockerfile
 from tests.shipping.conftest import ROOT, check_dare_command, docker, pinned_version, pyproject
 
 
-def _load_deploy_requirements():
-    """deploy/requirements.py, the script the Dockerfile runs, imported from its path (deploy/ is no package)."""
-    spec = importlib.util.spec_from_file_location("deploy_requirements", ROOT / "deploy" / "requirements.py")
+def _load_deploy_lock():
+    """deploy/lock.py, the script that writes the lock files the Dockerfile installs, imported from its path."""
+    spec = importlib.util.spec_from_file_location("deploy_lock", ROOT / "deploy" / "lock.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-deploy_requirements = _load_deploy_requirements()
+deploy_lock = _load_deploy_lock()
 
 CODE_DIRS = {"dare_common", "dare", "service", "training", "loadtest"}
 
@@ -41,22 +41,16 @@ def test_stages_and_base_images() -> None:
         assert outermost.base == "python:3.11-slim", f"{target} builds on {outermost.base}"
 
 
-def resolved_extras(target: str) -> tuple[list[str], list[str]]:
-    """(extras, excluded names) passed to deploy/requirements.py in the RUN lines of a target's stages."""
-    extras: list[str] = []
-    excluded: list[str] = []
-    for stage in docker().chain(target):
-        for run in stage.of("RUN"):
-            match = re.search(r"requirements\.py((?:\s+(?:--exclude\s+\S+|[a-z][a-z0-9-]*))+)", run.value)
-            if match:
-                words = match.group(1).split()
-                while words:
-                    word = words.pop(0)
-                    if word == "--exclude":
-                        excluded.append(words.pop(0))
-                    else:
-                        extras.append(word)
-    return extras, excluded
+def lock_of(target: str) -> str:
+    """The one lock file (requirements/NAME.txt) the stages of a target copy and install; returns NAME."""
+    names = [m.group(1) for stage in docker().chain(target) for ins in stage.of("COPY")
+             for m in [re.search(r"\brequirements/([a-z]+)\.txt\b", ins.value)] if m]  # fmt: skip
+    assert len(names) == 1, f"{target}: copies lock files {names}, expected exactly one"
+    return names[0]
+
+
+def locked(name: str) -> dict[str, str]:
+    return deploy_lock.read_lock(ROOT / "requirements" / f"{name}.txt")[1]
 
 
 def closure(requirements: list[str]) -> set[str]:
@@ -68,7 +62,7 @@ def closure(requirements: list[str]) -> set[str]:
         requirement, extra = todo.pop()
         if requirement.marker is not None and not requirement.marker.evaluate({**env, "extra": extra}):
             continue
-        name = deploy_requirements.requirement_name(requirement.name)
+        name = deploy_lock.requirement_name(requirement.name)
         key = f"{name}[{','.join(sorted(requirement.extras))}]"
         if key in seen:
             continue
@@ -85,20 +79,23 @@ def closure(requirements: list[str]) -> set[str]:
 
 
 def test_serve_image_installs_no_torch() -> None:
-    extras, excluded = resolved_extras("serve")
-    assert extras == ["serve"], f"the serve image must install core + serve only, installs extras {extras}"
-    # Resolved independently of deploy/requirements.py: core dependencies + the serve extra of pyproject.toml.
+    name = lock_of("serve")
+    assert deploy_lock.LOCKS[name] == ["serve"], f"the serve image must install core + serve only, not {name}.txt"
     project = pyproject()["project"]
     expected = project["dependencies"] + project["optional-dependencies"]["serve"]
-    assert deploy_requirements.resolve(ROOT / "pyproject.toml", extras, excluded) == expected
-    names = {deploy_requirements.requirement_name(r) for r in expected}
-    assert "torch" not in names and "onnx" not in names
+    assert deploy_lock.resolve(ROOT / "pyproject.toml", deploy_lock.LOCKS[name]) == expected
+    pins = locked(name)
+    assert "torch" not in pins and "onnx" not in pins
     everything = closure(expected)
     assert "onnxruntime" in everything and "fastapi" in everything  # the closure walk really ran
     assert "torch" not in everything, "a serve dependency pulls in torch transitively"
+    # The lock is complete: every distribution the serve requirements pull in (per this venv's metadata) is pinned.
+    assert everything <= set(pins), f"{name}.txt lacks {sorted(everything - set(pins))}"
     for stage in docker().chain("serve"):
         for run in stage.of("RUN"):
             assert "torch" not in run.value.lower(), f"Dockerfile:{run.line}: the serve image must not install torch"
+            if "pip install" in run.value and " -r " in run.value:
+                assert "--no-deps" in run.value and "pip check" in run.value, f"Dockerfile:{run.line}"
 
 
 def test_train_image_pins_the_same_torch() -> None:
@@ -106,12 +103,14 @@ def test_train_image_pins_the_same_torch() -> None:
     args = dict(a.value.split("=", 1) for a in train.of("ARG") if "=" in a.value)
     torch_pin = pinned_version(pyproject()["project"]["optional-dependencies"]["train"], "torch")
     assert args.get("TORCH_VERSION") == torch_pin, f"TORCH_VERSION {args.get('TORCH_VERSION')} != pyproject's {torch_pin}"
-    extras, excluded = resolved_extras("train")
-    assert {"train", "serve", "tools"} <= set(extras), (
+    name = lock_of("train")
+    assert {"train", "serve", "tools"} <= set(deploy_lock.LOCKS[name]), (
         "the trainer runs `dare load`, which needs the serve extra (the store client) and the tools extra (pyarrow)"
     )
-    assert excluded == ["torch"]
+    assert locked(name)["torch"] == f"{torch_pin}+cpu", "the train lock pins torch's CPU build"
     assert args.get("TORCH") == "cpu", "the train image installs the CPU build of torch unless TORCH=cuda is passed"
+    runs = " ".join(run.value for run in train.of("RUN"))
+    assert "--no-deps -r requirements-no-torch.txt" in runs and "pip check" in runs
 
 
 # What the serving image must not carry: training, plotting, CSV parsing, the embedded Redis, load-test tools.
@@ -154,7 +153,7 @@ def test_dare_serve_imports_only_what_the_serve_image_installs() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
-    loaded = {deploy_requirements.requirement_name(d) for d in json.loads(result.stdout.splitlines()[-1])}
+    loaded = {deploy_lock.requirement_name(d) for d in json.loads(result.stdout.splitlines()[-1])}
     assert "onnxruntime" in loaded and "fastapi" in loaded  # the imports really ran
     project = pyproject()["project"]
     allowed = closure(project["dependencies"] + project["optional-dependencies"]["serve"])
@@ -269,7 +268,7 @@ def test_files_the_trainer_reads_are_copied_into_the_train_image() -> None:
             copied[dest.removeprefix("./").rstrip("/")] = source
     for where, cmd in (("Dockerfile train CMD", train.of("CMD")[-1].words()),
                        ("docker-compose.yml trainer", compose()["services"]["trainer"]["command"])):  # fmt: skip
-        sample = cmd[cmd.index("--sample") + 1]
+        sample = cmd[cmd.index("--input") + 1]
         folder = next((d for d in copied if sample.startswith(d + "/")), None)
-        assert folder is not None, f"{where}: --sample {sample} is not under any COPY destination {sorted(copied)}"
+        assert folder is not None, f"{where}: --input {sample} is not under any COPY destination {sorted(copied)}"
         assert (ROOT / copied[folder] / sample.removeprefix(folder + "/")).is_file()

@@ -63,6 +63,13 @@ def test_scenario_settings_reject_bad_values(monkeypatch: pytest.MonkeyPatch) ->
         ScenarioSettings.from_env()
 
 
+def test_scenario_sends_the_token_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DARE_LOADTEST_TOKEN", raising=False)
+    assert ScenarioSettings.from_env().headers == {}
+    monkeypatch.setenv("DARE_LOADTEST_TOKEN", "s3cret")
+    assert ScenarioSettings.from_env().headers == {"Authorization": "Bearer s3cret"}
+
+
 def test_peak_rps_counts_whole_seconds() -> None:
     finished = np.array([0.1, 0.2, 0.9, 1.1, 1.5, 2.05])  # 3 answers in second 0, 2 in second 1, 1 partial
     assert peak_rps(finished + 1_700_000_000) == 3.0
@@ -95,6 +102,8 @@ def test_dare_loadtest_end_to_end(demo_build: DemoBuild, tmp_path: Path) -> None
         "--locust-cpus", str(locust_cpus), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
+    # The service wants a token (as in docker-compose.yml); Locust sends it: no request may fail for it.
+    env |= {"DARE_API_TOKEN": "loadtest-token", "DARE_LOADTEST_TOKEN": "loadtest-token"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 

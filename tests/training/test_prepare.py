@@ -200,7 +200,7 @@ def test_vocab_round_trip_and_first_appearance_order(data: dict, reference: dict
     assert set(vocab) == set(VOCAB_ARRAYS)
     for field, ref in (("item", reference["item_row"]), ("cate", reference["cate_row"])):
         raw, index = vocab[f"{field}_raw"], vocab[f"{field}_index"]
-        assert raw.dtype == index.dtype == np.int64
+        assert raw.dtype == (np.uint64 if field == "item" else np.int64) and index.dtype == np.int64  # items: 64-bit hashes
         assert (np.diff(raw) > 0).all(), "raw ids must be sorted and unique"
         assert sorted(index.tolist()) == list(range(2, 2 + len(raw)))  # rows 0, 1 reserved
         mapped = index[np.searchsorted(raw, np.array(list(ref)))]  # raw -> row through the arrays
@@ -279,9 +279,23 @@ def test_out_of_order_events_are_sorted_by_time_stably(tmp_path: Path) -> None:
     assert raw[int(test["cand_item"][0, 0])] == 15
 
 
+def test_item_ids_use_the_whole_unsigned_64_bit_range(tmp_path: Path) -> None:
+    """64-bit hashed item ids: read exactly (never through int64 or a float), kept as uint64 in vocab.npz."""
+    big = [2**64 - 1, 2**63, 2**63 + 1, 7]
+    lines = [f"1,{big[i % 4]},100,pv,{1511544070 + i}" for i in range(6)]
+    _run(tmp_path, "\n".join(lines) + "\n" + _user_log(user=2))
+    vocab = np.load(tmp_path / "out" / "vocab.npz")
+    assert vocab["item_raw"].dtype == np.uint64 and set(big) <= set(vocab["item_raw"].tolist())
+    raw = dict(zip(vocab["item_index"].tolist(), vocab["item_raw"].tolist(), strict=True))
+    test = np.load(tmp_path / "out" / "test.npz")
+    assert raw[int(test["cand_item"][0, 0])] == big[5 % 4]  # user 1's last event: 2**63 + 1
+    assert [raw[r] for r in test["hist_item"][0].tolist()] == [big[2], big[3], big[0]]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
+        (_user_log(2) + "1,-3,100,pv,1511544070\n" + GOOD, r"log\.csv:3: item_id '-3' is not an integer from 0 to 2\*\*64-1"),
         (_user_log(2) + "1,10,100,pv,1511544070,7\n" + GOOD, r"log\.csv:3: expected 5 comma-separated fields .* found 6"),
         (_user_log(2) + "1,10,100,pv\n" + GOOD, r"log\.csv:3: fewer than 5 fields or an empty field"),
         (_user_log(2) + "1,,100,pv,1511544070\n" + GOOD, r"log\.csv:3: fewer than 5 fields or an empty field"),
@@ -354,4 +368,4 @@ def test_cli_bad_input_exits_2_with_one_clean_line(tmp_path: Path) -> None:
     done = _dare("prepare", "--input", "bad.csv", "--out", "o", "--no-progress", cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == ["error: bad.csv:4: item_id 'x' is not an integer"]
+    assert done.stderr.strip().splitlines() == ["error: bad.csv:4: item_id 'x' is not an integer from 0 to 2**64-1"]

@@ -16,16 +16,21 @@ from service.schemas import Health, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers (HEAD too)")
 async def healthz() -> Health:
     return Health(status="ok")
+
+
+# HEAD /healthz and HEAD /readyz: the same status, no body (load balancers and `curl -I` probe with HEAD). Separate
+# routes out of the schema: one route with both methods would give the OpenAPI document two operations of one id.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get(
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "not ready: store unreachable or no model loaded"}},
-    summary="Readiness: the store answers and at least one model is loaded",
+    summary="Readiness: the store answers and at least one model is loaded (HEAD too)",
 )
 async def readyz(services: ServicesDep) -> OrjsonResponse:
     try:
@@ -37,6 +42,9 @@ async def readyz(services: ServicesDep) -> OrjsonResponse:
     ready = store == "ok" and models > 0
     body = Readiness(ready=ready, store=store, models=models).model_dump()
     return OrjsonResponse(body, status_code=200 if ready else 503)
+
+
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get(

@@ -9,6 +9,7 @@ import onnxruntime as ort
 from fastapi import APIRouter, Request
 
 from service.api.deps import ApiAuth, ExactNumbersRoute, Services, ServicesDep
+from service.api.request_id import use_request_id
 from service.api.responses import OrjsonResponse, errors
 from service.engine import ScoreResult
 from service.errors import LimitExceededError
@@ -25,7 +26,7 @@ def check_user_id(user_id: str, max_length: int) -> None:
 
 def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
     """The configured limits and the model (404 / 503; the traffic split's when the body names none) before any
-    work; the candidates as int64 arrays [C]."""
+    work; the candidates as arrays [C] (item ids uint64, category ids int64)."""
     settings = services.settings
     check_user_id(body.user_id, settings.max_user_id_length)
     n = len(body.candidates)
@@ -36,9 +37,9 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
     model, by = services.registry.current.route(body.model, body.user_id)
     if by == "split":
         services.metrics.split_series(model.name).inc()
-    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already int64 arrays
+    if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already arrays
         return model, body.candidates.item_id, body.candidates.category_id
-    items = np.fromiter((c.item_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
+    items = np.fromiter((c.item_id for c in body.candidates), dtype=np.uint64, count=n)  # [C]
     cates = np.fromiter((c.category_id for c in body.candidates), dtype=np.int64, count=n)  # [C]
     return model, items, cates
 
@@ -46,7 +47,7 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses=errors(400, 401, 404, 413, 422, 500, 503),
+    responses=errors(400, 401, 404, 413, 415, 422, 500, 503),
     dependencies=[ApiAuth],
     summary="Click probabilities of candidates for one user",
 )
@@ -54,6 +55,7 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
     """The body is valid and the limits hold before the store is touched. Then one worker thread reads the history
     and runs both graphs, the whole request within DARE_REQUEST_TIMEOUT_S; one user holds at most half of the
     workers (`BlockingPool`), so a user whose reads stall does not hold up the others."""
+    use_request_id(request.state, body.request_id)
     snapshot = services.registry.current
     model, items, cates = checked_request(body, services)
     request.state.model = model.name
@@ -70,11 +72,12 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
         shadow = snapshot.shadow_for(model)
         if shadow is not None:
             services.shadow.offer(shadow, result, items, cates)
-    return OrjsonResponse(score_body(body.user_id, result, explain=body.explain))
+    return OrjsonResponse(score_body(body.user_id, result, explain=body.explain, request_id=request.state.request_id))
 
 
-def score_body(user_id: str, result: ScoreResult, *, explain: bool) -> dict[str, object]:
+def score_body(user_id: str, result: ScoreResult, *, explain: bool, request_id: str) -> dict[str, object]:
     body: dict[str, object] = {
+        "request_id": request_id,
         "user_id": user_id,
         "model": result.model.name,
         "version": result.model.manifest.version,

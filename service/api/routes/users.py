@@ -7,10 +7,11 @@ from functools import partial
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.convertors import Convertor, register_url_convertor
 
 from service.api.deps import ApiAuth, ExactNumbersRoute, ServicesDep
+from service.api.request_id import use_request_id
 from service.api.responses import errors
 from service.api.routes.scoring import check_user_id
 from service.errors import LimitExceededError
@@ -52,13 +53,14 @@ def default_history_limit(max_history: int) -> int:
 @router.post(
     "/events",
     response_model=EventsResponse,
-    responses=errors(400, 401, 413, 422, 500, 503),
+    responses=errors(400, 401, 413, 415, 422, 500, 503),
     dependencies=[ApiAuth],
     summary="Append behaviours to a user's sequence (atomic; trimmed to the lifelong maximum)",
 )
 async def append_events(
     body: EventsRequest,
     services: ServicesDep,
+    request: Request,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -68,6 +70,7 @@ async def append_events(
         ),
     ] = None,
 ) -> EventsResponse:
+    use_request_id(request.state, body.request_id)
     settings = services.settings
     check_user_id(body.user_id, settings.max_user_id_length)
     n = len(body.events)
@@ -77,7 +80,7 @@ async def append_events(
         )
     now = int(time.time())
     events = make_events(
-        np.fromiter((e.item_id for e in body.events), dtype=np.int64, count=n),
+        np.fromiter((e.item_id for e in body.events), dtype=np.uint64, count=n),
         np.fromiter((e.category_id for e in body.events), dtype=np.int64, count=n),
         np.fromiter((now if e.timestamp is None else e.timestamp for e in body.events), dtype=np.int64, count=n),
     )
@@ -92,9 +95,10 @@ async def append_events(
         )
     if replayed:
         services.metrics.events_replayed.inc()
-        return EventsResponse(user_id=body.user_id, appended=0, length=length, replayed=True)
+        return EventsResponse(request_id=request.state.request_id, user_id=body.user_id, appended=0, length=length,
+                              replayed=True)  # fmt: skip
     services.metrics.events_appended.inc(n)
-    return EventsResponse(user_id=body.user_id, appended=n, length=length)
+    return EventsResponse(request_id=request.state.request_id, user_id=body.user_id, appended=n, length=length)
 
 
 @router.get(
@@ -106,6 +110,7 @@ async def append_events(
 )
 async def history(
     services: ServicesDep,
+    request: Request,
     user_id: Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_CHARS)],
     limit: Annotated[
         int | None,
@@ -126,4 +131,5 @@ async def history(
             hist.events["item_id"].tolist(), hist.events["category_id"].tolist(), hist.events["timestamp"].tolist()
         )
     ]
-    return HistoryResponse(user_id=user_id, exists=hist.exists, length=hist.stored_length, events=events)
+    return HistoryResponse(request_id=request.state.request_id, user_id=user_id, exists=hist.exists,
+                           length=hist.stored_length, events=events)  # fmt: skip
