@@ -47,8 +47,11 @@ def serve(
     import uvicorn
 
     from service.core.config import load_settings
+    from service.logs import uvicorn_log_config
     from service.redis_server import RedisServer
     from service.store import check_url
+    from service.tracing import check_tracing
+    from service.traffic import check_traffic
 
     for name, value in (("models_dir", models), ("host", host), ("port", port), ("workers", workers),
                         ("redis_url", redis), ("default_model", default_model)):  # fmt: skip
@@ -60,6 +63,8 @@ def serve(
         raise DareError(f"default model {settings.default_model!r} has no folder in {settings.models_dir}")
     if settings.redis_url is not None:
         check_url(settings.redis_url)
+    check_traffic(settings.models_dir, settings.traffic_split, settings.shadow_model)  # a clear error, not a log line
+    check_tracing(settings)
     check_port_free(settings.host, settings.port)  # before the embedded Redis starts and the workers load models
 
     embedded = None
@@ -90,6 +95,8 @@ def serve(
             # uvicorn's httptools protocol behind DARE_MAX_HEADER_BYTES and DARE_CLIENT_TIMEOUT_S (uvicorn has neither).
             http="service.api.client_limits:ClientLimits",
             log_level=settings.log_level,
+            # DARE_LOG_FORMAT=json: uvicorn's lines as JSON too, and the service's access lines instead of uvicorn's.
+            **({"log_config": uvicorn_log_config("json"), "access_log": False} if settings.log_format == "json" else {}),
             timeout_graceful_shutdown=10,
         )
     finally:

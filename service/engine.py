@@ -34,6 +34,7 @@ class ScoreResult:
     topk_index: np.ndarray | None = None  # int64 [C, K], positions in `history`, -1 = padding
     topk_weight: np.ndarray | None = None  # float32 [C, K]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    started_ns: int = 0  # wall clock (time.time_ns) when the store fetch began; the stages follow in order
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class ScoringEngine:
         the default model; the history is read from the store. Raises the service's specific errors."""
         if model is None:
             model = self.registry.current.get(model_name)  # one snapshot for the whole call
+        started_ns = time.time_ns()
         fetched = self.fetch(user_id)
         hist, degraded = fetched.history, fetched.degraded
         prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options, self.splitter)
@@ -162,4 +164,5 @@ class ScoringEngine:
             topk_index=topk_index,
             topk_weight=topk_weight,
             timings=timings,
+            started_ns=started_ns,
         )

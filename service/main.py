@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -30,6 +30,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dare_common
+from dare_common import DareError
 from service.api.concurrency import BlockingPool
 from service.api.deps import Services, require_admin_token, require_api_token
 from service.api.middleware import BodySizeLimit, RequestMetrics
@@ -41,9 +42,15 @@ from service.api.routes.users import default_history_limit
 from service.core.config import Settings, get_settings
 from service.engine import ScoringEngine
 from service.errors import InvalidSequenceInput, ServiceError
-from service.metrics import ServiceMetrics, multiprocess_dir
+from service.logs import configure_json_logging
+from service.metrics import PROCESS_SAMPLE_INTERVAL_S, ServiceMetrics, multiprocess_dir
 from service.registry import InferenceOptions, ModelRegistry, ModelSet
 from service.search import FusedSearch, kernel_isa
+from service.tracing import Tracing, fastapi_telemetry, tracer_provider_from_env, tracing_requested
+from service.traffic import ShadowScorer, routing_source
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("service")
 
@@ -66,7 +73,7 @@ def search_label(fused: FusedSearch | None) -> str:
     return {512: "avx512", 256: "avx2"}.get(fused.isa or kernel_isa(), "onnx")
 
 
-def build_services(settings: Settings, metrics: ServiceMetrics, blocking: BlockingPool) -> Services:
+def build_services(settings: Settings, metrics: ServiceMetrics, blocking: BlockingPool, tracing: Tracing | None = None) -> Services:
     """Connect the store and load the models (blocking; called from the lifespan in a thread)."""
     from service.store import SequenceStore
 
@@ -96,6 +103,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics, blocking: Blocki
         default_model=settings.default_model,
         verify_hashes=settings.verify_model_hashes,
         on_change=publish,
+        routing=routing_source(settings.models_dir, settings.traffic_split, settings.shadow_model),
     )
     if not settings.models_dir.is_dir():
         log.warning("models dir %s does not exist: no model loaded, /readyz is false", settings.models_dir)
@@ -109,21 +117,23 @@ def build_services(settings: Settings, metrics: ServiceMetrics, blocking: Blocki
         search_threads=settings.search_threads,
     )
     log.info(
-        "store: %s; models loaded: %s (default %s), rejected: %s; auth: %s",
+        "store: %s; models loaded: %s (default %s), rejected: %s; traffic: %s; auth: %s",
         store.description,
         ", ".join(report.loaded) or "none",
         report.default,
         ", ".join(report.rejected) or "none",
+        report.routing.describe(),
         "bearer token required" if settings.api_token else "open (DARE_API_TOKEN not set)",
     )
-    return Services(settings=settings, store=store, registry=registry, engine=engine, metrics=metrics, blocking=blocking)
+    return Services(settings=settings, store=store, registry=registry, engine=engine, metrics=metrics, blocking=blocking,
+                    shadow=ShadowScorer(blocking, metrics), tracing=tracing)  # fmt: skip
 
 
 async def _reload(services: Services, why: str) -> None:
     log.info("reloading models (%s)", why)
     report = await anyio.to_thread.run_sync(services.registry.reload)
-    log.info("reload done: loaded %s, unchanged %s, removed %s, rejected %s",
-             report.loaded, report.unchanged, report.removed, list(report.rejected))
+    log.info("reload done: loaded %s, unchanged %s, removed %s, rejected %s; traffic: %s",
+             report.loaded, report.unchanged, report.removed, list(report.rejected), report.routing.describe())
 
 
 async def _watch(services: Services, interval: float) -> None:
@@ -247,27 +257,45 @@ def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; `settings` default to the DARE_* environment (read now, not at import)."""
+async def _sample_process(metrics: ServiceMetrics) -> None:
+    """Multiprocess mode: copy this worker's process and GC figures into the shared metrics now and then."""
+    while True:
+        metrics.sample_process()
+        await asyncio.sleep(PROCESS_SAMPLE_INTERVAL_S)
+
+
+def create_app(settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The app; `settings` default to the DARE_* environment (read now, not at import). Traces go to
+    `tracer_provider` (an OpenTelemetry TracerProvider) when given, else to one built from the OTEL_* variables
+    when tracing is on (service/tracing.py)."""
     settings = settings if settings is not None else get_settings()
     metrics = ServiceMetrics()
+    tracing = None
+    if tracer_provider is not None:
+        tracing = Tracing(tracer_provider, owned=False)
+    elif tracing_requested(settings):
+        tracing = Tracing(tracer_provider_from_env(), owned=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        blocking = BlockingPool(settings.scoring_threads, settings.request_timeout_s)
-        services = await anyio.to_thread.run_sync(build_services, settings, metrics, blocking)
+        blocking = BlockingPool(settings.scoring_threads, settings.request_timeout_s, metrics)
+        services = await anyio.to_thread.run_sync(build_services, settings, metrics, blocking, tracing)
         app.state.services = services
         sighup = _install_sighup(services)
-        watcher = None
+        tasks = []
         if settings.reload_interval_s > 0:
-            watcher = asyncio.get_running_loop().create_task(_watch(services, settings.reload_interval_s))
+            tasks.append(asyncio.get_running_loop().create_task(_watch(services, settings.reload_interval_s)))
+        if multiprocess_dir():
+            tasks.append(asyncio.get_running_loop().create_task(_sample_process(metrics)))
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await task
+            if tracing is not None:
+                tracing.shutdown()
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             services.store.close()
@@ -287,6 +315,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=dare_common.__version__,
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
+        telemetry=fastapi_telemetry(tracing),  # FastAPI's OpenTelemetry support: request spans when tracing is on
     )
     for router in (scoring.router, users.router, models.router, health.router):
         app.include_router(router)
@@ -294,7 +323,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     # Added last = outermost: the duration histogram also sees the 413s of the body limit (under their route).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, routes=app.router.routes)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.log_format == "json")
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer and log line of a request has its id
     return app
 
@@ -302,10 +331,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def create_app_from_env() -> FastAPI:
     """The uvicorn factory of `dare serve`: settings from DARE_* variables, and the service's log lines shown."""
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")  # fmt: skip
-    install_request_id_logging()
-    return create_app(settings)
+    if settings.log_format == "json":
+        configure_json_logging(settings.log_level)  # the request id too, from RequestIdFilter
+    else:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")  # fmt: skip
+        install_request_id_logging()
+    try:
+        return create_app(settings)
+    except DareError as exc:  # e.g. tracing on without the otel extra: one line, not a traceback
+        log.error("%s", exc)
+        raise SystemExit(2) from None
 
 
 def install_request_id_logging() -> None:

@@ -14,15 +14,33 @@ Exported series (all prefixed `dare_`):
   events_appended_total, events_replayed_total   counters
 - model_info{model, version, kind, att_dim, repr_dim, top_k, default, search}   gauge, 1 while loaded (search: the
   fused kernel's instruction set, `avx512` or `avx2`, or `onnx` when search.onnx does the search)
+- http_requests_in_flight   gauge, HTTP requests being handled (summed over live workers; a scrape counts itself)
+- queue_wait_seconds{operation}   histogram, from a call's arrival at the worker pool (its user's share included)
+  to its start in a worker thread (operation: scoring, append, history_read, store_ping); a call dropped by the
+  timeout before it started observes the time it waited
+- traffic_split_requests_total{model}   counter, /score requests routed by the traffic split, per model (arm); the
+  requests per model, however chosen, are dare_http_request_duration_seconds_count{endpoint="/score", model}
+- shadow_requests_total{shadow, outcome}, shadow_score_diff{model, shadow}   shadow scoring (service/traffic.py):
+  outcome scored / skipped (no idle worker) / error; the mean |primary - shadow| probability per request
+
+And, without the prefix, prometheus-client's process and GC collectors: process_cpu_seconds_total,
+process_resident_memory_bytes, process_virtual_memory_bytes, process_open_fds, process_max_fds,
+process_start_time_seconds, python_gc_{objects_collected,objects_uncollectable,collections}_total{generation}.
+prometheus-client documents that such collectors do not work in multiprocess mode; there each worker copies what
+they read into multiprocess metrics every PROCESS_SAMPLE_INTERVAL_S and at each scrape it answers (`sample_process`):
+the counters are summed over the workers (dead ones included, so CPU seconds never go back), the gauges are per live
+worker, labelled `pid` (the `liveall` mode).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import multiprocess
+from prometheus_client.registry import Collector
 
 STAGES = ("store_fetch", "id_mapping", "search", "scoring")
 
@@ -33,6 +51,9 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 _HISTORY_BUCKETS = (0, 1, 10, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 _CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1_000, 2_000, 5_000)
+
+_DIFF_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+PROCESS_SAMPLE_INTERVAL_S = 5.0
 
 MODEL_INFO_LABELS = ("model", "version", "kind", "att_dim", "repr_dim", "top_k", "default", "search")
 
@@ -112,9 +133,72 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.in_flight = Gauge(
+            "dare_http_requests_in_flight", "HTTP requests being handled", registry=r, multiprocess_mode="livesum"
+        )
+        # One process: a plain count on the event loop, read at scrape time (a gauge's inc and dec cost ~1 us each
+        # per request). Several: the gauge itself, whose values the workers share through their files.
+        self.in_flight_count = 0
+        self.in_flight_shared = multiprocess_dir() is not None
+        if not self.in_flight_shared:
+            self.in_flight.set_function(lambda: self.in_flight_count)
+        self.queue_wait = Histogram(
+            "dare_queue_wait_seconds",
+            "Wait of a blocking call (scoring, append, ...) for its worker thread, its user's share included",
+            ("operation",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.split_requests = Counter(
+            "dare_traffic_split_requests",
+            "POST /score requests routed by the traffic split, by the model (arm) it chose",
+            ("model",),
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "dare_shadow_requests", "Shadow scoring calls by shadow model and outcome (scored, skipped, error)",
+            ("shadow", "outcome"), registry=r,
+        )  # fmt: skip
+        self.shadow_diff = Histogram(
+            "dare_shadow_score_diff",
+            "Mean |primary - shadow| click probability per shadow-scored request",
+            ("model", "shadow"),
+            buckets=_DIFF_BUCKETS,
+            registry=r,
+        )
         self._model_labels: set[tuple[str, ...]] = set()
         self._scoring: dict[str, ScoringSeries] = {}
         self._requests: dict[tuple[str, str, str, str], Histogram] = {}
+        self._waits: dict[str, Histogram] = {}
+        self._split: dict[str, Counter] = {}
+        self._process_copy: ProcessCopy | None = None
+        if multiprocess_dir():
+            self._process_copy = ProcessCopy(r)
+        else:
+            ProcessCollector(registry=r)
+            GCCollector(registry=r)
+
+    def queue_wait_series(self, operation: str) -> Histogram:
+        """dare_queue_wait_seconds{operation}, bound once per operation ("history read" -> history_read)."""
+        series = self._waits.get(operation)
+        if series is None:
+            series = self._waits[operation] = self.queue_wait.labels(operation=operation.replace(" ", "_"))
+        return series
+
+    def split_series(self, model: str) -> Counter:
+        """dare_traffic_split_requests_total{model}, bound once per model."""
+        series = self._split.get(model)
+        if series is None:
+            series = self._split[model] = self.split_requests.labels(model=model)
+        return series
+
+    def shadow_outcome(self, shadow: str, outcome: str) -> Counter:
+        return self.shadow_requests.labels(shadow=shadow, outcome=outcome)
+
+    def sample_process(self) -> None:
+        """Multiprocess mode: copy this worker's process and GC figures into the shared metrics (no-op otherwise)."""
+        if self._process_copy is not None:
+            self._process_copy.sample()
 
     def request_series(self, endpoint: str, method: str, model: str, status: str) -> Histogram:
         """dare_http_request_duration_seconds{endpoint, method, model, status}, bound once per label set (the same
@@ -153,7 +237,52 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         """The text exposition format for GET /metrics (aggregated over workers in multiprocess mode)."""
         if multiprocess_dir():
+            self.sample_process()  # this worker's figures are fresh; the others' are at most an interval old
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class ProcessCopy:
+    """prometheus-client's ProcessCollector and GCCollector read in this process and written into multiprocess
+    metrics of the same names: counters as increments (summed over workers), gauges per live worker (`liveall`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.sources: list[Collector] = [ProcessCollector(registry=None), GCCollector(registry=CollectorRegistry())]
+        self.counters: dict[str, Counter] = {}
+        self.gauges: dict[str, Gauge] = {}
+        self.last: dict[tuple[str, tuple[str, ...]], float] = {}  # counter samples as last copied
+        self.lock = threading.Lock()  # the periodic task and a scrape (in a thread) may sample at once
+
+    def sample(self) -> None:
+        with self.lock:
+            self._sample()
+
+    def _sample(self) -> None:
+        for source in self.sources:
+            for family in source.collect():
+                for sample in family.samples:
+                    labels = tuple(sorted(sample.labels))
+                    values = tuple(sample.labels[k] for k in labels)
+                    if family.type == "counter" and sample.name.endswith("_total"):
+                        counter = self.counters.get(family.name)
+                        if counter is None:
+                            counter = self.counters[family.name] = Counter(
+                                family.name, family.documentation, labels, registry=self.registry
+                            )
+                        key = (sample.name, values)
+                        delta = sample.value - self.last.get(key, 0.0)
+                        self.last[key] = sample.value
+                        child = counter.labels(*values) if labels else counter  # the series exists from 0 on
+                        if delta > 0:
+                            child.inc(delta)
+                    elif family.type == "gauge":
+                        gauge = self.gauges.get(family.name)
+                        if gauge is None:
+                            gauge = self.gauges[family.name] = Gauge(
+                                family.name, family.documentation, labels, registry=self.registry,
+                                multiprocess_mode="liveall",
+                            )  # fmt: skip
+                        (gauge.labels(*values) if labels else gauge).set(sample.value)

@@ -34,6 +34,7 @@ from service.contract import (
 )
 from service.errors import NoModelLoadedError, UnknownModelError
 from service.search import FUSED_MIN_HISTORY_PER_K, ISA_NAMES, FusedSearch, SearchKernel, kernel_isa
+from service.traffic import TRAFFIC_FILE, Routing, TrafficConfigError
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,27 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class ModelSet:
-    """An immutable snapshot of the loaded models."""
+    """An immutable snapshot of the loaded models, with the traffic split and shadow model that go with them."""
 
     models: dict[str, LoadedModel] = field(default_factory=dict)
     default: str | None = None
+    routing: Routing = Routing()
+
+    def route(self, name: str | None, user_id: str) -> tuple[LoadedModel, str]:
+        """The model of a request and why: ("request": it named one, "split": the traffic split, "default")."""
+        if name is not None:
+            return self.get(name), "request"
+        split = self.routing.split
+        if split is not None:
+            return self.models[split.choose(user_id)], "split"  # reload() installs only splits of loaded models
+        return self.get(None), "default"
+
+    def shadow_for(self, primary: LoadedModel) -> LoadedModel | None:
+        """The shadow model to score a request of `primary` with, if any (never the primary itself)."""
+        shadow = self.routing.shadow
+        if shadow is None or shadow == primary.name:
+            return None
+        return self.models.get(shadow)
 
     def get(self, name: str | None) -> LoadedModel:
         if name is None:
@@ -211,6 +229,8 @@ class ReloadReport:
     removed: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     default: str | None = None
+    routing: Routing = Routing()  # the split and shadow now serving
+    traffic_error: str | None = None  # why a new split / shadow was rejected (the previous one keeps serving)
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -304,12 +324,15 @@ class ModelRegistry:
         default_model: str | None = None,
         verify_hashes: bool = True,
         on_change: Callable[[ModelSet], None] | None = None,
+        routing: Callable[[], Routing] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.options = options
         self.default_model = default_model
         self.verify_hashes = verify_hashes
         self.on_change = on_change
+        self.routing = routing  # read on every reload (service.traffic.routing_source)
+        self._traffic_state: tuple[int, int] | None = None  # traffic.json's (size, mtime) at the last reload
         self._current = ModelSet()
         self._lock = threading.Lock()
         self._rejected: dict[str, tuple[tuple[str, int, int], ...]] = {}  # folder -> state when last rejected
@@ -325,6 +348,8 @@ class ModelRegistry:
 
     def changed(self) -> bool:
         """Whether reload() would do anything (for the polling watcher): folders added, removed or changed."""
+        if self.routing is not None and self._traffic_file_state() != self._traffic_state:
+            return True
         current = self._current.models
         seen = {p.name: p for p in self.folders()}
         if set(current) - set(seen):
@@ -371,10 +396,39 @@ class ModelRegistry:
                 log.info("model %s: folder gone, unloaded", name)
             default = self._pick_default(models)
             report.default = default
-            self._current = ModelSet(models=models, default=default)
+            report.routing, report.traffic_error = self._pick_routing(models, old.routing)
+            self._current = ModelSet(models=models, default=default, routing=report.routing)
             if self.on_change is not None:
                 self.on_change(self._current)
             return report
+
+    def _traffic_file_state(self) -> tuple[int, int] | None:
+        try:
+            st = (self.models_dir / TRAFFIC_FILE).stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _pick_routing(self, models: dict[str, LoadedModel], old: Routing) -> tuple[Routing, str | None]:
+        """The split and shadow to serve with these models: the configured ones if valid, else the previous ones
+        (if their models are still loaded, else none), with the reason logged."""
+        if self.routing is None:
+            return Routing(), None
+        self._traffic_state = self._traffic_file_state()
+        try:
+            wanted = self.routing()
+            unknown = wanted.unknown_models(models)
+            if unknown:
+                raise TrafficConfigError(
+                    f"{wanted.source}: {', '.join(map(repr, unknown))} not loaded (loaded: {', '.join(sorted(models)) or 'none'})"
+                )
+        except TrafficConfigError as exc:
+            keep = old if not old.unknown_models(models) else Routing()
+            log.error("traffic split rejected: %s; serving %s", exc, keep.describe())
+            return keep, str(exc)
+        if wanted != old:
+            log.info("traffic: %s", wanted.describe())
+        return wanted, None
 
     def _pick_default(self, models: dict[str, LoadedModel]) -> str | None:
         if self.default_model is not None:

@@ -288,6 +288,10 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     default: str | None
     models: list[ModelInfo]
+    traffic_split: dict[str, float] | None = Field(
+        None, description="model -> weight of the traffic split serving requests that name no model (none: the default)"
+    )
+    shadow_model: str | None = Field(None, description="the model that shadow-scores requests (never returned)")
 
 
 class ReloadResponse(BaseModel):
@@ -296,6 +300,11 @@ class ReloadResponse(BaseModel):
     removed: list[str]
     rejected: dict[str, str] = Field(description="folder name -> why it was rejected (the old version, if any, serves)")
     default: str | None
+    traffic_split: dict[str, float] | None = Field(None, description="the traffic split now serving (model -> weight)")
+    shadow_model: str | None = Field(None, description="the shadow model now serving")
+    traffic_error: str | None = Field(
+        None, description="why the configured split / shadow was rejected (the previous one keeps serving)"
+    )
 
 
 class Health(BaseModel):

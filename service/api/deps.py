@@ -9,7 +9,7 @@ import hmac
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
@@ -24,6 +24,10 @@ from service.registry import ModelRegistry
 from service.schemas import exact_number
 from service.store import SequenceStore
 
+if TYPE_CHECKING:
+    from service.tracing import Tracing
+    from service.traffic import ShadowScorer
+
 
 @dataclass
 class Services:
@@ -35,6 +39,8 @@ class Services:
     engine: ScoringEngine
     metrics: ServiceMetrics
     blocking: BlockingPool  # bounds concurrent blocking work (scoring, store calls) per process
+    shadow: ShadowScorer | None = None  # shadow scoring (service/traffic.py)
+    tracing: Tracing | None = None  # OpenTelemetry, when on (service/tracing.py)
 
 
 async def get_services(request: Request) -> Services:

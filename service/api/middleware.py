@@ -1,8 +1,9 @@
-"""Pure-ASGI middleware: the request body size limit (413) and the request-duration histogram (the request id:
-service/api/request_id.py)."""
+"""Pure-ASGI middleware: the request body size limit (413), the request-duration histogram, the in-flight gauge
+and (DARE_LOG_FORMAT=json) the access log (the request id: service/api/request_id.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -84,15 +85,21 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+access_log = logging.getLogger("service.access")
+
+
 class RequestMetrics:
-    """Observes dare_http_request_duration_seconds{endpoint, method, model, status} for every HTTP request.
+    """Observes dare_http_request_duration_seconds{endpoint, method, model, status} for every HTTP request, counts
+    it in dare_http_requests_in_flight while it runs, and with `access_log` logs one line per request on the
+    `service.access` logger (extra fields: request_id, route, method, status, duration_ms, model).
 
     endpoint is the matched route's template (bounded cardinality); model is what the route put in
     `request.state.model` (empty for endpoints that use none)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,11 +114,26 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        metrics = self.metrics
+        if metrics.in_flight_shared:
+            metrics.in_flight.inc()
+        else:
+            metrics.in_flight_count += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if metrics.in_flight_shared:
+                metrics.in_flight.dec()
+            else:
+                metrics.in_flight_count -= 1
             route = scope.get("route")
             # path_format: the template without convertors ("/users/{user_id}/history", not "{user_id:user_id}").
             endpoint = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
             model = str(scope.get("state", {}).get("model", ""))
-            self.metrics.request_series(endpoint, scope["method"], model, str(status)).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            metrics.request_series(endpoint, scope["method"], model, str(status)).observe(seconds)
+            if self.access_log:
+                access_log.info("%s %s %d", scope["method"], endpoint, status, extra={
+                    "request_id": scope.get("state", {}).get("request_id"), "route": endpoint, "method": scope["method"],
+                    "status": status, "duration_ms": round(seconds * 1000.0, 3), "model": model or None,
+                })  # fmt: skip

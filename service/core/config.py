@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dare_common import DareError
@@ -30,6 +30,16 @@ class Settings(BaseSettings):
     verify_model_hashes: bool = Field(True, description="check every file's sha256 against the manifest on load")
     reload_interval_s: float = Field(
         0.0, ge=0.0, description="poll the models dir for new/changed folders every this many seconds (0 = off)"
+    )
+    traffic_split: str | None = Field(
+        None,
+        description="route /score requests naming no model by a stable hash of the user id, e.g. "
+        "`dare-att16=90,dare-att64=10` (relative weights); `traffic.json` in the models dir, when present, wins and "
+        "is re-read on every reload (docs/operations.md)",
+    )
+    shadow_model: str | None = Field(
+        None, description="also score each /score request with this model after answering, in an idle worker; "
+        "the difference is metered, never returned",
     )
 
     # --- sequence store -----------------------------------------------------------------------------------------
@@ -92,6 +102,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, and an access line per request (docs/operations.md)"
+    )
+
+    # --- tracing ------------------------------------------------------------------------------------------------
+    otel: bool = Field(
+        False, description="OpenTelemetry traces (needs the `otel` extra); also on when OTEL_TRACES_EXPORTER or "
+        "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; the exporter is configured by the standard OTEL_* variables",
+    )
 
     @field_validator("api_token", "admin_token")
     @classmethod
@@ -100,6 +119,20 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None
         return value
+
+    @field_validator("traffic_split", "shadow_model")
+    @classmethod
+    def _traffic(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None  # an empty variable means "none"
+        if info.field_name == "traffic_split":
+            from service.traffic import TrafficConfigError, TrafficSplit
+
+            try:
+                TrafficSplit.parse(value, where="split")
+            except TrafficConfigError as exc:
+                raise ValueError(str(exc).removeprefix("split: ")) from None
+        return value.strip()
 
     @property
     def effective_admin_token(self) -> SecretStr | None:

@@ -15,9 +15,12 @@ router = APIRouter(tags=["models"])
 @router.get("/models", response_model=ModelsResponse, summary="The loaded models and their manifests' key facts")
 async def list_models(services: ServicesDep) -> ModelsResponse:
     current = services.registry.current
+    split = current.routing.split
     return ModelsResponse(
         default=current.default,
         models=[ModelInfo(**m.info(default=name == current.default)) for name, m in sorted(current.models.items())],
+        traffic_split=split.as_dict() if split else None,
+        shadow_model=current.routing.shadow,
     )
 
 
@@ -37,4 +40,7 @@ async def reload_models(services: ServicesDep) -> ReloadResponse:
         removed=report.removed,
         rejected=report.rejected,
         default=report.default,
+        traffic_split=report.routing.split.as_dict() if report.routing.split else None,
+        shadow_model=report.routing.shadow,
+        traffic_error=report.traffic_error,
     )

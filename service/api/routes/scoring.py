@@ -25,8 +25,8 @@ def check_user_id(user_id: str, max_length: int) -> None:
 
 
 def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
-    """The configured limits and the model (404 / 503) before any work; the candidates as arrays [C] (item ids
-    uint64, category ids int64)."""
+    """The configured limits and the model (404 / 503; the traffic split's when the body names none) before any
+    work; the candidates as arrays [C] (item ids uint64, category ids int64)."""
     settings = services.settings
     check_user_id(body.user_id, settings.max_user_id_length)
     n = len(body.candidates)
@@ -34,7 +34,9 @@ def checked_request(body: ScoreRequest, services: Services) -> tuple[LoadedModel
         raise LimitExceededError(
             "candidates", f"at most {settings.max_candidates} candidates per request (DARE_MAX_CANDIDATES), got {n}"
         )
-    model = services.registry.current.get(body.model)
+    model, by = services.registry.current.route(body.model, body.user_id)
+    if by == "split":
+        services.metrics.split_series(model.name).inc()
     if isinstance(body.candidates, CandidateIds):  # the schema's vectorised path: already arrays
         return model, body.candidates.item_id, body.candidates.category_id
     items = np.fromiter((c.item_id for c in body.candidates), dtype=np.uint64, count=n)  # [C]
@@ -54,6 +56,7 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
     and runs both graphs, the whole request within DARE_REQUEST_TIMEOUT_S; one user holds at most half of the
     workers (`BlockingPool`), so a user whose reads stall does not hold up the others."""
     use_request_id(request.state, body.request_id)
+    snapshot = services.registry.current
     model, items, cates = checked_request(body, services)
     request.state.model = model.name
     run_options = ort.RunOptions()
@@ -63,6 +66,12 @@ async def score(body: ScoreRequest, services: ServicesDep, request: Request) -> 
         key=body.user_id,
         run_options=run_options,
     )
+    if services.tracing is not None:
+        services.tracing.score_spans(result, "request" if body.model is not None else "split" if snapshot.routing.split else "default")
+    if snapshot.routing.shadow is not None and services.shadow is not None:
+        shadow = snapshot.shadow_for(model)
+        if shadow is not None:
+            services.shadow.offer(shadow, result, items, cates)
     return OrjsonResponse(score_body(body.user_id, result, explain=body.explain, request_id=request.state.request_id))
 
 
