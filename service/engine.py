@@ -142,9 +142,10 @@ class ScoringEngine:
         if model is None:
             model = self.registry.current.get(model_name)  # one snapshot for the whole call
         started_ns = time.time_ns()
-        fetched = self.fetch(user_id)
-        hist, degraded = fetched.history, fetched.degraded
-        prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options, self.splitter)
+        with self.splitter.call():
+            fetched = self.fetch(user_id)
+            hist, degraded = fetched.history, fetched.degraded
+            prob, topk_index, topk_weight, t = run_graphs(model, hist.events, cand_item, cand_cate, run_options, self.splitter)
         timings = {"store_fetch": fetched.seconds, "id_mapping": t.id_mapping, "search": t.search, "scoring": t.scoring}
         if self.metrics is not None:
             series = self.metrics.scoring_series(model.name)

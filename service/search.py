@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,29 +188,33 @@ class FusedSearch:
 
 
 class SearchSplitter:
-    """Splits one long search over `threads` threads (DARE_SEARCH_THREADS) while it is the only search this process is
-    running: a lone request then uses every core, and under load, when searches overlap, each runs in its own
-    thread as before, so the split never takes cores from other requests."""
+    """Splits one long search over `threads` threads (DARE_SEARCH_THREADS) while its scoring call is the only one this
+    process is running (`call` brackets each whole call: store read, search, scoring). A lone request then uses every
+    core; under load, when calls overlap, each search runs in its own thread as before, so the split never takes
+    cores from other requests."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search") if threads > 1 else None
         self._lock = threading.Lock()
-        self._running = 0
+        self._calls = 0
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._lock:
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
 
     def run(self, fused: FusedSearch, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray,
             cand_cate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        with self._lock:
-            self._running += 1
-            alone = self._running == 1
-        try:
-            big = len(hist_item) * len(cand_item) >= SPLIT_MIN_WORK and len(cand_item) > CANDIDATE_TILE
-            if self.pool is not None and alone and big:
-                return fused.run_split(hist_item, hist_cate, cand_item, cand_cate, self.pool, self.threads)
-            return fused.run(hist_item, hist_cate, cand_item, cand_cate)
-        finally:
-            with self._lock:
-                self._running -= 1
+        big = len(hist_item) * len(cand_item) >= SPLIT_MIN_WORK and len(cand_item) > CANDIDATE_TILE
+        if self.pool is not None and big and self._calls <= 1:
+            return fused.run_split(hist_item, hist_cate, cand_item, cand_cate, self.pool, self.threads)
+        return fused.run(hist_item, hist_cate, cand_item, cand_cate)
 
     def shutdown(self) -> None:
         if self.pool is not None:

@@ -256,20 +256,15 @@ def test_a_split_search_gives_exactly_the_single_thread_answer(big_vocab_model: 
 
 @needs_kernel
 def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> None:
-    """A long search splits while no other search runs; one that overlaps another runs in its own thread only."""
-    import threading
-
+    """A long search splits while its call is the only one in flight; while another call runs (any stage), it runs in
+    its own thread only; a short one never splits."""
     from service.search import SearchSplitter
 
     calls: list[int] = []
-    inside, release = threading.Event(), threading.Event()
 
     class Recording(FusedSearch):
         def run(self, hist_item, hist_cate, cand_item, cand_cate):  # type: ignore[no-untyped-def]
             calls.append(len(cand_item))
-            if len(cand_item) == 7:  # the blocker: a short search held open
-                inside.set()
-                release.wait(5)
             return super().run(hist_item, hist_cate, cand_item, cand_cate)
 
     base = fused_of(big_vocab_model)
@@ -278,20 +273,16 @@ def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> N
     rng = np.random.default_rng(5)
     long_args = (rng.integers(1, 5_002, 20_000), rng.integers(1, 102, 20_000), rng.integers(1, 5_002, 200), rng.integers(1, 102, 200))
     try:
-        splitter.run(fused, *long_args)
+        with splitter.call():
+            splitter.run(fused, *long_args)
         assert sorted(calls) == [96, 104]  # alone: two slices of whole 32-candidate tiles
         calls.clear()
-        blocker = threading.Thread(target=splitter.run, args=(fused, *long_args[:2], long_args[2][:7], long_args[3][:7]))
-        blocker.start()
-        assert inside.wait(5)
-        splitter.run(fused, *long_args)
-        assert calls == [7, 200]  # another search was running: not split
-        release.set()
-        blocker.join(5)
-        short = (long_args[0][:500], long_args[1][:500], long_args[2], long_args[3])
+        with splitter.call(), splitter.call():  # another call is in flight (reading its history, scoring, ...)
+            splitter.run(fused, *long_args)
+        assert calls == [200]
         calls.clear()
-        splitter.run(fused, *short)
+        with splitter.call():
+            splitter.run(fused, long_args[0][:500], long_args[1][:500], long_args[2], long_args[3])
         assert calls == [200]  # 500 x 200 is below SPLIT_MIN_WORK
     finally:
-        release.set()
         splitter.shutdown()
