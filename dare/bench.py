@@ -856,6 +856,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
     from service.engine import ScoringEngine
     from service.redis_server import RedisServer
     from service.registry import InferenceOptions, ModelRegistry
+    from service.core.config import DEFAULT_SEARCH_THREADS
     from service.search import kernel_available
     from service.store import SequenceStore, connect
 
@@ -880,7 +881,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         report = registry.reload()
         if report.rejected:
             raise BenchError(f"the exported models were rejected by the service: {report.rejected}")
-        engine = ScoringEngine(store, registry, max_history=longest)
+        # The service's default DARE_SEARCH_THREADS, so in-process and POST /score run the same code.
+        engine = ScoringEngine(store, registry, max_history=longest, search_threads=DEFAULT_SEARCH_THREADS)
         loaded = {d: registry.current.get(model_name(d, cfg.repr_dim)) for d in cfg.att_dims}
         fused_search: bool | str = all(loaded[d].fused is not None for d in cfg.att_dims) or (
             kernel_available()[1] or "the models carry no attention tables"

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dare_common import DareError
 
+DEFAULT_SEARCH_THREADS = 2  # DARE_SEARCH_THREADS: the 2 cores this service is measured on
+
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 
@@ -93,7 +95,7 @@ class Settings(BaseSettings):
     )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     search_threads: int = Field(
-        2, ge=1, description="threads one long fused search (history x candidates >= 2M) may use while it is the only "
+        DEFAULT_SEARCH_THREADS, ge=1, description="threads one long fused search (history x candidates >= 2M) may use while it is the only "
         "search of this process; 1 = never split",
     )
 
