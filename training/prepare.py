@@ -24,9 +24,10 @@ Stages (each vectorised over all rows; there is no Python loop per row or per us
             negatives drawn in proportion to item frequency (over all kept rows) and redrawn while the item occurs
             anywhere in that user's kept sequence (past or future), which also keeps them distinct from the target;
             the two negatives of one positive may coincide (rare, as in the reference code).
-6. write    train/val/test.npz (streamed chunk by chunk, so the [S, L] arrays never sit in memory whole),
+6. write    sequences/ (every user's events once: flat item/category/time arrays and per-user offsets),
+            train/, val/, test/ (per sample: user, target position, candidates, labels; no history copies),
             vocab.npz, item_cate.npy, truth.npz (synthetic input only) and finally meta.json, whose presence marks
-            a complete folder.
+            a complete folder. The layout is described in training/layout.py.
 
 A synthetic log written by `dare synth` has its ground truth beside it (`X.truth.npz` for `X.csv[.gz]`); prepare
 remaps it to category rows into `truth.npz` and marks meta.json `synthetic: true`.
@@ -38,7 +39,7 @@ import gzip
 import hashlib
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 import zipfile
@@ -50,6 +51,7 @@ import polars as pl
 from dare_common import DareError
 from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import PrepareConfig
+from training.layout import INDEX_DTYPE, SEQUENCES_DIR, time_dtype, write_array
 from training.stages import StageProgress
 from training.synth import truth_path_for
 
@@ -59,13 +61,11 @@ SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 TRUTH_FILE = "truth.npz"
 ITEM_CATE_FILE = "item_cate.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sequences stored once, samples point into them (training.layout); 1: [S, L] histories
 FIRST_ID_ROW = 2  # rows 0 and 1 are padding and out-of-vocabulary
 # Cap on rejection-sampling rounds for negatives; each round redraws only the rejected ones, so on real data a
 # handful of rounds suffice. Hitting the cap means some user has seen nearly every popular item.
 MAX_NEGATIVE_ROUNDS = 200
-# History arrays are gathered and written this many cells at a time (~128 MB of int64 per temporary).
-CHUNK_CELLS = 1 << 24
 
 _SCHEMA = {
     "user": pl.Int64,
@@ -288,6 +288,7 @@ class Events:
     user: np.ndarray  # int64 [E] user row 0..U-1
     item: np.ndarray  # int64 [E] item row >= 2
     cate: np.ndarray  # int64 [E] category row >= 2
+    time: np.ndarray  # int64 [E] Unix timestamp
     start: np.ndarray  # int64 [U] index of each user's first event
     length: np.ndarray  # int64 [U] events per user
     item_raw: np.ndarray  # int64 [I] sorted raw item ids ...
@@ -387,10 +388,10 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
             key = (user << 32) | (ts - cfg.min_timestamp)
             if not bool(np.all(key[1:] >= key[:-1])):
                 order = np.argsort(key, kind="stable")
-                user, item, cate = user[order], item[order], cate[order]
+                user, item, cate, ts = user[order], item[order], cate[order], ts[order]
         else:
             order = np.lexsort((ts, user))  # lexsort is stable
-            user, item, cate = user[order], item[order], cate[order]
+            user, item, cate, ts = user[order], item[order], cate[order], ts[order]
         length = np.bincount(user).astype(np.int64)  # (U,)
         start = np.cumsum(length) - length  # (U,)
 
@@ -403,7 +404,7 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
         "mean": round(float(length.mean()), 2),
         "max": int(length.max()),
     }
-    return Events(user, item, cate, start, length, item_raw, item_index, cate_raw, cate_index, item_cate, counts)
+    return Events(user, item, cate, ts, start, length, item_raw, item_index, cate_raw, cate_index, item_cate, counts)
 
 
 def split_targets(ev: Events, cfg: PrepareConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -452,74 +453,34 @@ class NegativeSampler:
         )
 
 
-class NpzStreamWriter:
-    """Writes an uncompressed .npz (what np.savez writes) one array at a time, large arrays chunk by chunk."""
-
-    def __init__(self, path: Path) -> None:
-        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-
-    def __enter__(self) -> NpzStreamWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._zip.close()
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
-
-    def add_chunked(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-        written = 0
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array_header_2_0(fh, header)
-            for chunk in chunks:
-                fh.write(memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B"))
-                written += chunk.shape[0]
-        if written != shape[0]:
-            raise AssertionError(f"{name}: wrote {written} rows, header says {shape[0]}")
-
-
-def _history_chunks(
-    values: np.ndarray, target: np.ndarray, user_start: np.ndarray, length: int, advance: Callable[[int], None]
-) -> Iterator[np.ndarray]:
-    """Yield [s, L] blocks of `values` at the L events before each target, left-padded with 0 (PAD_INDEX)."""
-    # Row g of the window view is values[g-L:g] (L zeros in front cover g < L); it may reach into the previous
-    # user's events, which the mask below turns into padding. Gathering whole rows is ~7x faster than per cell.
-    padded = np.concatenate([np.full(length, PAD_INDEX, dtype=values.dtype), values])  # (L + E,)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, length)  # (E + 1, L) view, no copy
-    column = np.arange(length, dtype=np.int64)  # (L,)
-    step = max(1, CHUNK_CELLS // length)
-    for a in range(0, len(target), step):
-        block = windows[target[a : a + step]]  # (s, L) copy: the L events before each target, oldest first
-        n_pad = length - (target[a : a + step] - user_start[a : a + step])  # (s,) slots before the user's start
-        block[column[None, :] < n_pad[:, None]] = PAD_INDEX
-        yield block
-        advance(len(block))
+def write_sequences(out: Path, ev: Events, cfg: PrepareConfig) -> None:
+    """Every user's events once: flat item/category/time arrays and per-user offsets (training.layout)."""
+    base = out / SEQUENCES_DIR
+    write_array(base / "item.npy", ev.item, INDEX_DTYPE)
+    write_array(base / "cate.npy", ev.cate, INDEX_DTYPE)
+    write_array(base / "time.npy", ev.time, time_dtype(cfg.max_timestamp, cfg.min_timestamp))
+    write_array(base / "offsets.npy", np.concatenate([ev.start, [len(ev.item)]]), np.int64)
 
 
 def write_split(
     out: Path, split: str, ev: Events, cfg: PrepareConfig, sampler: NegativeSampler, stages: StageProgress
 ) -> int:
+    """<split>/user, position, cand_item, cand_cate, label (training.layout): the samples point into the sequences."""
     users, target = split_targets(ev, cfg, split)
     m = cfg.negatives_per_positive
     with stages.stage(f"{split}: negatives"):
         neg = sampler.sample(users, m)  # (S, M)
-    cand_item = np.concatenate([ev.item[target, None], neg], axis=1)  # (S, 1+M) column 0 the positive
-    cand_cate = ev.item_cate[cand_item]  # (S, 1+M) a negative's category is its item's category
-    label = np.zeros(cand_item.shape, dtype=np.float32)  # (S, 1+M)
-    label[:, 0] = 1.0
-    user_start = ev.start[users]  # (S,)
-    shape = (len(target), cfg.history_len)
-    with stages.stage(f"{split}: write {split}.npz", total=2 * len(target)) as advance:
-        with NpzStreamWriter(out / f"{split}.npz") as npz:
-            npz.add("user", users.astype(np.int64))
-            for name, values in (("hist_item", ev.item), ("hist_cate", ev.cate)):
-                blocks = _history_chunks(values, target, user_start, cfg.history_len, advance)
-                npz.add_chunked(name, shape, np.int64, blocks)
-            npz.add("cand_item", cand_item.astype(np.int64))
-            npz.add("cand_cate", cand_cate.astype(np.int64))
-            npz.add("label", label)
+    with stages.stage(f"{split}: write {split}/"):
+        cand_item = np.concatenate([ev.item[target, None], neg], axis=1)  # (S, 1+M) column 0 the positive
+        cand_cate = ev.item_cate[cand_item]  # (S, 1+M) a negative's category is its item's category
+        label = np.zeros(cand_item.shape, dtype=np.uint8)  # (S, 1+M)
+        label[:, 0] = 1
+        folder = out / split
+        write_array(folder / "user.npy", users, INDEX_DTYPE)
+        write_array(folder / "position.npy", target - ev.start[users], INDEX_DTYPE)
+        write_array(folder / "cand_item.npy", cand_item, INDEX_DTYPE)
+        write_array(folder / "cand_cate.npy", cand_cate, INDEX_DTYPE)
+        write_array(folder / "label.npy", label, np.uint8)
     return len(target)
 
 
@@ -587,6 +548,8 @@ def prepare(cfg: PrepareConfig, input_path: Path | None, out: Path, *, progress:
         raise PrepareError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # meta.json last: its presence marks a complete folder
+    for split in SPLITS:  # the previous layout's files, so a re-prepared folder holds one layout only
+        (out / f"{split}.npz").unlink(missing_ok=True)
 
     started = time.perf_counter()
     with StageProgress(progress) as stages:
@@ -600,6 +563,8 @@ def prepare(cfg: PrepareConfig, input_path: Path | None, out: Path, *, progress:
                 **dict(zip(VOCAB_ARRAYS, (ev.item_raw, ev.item_index, ev.cate_raw, ev.cate_index), strict=True)),
             )
             np.save(out / ITEM_CATE_FILE, ev.item_cate)
+        with stages.stage("sequences/"):
+            write_sequences(out, ev, cfg)
         with stages.stage("index (user, item) pairs"):
             sampler = NegativeSampler(ev, cfg.seed)
         samples = {split: write_split(out, split, ev, cfg, sampler, stages) for split in SPLITS}
