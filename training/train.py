@@ -642,6 +642,8 @@ def train(
             eval_started = time.perf_counter()
             val = evaluate_clicks(module, data.val, eval_batch, device, options.precision)
             improved = best.offer(module, val.auc, step)
+            if improved:
+                best_val.append(val)  # the best checkpoint's validation metrics: not recomputed at the end
             since_best = 0 if improved else since_best + 1
             history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "samples_seen": samples_seen,
                             "train_loss": running_loss, "val_auc": val.auc, "val_gauc": val.gauc,
@@ -651,6 +653,7 @@ def train(
             eval_seconds += time.perf_counter() - eval_started
         return ranks.broadcast_flag(stop, device)
 
+    best_val: list[ClickMetrics] = []
     evaluated_last = False
     for epoch in range(options.epochs):
         order = shuffle.permutation(train_rows)
@@ -697,7 +700,7 @@ def train(
         return TrainResult(run_dir=Path(out_dir), metrics={}, model=module)
 
     best.restore(module)
-    val = evaluate_clicks(module, data.val, eval_batch, device, options.precision)
+    val = best_val[-1]
     test = evaluate_clicks(module, data.test, eval_batch, device, options.precision)
     retrieval = evaluate_retrieval(module, data, data.test, eval_batch, device)
     step_seconds = train_seconds - eval_seconds
