@@ -150,6 +150,7 @@ def train(
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (autocast the forward passes; CUDA, and CPU where supported)")] = "fp32",
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="stop after this many training samples (a budget for very large data)")] = None,
+    sparse_embeddings: Annotated[bool, typer.Option("--sparse-embeddings", help="sparse embedding gradients + SparseAdam (rows in the batch only; for very large item tables)")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on CUDA)")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
@@ -159,7 +160,7 @@ def train(
     options = TrainOptions(
         model=model, att_dim=att_dim, repr_dim=repr_dim, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch, patience=patience, search=search,
-        precision=precision, max_samples=max_samples,
+        precision=precision, max_samples=max_samples, sparse_embeddings=sparse_embeddings,
     )  # fmt: skip
     if nproc != 1:
         from training.distributed import launch

@@ -91,6 +91,10 @@ class TrainOptions:
     search: str = "topk"
     precision: str = "fp32"  # "bf16": autocast the forward passes to bfloat16 (CUDA, or CPU where torch supports it)
     max_samples: int | None = None  # stop after this many training samples (a budget for very large data)
+    # Sparse embedding gradients and a lazy Adam (torch.optim.SparseAdam) for the embedding tables: a step touches
+    # only the rows in the batch. Off by default: the reference's dense Adam also moves rows absent from the batch
+    # (their moments decay), so the two are different optimisers (docs/scale.md).
+    sparse_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -531,6 +535,26 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def build_optimizers(model: nn.Module, options: TrainOptions) -> list[torch.optim.Optimizer]:
+    """Adam at `lr`; its weight_decay (the classic, coupled L2 penalty's gradient) on the dense weights only.
+    With `sparse_embeddings`, the embedding tables produce sparse gradients and get torch.optim.SparseAdam."""
+    embedding, dense = parameter_groups(model)  # type: ignore[arg-type]
+    if not options.sparse_embeddings:
+        return [torch.optim.Adam(
+            [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr
+        )]  # fmt: skip
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for table in tables:
+        table.sparse = True  # the public constructor flag, read by every forward
+    table_ids = {id(t.weight) for t in tables}
+    rows = [p for p in embedding if id(p) in table_ids]
+    other = [p for p in embedding if id(p) not in table_ids]  # e.g. the target's position vector: dense, no L2
+    return [
+        torch.optim.SparseAdam(rows, lr=options.lr),
+        torch.optim.Adam([{"params": other, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr),
+    ]
+
+
 def _weights_digest(model: nn.Module) -> str:
     """sha256 over every parameter's bytes, in name order: equal digests mean identical weights."""
     digest = hashlib.sha256()
@@ -604,16 +628,12 @@ def train(
     seed_everything(options.seed)
     module = build_model(cfg.model).to(device)
     initial_digest = _weights_digest(module)  # before DDP broadcasts rank 0's weights: the seed alone decides them
+    optimizers = build_optimizers(module, options)  # before the DDP wrap: it must see which gradients are sparse
     model: nn.Module = (
         DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
                                 find_unused_parameters=options.search == "recency")  # recency: no search gradient
         if ranks.world > 1 else module
     )  # fmt: skip
-    embedding, dense = parameter_groups(module)
-    # Adam's weight_decay is the classic (coupled) L2 penalty's gradient, applied to the dense weights only.
-    optimizer = torch.optim.Adam(
-        [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr
-    )
     loss_fn = nn.BCEWithLogitsLoss()
     shuffle = np.random.default_rng(options.seed)
 
@@ -626,7 +646,7 @@ def train(
     eval_batch = max(options.batch_size, 1024)
     best = BestCheckpoint()
     history: list[dict[str, float | int]] = []
-    step, samples_seen, running_loss, since_best = 0, 0, 0.0, 0
+    step, samples_seen, rank_samples, running_loss, since_best = 0, 0, 0, 0.0, 0
     stop_reason = "max_epochs"
     eval_seconds = 0.0
     started = time.perf_counter()
@@ -674,11 +694,14 @@ def train(
                     loss = loss_fn(logits.float(), label)
             if not torch.isfinite(loss):
                 raise TrainError(f"the loss became {loss.item()} at step {step + 1}; try a smaller --lr")
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             step += 1
             samples_seen += len(batch_rows)
+            rank_samples += len(rows)
             running_loss = 0.9 * running_loss + 0.1 * loss.item() if step > 1 else loss.item()
             bar.update(1)
             evaluated_last = step in evaluate_at
@@ -694,8 +717,10 @@ def train(
         validate()
     bar.close()
     train_seconds = time.perf_counter() - started
-    final_digests = ranks.gather({"rank": ranks.rank, "initial_weights_sha256": initial_digest,
-                                  "final_weights_sha256": _weights_digest(module)})  # fmt: skip
+    # Per rank: the samples it trained on, and digests of its weights at the start (before DistributedDataParallel
+    # copies rank 0's) and after the last step: equal digests across ranks = same seed, synchronised gradients.
+    rank_report = ranks.gather({"rank": ranks.rank, "samples": rank_samples, "initial_weights_sha256": initial_digest,
+                                "final_weights_sha256": _weights_digest(module)})  # fmt: skip
     if not ranks.main:
         return TrainResult(run_dir=Path(out_dir), metrics={}, model=module)
 
@@ -736,8 +761,9 @@ def train(
         "evals": history,
         "device": str(device),
         "precision": options.precision,
+        "sparse_embeddings": options.sparse_embeddings,
         "processes": ranks.world,
-        "ranks": final_digests,
+        "ranks": rank_report,
         "torch_version": torch.__version__,
         "data_dir": str(data.folder),
         "data_fingerprint": data.fingerprint,
