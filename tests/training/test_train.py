@@ -299,3 +299,55 @@ def test_bad_data_folders_are_clear_errors(tmp_path: Path, planted: Path) -> Non
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         train(planted, TrainOptions(device="cuda", epochs=1), tmp_path / "run", progress=False)
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_on_cpu(planted: Path, tmp_path: Path) -> None:
+    from training.train import autocast
+
+    data = load_prepared(planted)
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=1,
+                           patience=100, precision="bf16")  # fmt: skip
+    result = train(data, options, tmp_path / "run", progress=False)
+    batch = data.test.batch(np.arange(8), torch.device("cpu"))
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        assert result.model(*batch).dtype == torch.bfloat16  # the matmuls ran in bf16
+    with torch.no_grad(), autocast(torch.device("cpu"), "fp32"):
+        assert result.model(*batch).dtype == torch.float32
+    assert result.metrics["precision"] == "bf16" and result.metrics["test_auc"] > 0.6
+
+
+def test_sparse_embeddings_use_sparse_adam_and_learn(planted: Path, tmp_path: Path) -> None:
+    from training.model import build_model
+    from training.train import build_configs, build_optimizers
+
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=1,
+                           patience=100, sparse_embeddings=True)  # fmt: skip
+    model = build_model(build_configs(options, load_prepared(planted)).model)
+    sparse_adam, adam = build_optimizers(model, options)
+    assert isinstance(sparse_adam, torch.optim.SparseAdam) and isinstance(adam, torch.optim.Adam)
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert all(t.sparse for t in tables) and len(sparse_adam.param_groups[0]["params"]) == len(tables)
+    metrics = train(planted, options, tmp_path / "run", progress=False).metrics
+    assert metrics["sparse_embeddings"] is True and metrics["test_auc"] > 0.6
+
+
+def test_a_sample_budget_stops_training_and_validates_once_at_the_end(planted: Path, tmp_path: Path) -> None:
+    options = TrainOptions(model="twin", att_dim=8, top_k=5, batch_size=64, evals_per_epoch=1, max_samples=200)
+    metrics = train(planted, options, tmp_path / "run", progress=False).metrics
+    assert metrics["stop_reason"] == "max_samples" and metrics["steps"] == 4 and metrics["train_samples_seen"] == 256
+    assert [e["step"] for e in metrics["evals"]] == [4] and metrics["best_step"] == 4
+    assert metrics["train_samples_per_second"] > 0 and metrics["processes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--precision", "fp8"], "unknown --precision 'fp8'"), (["--max-samples", "0"], "--max-samples must be >= 1"),
+     (["--nproc", "0"], "--nproc must be >= 1")],
+)  # fmt: skip
+def test_cli_bad_training_options_exit_2_with_one_line(planted: Path, tmp_path: Path, args: list, message: str) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dare.cli", "train", "--data", str(planted), "--out", str(tmp_path / "r"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
