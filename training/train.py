@@ -181,6 +181,8 @@ class Split:
         hist_item, hist_cate = np.asarray(hist_item, np.int64), np.asarray(hist_cate, np.int64)
         s, length = hist_item.shape
         valid = hist_item != PAD_INDEX  # [S, L] left-padded: the valid events are each row's tail
+        if np.any(valid[:, :-1] & ~valid[:, 1:]):
+            raise ValueError("from_histories: histories must be left-padded (no padding after a real event)")
         counts = valid.sum(axis=1)  # [S]
         seq_item = np.concatenate([np.concatenate([h[v], c[:1]]) for h, v, c in zip(hist_item, valid, cand_item)]) if s else np.zeros(0, np.int64)
         seq_cate = np.concatenate([np.concatenate([h[v], c[:1]]) for h, v, c in zip(hist_cate, valid, cand_cate)]) if s else np.zeros(0, np.int64)
