@@ -640,7 +640,9 @@ def train(
     shuffle = np.random.default_rng(options.seed)
 
     train_rows = data.train.rows
-    steps_per_epoch = math.ceil(train_rows / options.batch_size)
+    # A last batch smaller than the number of ranks cannot give every rank a row: it is skipped (only then).
+    full, rest = divmod(train_rows, options.batch_size)
+    steps_per_epoch = full + (1 if rest >= max(ranks.world, 1) else 0)
     total_steps = steps_per_epoch * options.epochs
     if options.max_samples is not None:
         total_steps = min(total_steps, math.ceil(options.max_samples / options.batch_size))
@@ -682,7 +684,7 @@ def train(
         for start in range(0, train_rows, options.batch_size):
             batch_rows = order[start : start + options.batch_size]
             if len(batch_rows) < ranks.world:
-                continue  # a last batch too small to give every rank a row (only with more ranks than its rows)
+                continue  # see steps_per_epoch
             rows = ranks.shard(batch_rows)
             hist_item, hist_cate, cand_item, cand_cate = data.train.batch(rows, device)
             label = torch.from_numpy(data.train.labels(rows)).to(device)  # [B, C]

@@ -104,3 +104,12 @@ def test_bad_launches_are_clear_errors(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "training.distributed", "--data", str(data), "--out", str(tmp_path / "r")],
                             capture_output=True, text=True, env=env, check=False)  # fmt: skip
     assert result.returncode == 2 and "must be started by torchrun" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_last_batch_smaller_than_the_ranks_is_skipped_and_the_schedule_stays_aligned(tmp_path: Path) -> None:
+    data = make_prepared(tmp_path / "data", users=13, train_per_user=5, history_len=10)  # 65 samples: 2 x 32 + 1
+    options = TrainOptions(att_dim=4, top_k=3, batch_size=32, epochs=2, evals_per_epoch=1, patience=100)
+    metrics = launch(data, options, tmp_path / "run", 2, progress=False)
+    _check_ranks(metrics, 2)
+    assert metrics["steps_per_epoch"] == 2 and metrics["steps"] == 4 and metrics["train_samples_seen"] == 128
+    assert [e["step"] for e in metrics["evals"]] == [2, 4]  # each epoch's end is still evaluated
