@@ -122,6 +122,17 @@ class TrainOptions:
         if self.l2 < 0 or self.aux_weight < 0:
             raise TrainError("l2 and aux_weight must be >= 0")
 
+    def same_as_recorded(self, recorded: object) -> bool:
+        """Whether a run's recorded options (metrics.json "options") are these. Options added after the run was
+        recorded count as equal when they are at their defaults (the run used the behaviour they default to)."""
+        if not isinstance(recorded, dict):
+            return False
+        mine = json.loads(json.dumps(asdict(self)))
+        defaults = json.loads(json.dumps(asdict(TrainOptions())))
+        return set(recorded) <= set(mine) and all(
+            recorded[k] == v if k in recorded else v == defaults[k] for k, v in mine.items()
+        )
+
     @property
     def resolved_repr_dim(self) -> int:
         return self.att_dim if self.repr_dim is None else self.repr_dim

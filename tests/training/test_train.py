@@ -351,3 +351,18 @@ def test_cli_bad_training_options_exit_2_with_one_line(planted: Path, tmp_path: 
     command = [sys.executable, "-m", "dare.cli", "train", "--data", str(planted), "--out", str(tmp_path / "r"), *args]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recorded_options_match_with_later_options_at_their_defaults() -> None:
+    """A run recorded before --precision/--max-samples/--sparse-embeddings existed is the same run as one asking for
+    their defaults (so `dare compare` and `dare curve` reuse it), and not the same as one asking for other values."""
+    import dataclasses
+
+    options = TrainOptions(model="twin", att_dim=8, seed=3)
+    recorded = json.loads(json.dumps(dataclasses.asdict(options)))
+    assert options.same_as_recorded(recorded)
+    older = {k: v for k, v in recorded.items() if k not in ("precision", "max_samples", "sparse_embeddings")}
+    assert options.same_as_recorded(older)
+    assert not dataclasses.replace(options, precision="bf16").same_as_recorded(older)
+    assert not dataclasses.replace(options, seed=4).same_as_recorded(recorded)
+    assert not options.same_as_recorded({**recorded, "unknown_option": 1}) and not options.same_as_recorded(None)
