@@ -59,6 +59,9 @@ PRECISIONS = ("fp32", "bf16")
 NDCG_MAX_IMPRESSIONS = 50_000
 # The mutual-information truth (real data) is estimated from at most this many training samples (a seeded subset).
 MI_MAX_ROWS = 200_000
+# The best checkpoint is copied in memory up to this many bytes of weights; a larger model spills it to RUN/.best.pt.
+BEST_IN_MEMORY_MAX_BYTES = 256 << 20
+BEST_SPILL_FILE = ".best.pt"
 
 
 class TrainError(DareError):
@@ -482,24 +485,39 @@ def retrieval_baselines(data: PreparedData, split: Split, k: int, batch_size: in
 
 
 class BestCheckpoint:
-    """Keeps a copy of the weights with the highest validation AUC seen so far (first one wins ties)."""
+    """Keeps the weights with the highest validation AUC seen so far (first one wins ties): a copy in memory, or, with
+    `spill`, a file (for large embedding tables, so the copy costs disk instead of RAM; read back memory-mapped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spill: Path | None = None) -> None:
         self.auc = -math.inf
         self.step = -1
         self.state: dict[str, torch.Tensor] | None = None
+        self.spill = spill
 
     def offer(self, model: nn.Module, auc: float, step: int) -> bool:
         if not auc > self.auc:  # NaN never wins
             return False
         self.auc, self.step = auc, step
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.spill is None:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.spill.with_name(self.spill.name + ".partial")
+            torch.save(model.state_dict(), partial)
+            partial.replace(self.spill)
         return True
 
     def restore(self, model: nn.Module) -> None:
-        if self.state is None:
+        if self.step < 0:
             raise TrainError("no checkpoint was evaluated (training ran zero steps)")
-        model.load_state_dict(self.state)
+        if self.spill is None:
+            model.load_state_dict(self.state)  # type: ignore[arg-type]
+        else:
+            model.load_state_dict(torch.load(self.spill, map_location="cpu", weights_only=True, mmap=True))
+
+    def discard(self) -> None:
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
 
 
 def eval_steps(steps_per_epoch: int, epochs: int, evals_per_epoch: int) -> set[int]:
@@ -659,7 +677,8 @@ def train(
         total_steps = min(total_steps, math.ceil(options.max_samples / options.batch_size))
     evaluate_at = eval_steps(steps_per_epoch, options.epochs, options.evals_per_epoch)
     eval_batch = max(options.batch_size, 1024)
-    best = BestCheckpoint()
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    best = BestCheckpoint(Path(out_dir) / BEST_SPILL_FILE if weight_bytes > BEST_IN_MEMORY_MAX_BYTES else None)
     history: list[dict[str, float | int]] = []
     step, samples_seen, rank_samples, running_loss, since_best = 0, 0, 0, 0.0, 0
     stop_reason = "max_epochs"
@@ -788,4 +807,5 @@ def train(
     }
     out_dir = Path(out_dir)
     save_run(out_dir, module, cfg, metrics, data.folder)
+    best.discard()
     return TrainResult(run_dir=out_dir, metrics=metrics, model=module)

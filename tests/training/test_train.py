@@ -211,6 +211,22 @@ def test_best_checkpoint_keeps_the_highest_auc_state() -> None:
     assert torch.all(model.weight == 2)
 
 
+def test_a_spilled_best_checkpoint_restores_from_its_file_and_is_removed(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    tracker = BestCheckpoint(spill=tmp_path / "run" / ".best.pt")
+    for step, auc in ((1, 0.6), (2, 0.8), (3, 0.7)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        tracker.offer(model, auc, step)
+    assert tracker.state is None and (tmp_path / "run" / ".best.pt").is_file()
+    tracker.restore(model)
+    assert torch.all(model.weight == 2) and tracker.step == 2
+    tracker.discard()
+    assert not (tmp_path / "run" / ".best.pt").exists()
+    with pytest.raises(DareError, match="no checkpoint was evaluated"):
+        BestCheckpoint(spill=tmp_path / "x.pt").restore(model)
+
+
 def test_eval_steps_spread_over_each_epoch() -> None:
     assert eval_steps(10, 2, 4) == {2, 5, 8, 10, 12, 15, 18, 20}
     assert eval_steps(2, 1, 5) == {1, 2}  # never more evaluations than steps
