@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.config import PrepareConfig
 from training.layout import Sequences
@@ -69,7 +70,7 @@ def test_new_layout_gives_the_old_layouts_samples_one_by_one(cfg: PrepareConfig,
         np.testing.assert_array_equal(new.labels(), old[split]["label"])
         # Batches in shuffled order slice the same rows as the whole-split view.
         order = np.random.default_rng(0).permutation(new.rows)[:257]
-        batch = new.batch(order, device=__import__("torch").device("cpu"))
+        batch = new.batch(order, torch.device("cpu"))
         np.testing.assert_array_equal(batch[0].numpy(), old[split]["hist_item"][order])
         np.testing.assert_array_equal(batch[3].numpy(), old[split]["cand_cate"][order])
 
