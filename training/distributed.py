@@ -50,6 +50,11 @@ def launch(data: Path, options: TrainOptions, out: Path, nproc: int, *, progress
     here first, so a bad option or folder is one clean error, not one per rank."""
     if nproc < 1:
         raise TrainError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and options.sparse_embeddings and options.device.startswith("cuda"):
+        raise TrainError(
+            "--sparse-embeddings with --nproc > 1 on CUDA: NCCL cannot all-reduce sparse gradients; train GPUs with "
+            "dense gradients, or shard the tables with TorchRec (docs/scale.md)"
+        )
     device = resolve_device(options.device)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise TrainError(f"--nproc {nproc} with --device cuda needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")

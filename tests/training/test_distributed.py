@@ -97,6 +97,8 @@ def test_bad_launches_are_clear_errors(tmp_path: Path) -> None:
         launch(data, TrainOptions(), tmp_path / "run", 0)
     with pytest.raises(DareError, match="does not exist"):
         launch(tmp_path / "nope", TrainOptions(), tmp_path / "run", 2)
+    with pytest.raises(DareError, match="NCCL cannot all-reduce sparse gradients"):
+        launch(data, TrainOptions(device="cuda", sparse_embeddings=True), tmp_path / "run", 2)
     with pytest.raises(DareError, match="unknown: \\['bogus'\\]"):
         options_from_json('{"bogus": 1}')
     # A rank started without torchrun says so and exits 2 (no traceback).
