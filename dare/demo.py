@@ -134,7 +134,7 @@ def _json_file(path: Path) -> dict | None:
 
 def prepared_ok(folder: Path) -> bool:
     return _json_file(folder / "meta.json") is not None and all(
-        (folder / f"{split}.npz").is_file() for split in ("train", "val", "test")
+        (folder / split / "user.npy").is_file() for split in ("train", "val", "test")  # training/layout.py
     )
 
 

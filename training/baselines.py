@@ -29,7 +29,7 @@ on the training split only; test labels are never read except to score, and vali
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import reduce
 from operator import add
 
@@ -40,7 +40,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from training.metrics import PAD, auc, user_gauc
-from training.train import SPLIT_ARRAYS, PreparedData, Split
+from training.train import PreparedData, Split
 
 # Co-occurrence window: an item "follows" another when it comes 1..CO_WINDOW events later.
 CO_WINDOW = 5
@@ -130,8 +130,6 @@ def features(split: Split, stats: ItemStatistics) -> np.ndarray:
     return np.stack([c.ravel() for c in columns], axis=1)
 
 
-def _subset(split: Split, rows: np.ndarray) -> Split:
-    return replace(split, **{name: getattr(split, name)[rows] for name in SPLIT_ARRAYS})
 
 
 def cross_fitted_features(train: Split, item_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -144,15 +142,15 @@ def cross_fitted_features(train: Split, item_rows: int, rng: np.random.Generator
     per_row = train.label.shape[1]
     for k in (0, 1):
         rows = np.flatnonzero(fold == k)
-        stats = ItemStatistics.fit(_subset(train, np.flatnonzero(fold != k)), item_rows)
+        stats = ItemStatistics.fit(train.subset(np.flatnonzero(fold != k)), item_rows)
         impressions = (rows[:, None] * per_row + np.arange(per_row)).ravel()  # row-major positions of these rows
-        out[impressions] = features(_subset(train, rows), stats)
+        out[impressions] = features(train.subset(rows), stats)
     return out
 
 
 def logistic_regression(data: PreparedData, stats: ItemStatistics, rng: np.random.Generator) -> np.ndarray:
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    model.fit(cross_fitted_features(data.train, data.item_rows, rng), data.train.label.ravel())
+    model.fit(cross_fitted_features(data.train, data.item_rows, rng), data.train.labels().ravel())
     return model.decision_function(features(data.test, stats)).reshape(data.test.label.shape)
 
 
@@ -176,7 +174,7 @@ def baseline_scores(data: PreparedData, seed: int = 0) -> dict[str, np.ndarray]:
 
 def evaluate_baselines(data: PreparedData, seed: int = 0) -> list[BaselineResult]:
     """Test AUC and per-user GAUC of every baseline, flattened exactly as the models' test metrics are."""
-    labels = data.test.label.ravel()
+    labels = data.test.labels().ravel()
     users = np.broadcast_to(data.test.user[:, None], data.test.label.shape).ravel()  # one entry per candidate
     return [
         BaselineResult(name, auc(labels, s.ravel()), user_gauc(users, labels, s.ravel()))

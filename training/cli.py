@@ -73,7 +73,7 @@ def prepare(
     )
     typer.echo("samples   " + ", ".join(f"{k} {v}" for k, v in counts["samples"].items()))
     typer.echo(f"time      {meta['seconds']['total']} s ({meta['rows_per_second']:,.0f} rows/s)")  # type: ignore[index]
-    typer.echo(f"wrote     {out}/{{train,val,test}}.npz, vocab.npz, item_cate.npy, meta.json")
+    typer.echo(f"wrote     {out}/sequences/, {{train,val,test}}/, vocab.npz, item_cate.npy, meta.json")
 
 
 def synth(
@@ -150,6 +150,10 @@ def train(
     search: Annotated[str, typer.Option("--search", help="topk (the model's search) or recency (the K most recent: an ablation)")] = "topk",
     evals_per_epoch: Annotated[int, typer.Option("--evals-per-epoch", help="validation passes per epoch")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (autocast the forward passes; CUDA, and CPU where supported)")] = "fp32",
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="stop after this many training samples (a budget for very large data)")] = None,
+    sparse_embeddings: Annotated[bool, typer.Option("--sparse-embeddings", help="sparse embedding gradients + SparseAdam (rows in the batch only; for very large item tables)")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on CUDA)")] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", hidden=True)] = False,  # the old spelling of --no-progress
 ) -> None:
@@ -159,15 +163,21 @@ def train(
     options = TrainOptions(
         model=model, att_dim=att_dim, repr_dim=repr_dim, top_k=topk, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, aux_loss=aux_loss, device=device, evals_per_epoch=evals_per_epoch, patience=patience, search=search,
+        precision=precision, max_samples=max_samples, sparse_embeddings=sparse_embeddings,
     )  # fmt: skip
     progress = progress and not renamed("--quiet", "--no-progress", quiet)
-    m = run_train(data, options, out, progress=progress).metrics
+    if nproc != 1:
+        from training.distributed import launch
+
+        m = launch(data, options, out, nproc, progress=progress)
+    else:
+        m = run_train(data, options, out, progress=progress).metrics
     ndcg = m["test_ndcg_at_k"]
     typer.echo(
         f"{out}: test AUC {m['test_auc']:.4f}, GAUC {m['test_gauc']:.4f}, logloss {m['test_logloss']:.4f}, "
         f"NDCG@{m['ndcg_k']} {'n/a' if ndcg is None else f'{ndcg:.4f}'} ({m['ndcg_truth']}); "
         f"best val AUC {m['val_auc']:.4f} at step {m['best_step']}/{m['steps']} (epoch {m['best_epoch']}), "
-        f"stopped by {m['stop_reason']}; {m['train_seconds']:.0f} s"
+        f"stopped by {m['stop_reason']}; {m['train_seconds']:.0f} s ({m['train_samples_per_second']:,.0f} training samples/s)"
     )
 
 

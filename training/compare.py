@@ -133,7 +133,7 @@ def _reusable(run_dir: Path, options: TrainOptions, fingerprint: str) -> dict[st
         return None
     if not isinstance(metrics, dict) or metrics.get("data_fingerprint") != fingerprint:
         return None
-    return metrics if metrics.get("options") == json.loads(json.dumps(asdict(options))) else None
+    return metrics if options.same_as_recorded(metrics.get("options")) else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

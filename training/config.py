@@ -1,17 +1,19 @@
 """Typed configs that travel with the artifacts: prepared data (meta.json), runs (config.json), model folders.
 
-The prepared-data folder written by `dare prepare` (and read by `dare train`) holds:
+The prepared-data folder written by `dare prepare` (and read by `dare train`) holds each user's event sequence once
+and the samples as pointers into it (training/layout.py has the exact files, dtypes and shapes):
 
-    train.npz, val.npz, test.npz   one row per (user, target position); arrays:
-        user       int64 [S]        user row (0..U-1), for per-user GAUC
-        hist_item  int64 [S, L]     item rows of the last L behaviours before the target, LEFT-padded with 0,
-        hist_cate  int64 [S, L]     oldest first, most recent in the last column (so position = L - column)
-        cand_item  int64 [S, 1+M]   column 0 the positive target, columns 1..M its sampled negatives
-        cand_cate  int64 [S, 1+M]
-        label      float32 [S, 1+M] 1 for column 0, 0 elsewhere
+    sequences/     item, cate, time [E] (every kept event, grouped by user row, oldest first), offsets [U+1]
+    train/, val/, test/   one row per (user, target position):
+        user       [S]        user row (0..U-1): the sequence, and the group of per-user GAUC
+        position   [S]        the target's index in the user's sequence; its history is the L events before it,
+                              LEFT-padded with 0, oldest first, most recent last (position = L - column)
+        cand_item  [S, 1+M]   column 0 the positive target, columns 1..M its sampled negatives
+        cand_cate  [S, 1+M]
+        label      [S, 1+M]   1 for column 0, 0 elsewhere
     vocab.npz      raw id -> row maps, arrays named by service.contract.VOCAB_ARRAYS (rows 0 = pad, 1 = OOV)
     item_cate.npy  int64 [item_rows]: the category row of each item row (for negatives and for people)
-    meta.json      PrepareConfig, counts, data fingerprint, and (synthetic data) where the planted truth is
+    meta.json      PrepareConfig, counts, format_version, data fingerprint, and (synthetic data) where the truth is
     truth.npz      only for synthetic data: the planted relevance table, see training/synth.py
 """
 

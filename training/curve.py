@@ -59,7 +59,7 @@ def _reusable(run_dir: Path, options: TrainOptions, fingerprint: str, train_rows
     except (OSError, json.JSONDecodeError):
         return None
     same = (isinstance(metrics, dict) and metrics.get("data_fingerprint") == fingerprint
-            and metrics.get("train_rows") == train_rows and metrics.get("options") == json.loads(json.dumps(asdict(options))))  # fmt: skip
+            and metrics.get("train_rows") == train_rows and options.same_as_recorded(metrics.get("options")))  # fmt: skip
     return metrics if same else None
 
 

@@ -280,8 +280,13 @@ class CTRModel(nn.Module):
         target = self.representation_stage.target_token(rep.target(cand_item, cand_cate))  # [B, C, 3r]
         return self.head(target, pooled)
 
-    def forward(self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor) -> Tensor:
-        """[B, L] history, [B, C] candidates -> logits [B, C]."""
+    def forward(
+        self, hist_item: Tensor, hist_cate: Tensor, cand_item: Tensor, cand_cate: Tensor, *, with_aux: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """[B, L] history, [B, C] candidates -> logits [B, C]; with_aux=True: `forward_with_aux` (training goes
+        through `forward` either way, so DistributedDataParallel sees the call)."""
+        if with_aux:
+            return self.forward_with_aux(hist_item, hist_cate, cand_item, cand_cate)
         topk_index, topk_weight = self.search(hist_item, hist_cate, cand_item, cand_cate)
         return self.score(hist_item, hist_cate, cand_item, cand_cate, topk_index, topk_weight)
 

@@ -24,9 +24,10 @@ Stages (each vectorised over all rows; there is no Python loop per row or per us
             negatives drawn in proportion to item frequency (over all kept rows) and redrawn while the item occurs
             anywhere in that user's kept sequence (past or future), which also keeps them distinct from the target;
             the two negatives of one positive may coincide (rare, as in the reference code).
-6. write    train/val/test.npz (streamed chunk by chunk, so the [S, L] arrays never sit in memory whole),
+6. write    sequences/ (every user's events once: flat item/category/time arrays and per-user offsets),
+            train/, val/, test/ (per sample: user, target position, candidates, labels; no history copies),
             vocab.npz, item_cate.npy, truth.npz (synthetic input only) and finally meta.json, whose presence marks
-            a complete folder.
+            a complete folder. The layout is described in training/layout.py.
 
 A synthetic log written by `dare synth` has its ground truth beside it (`X.truth.npz` for `X.csv[.gz]`); prepare
 remaps it to category rows into `truth.npz` and marks meta.json `synthetic: true`.
@@ -38,7 +39,7 @@ import gzip
 import hashlib
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 import zipfile
@@ -50,6 +51,7 @@ import polars as pl
 from dare_common import DareError
 from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import PrepareConfig
+from training.layout import INDEX_DTYPE, SEQUENCES_DIR, time_dtype, write_array
 from training.stages import StageProgress
 from training.synth import truth_path_for
 
@@ -59,13 +61,11 @@ SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 TRUTH_FILE = "truth.npz"
 ITEM_CATE_FILE = "item_cate.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sequences stored once, samples point into them (training.layout); 1: [S, L] histories
 FIRST_ID_ROW = 2  # rows 0 and 1 are padding and out-of-vocabulary
 # Cap on rejection-sampling rounds for negatives; each round redraws only the rejected ones, so on real data a
 # handful of rounds suffice. Hitting the cap means some user has seen nearly every popular item.
 MAX_NEGATIVE_ROUNDS = 200
-# History arrays are gathered and written this many cells at a time (~128 MB of int64 per temporary).
-CHUNK_CELLS = 1 << 24
 
 _SCHEMA = {
     "user": pl.Int64,
@@ -112,10 +112,14 @@ def check_config(cfg: PrepareConfig) -> None:
 
 @dataclass
 class RawLog:
-    frame: pl.DataFrame  # columns user, item, cate (int64), behavior (Enum), ts (int64), one row per kept line
+    """The rows of the log that pass the row filters (complete, timestamp in range, behaviour kept), narrowed."""
+
+    frame: pl.DataFrame  # columns user, item, cate (Int32 when every id fits, else Int64 / UInt64 items), ts (UInt32 or Int64)
     rows_read: int  # complete rows parsed (blank lines and the truncated last line not included)
     truncated_last_line: int
     blank_lines: int
+    timestamp_out_of_range: int
+    behavior_not_kept: int
     input_sha256: str
     input_bytes: int
 
@@ -218,8 +222,9 @@ def _diagnose(source: Path | io.BytesIO, path: Path) -> None:
             raise PrepareError(f"{path}:{lineno}: {column} {text!r} is not {expected}{hint}")
 
 
-def read_log(path: Path, stages: StageProgress) -> RawLog:
-    """Parse a Taobao-format log into typed columns, applying the quirk rules in the module docstring."""
+def read_log(path: Path, cfg: PrepareConfig, stages: StageProgress) -> RawLog:
+    """Parse a Taobao-format log into typed columns, applying the quirk rules in the module docstring and the row
+    filters of `cfg` (timestamp range, behaviour types)."""
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"{path}: no such file")
@@ -252,33 +257,52 @@ def read_log(path: Path, stages: StageProgress) -> RawLog:
             raise PrepareError(f"{path}: the file is empty (after decompression)")
         source.seek(0)
 
-    with stages.stage("parse csv"):
+    # Two streaming passes over the text (polars' streaming engine), so the unfiltered rows never sit in memory:
+    # the first counts rows, blank and partial lines and what the filters drop, and finds the id ranges; the
+    # second keeps the rows that pass, with ids as Int32 when every id fits (timestamps as UInt32 when they fit).
+    scan = pl.scan_csv(source, has_header=False, schema=_SCHEMA, quote_char=None)
+    nulls = pl.sum_horizontal(pl.all().is_null())
+    complete = nulls == 0
+    in_range = pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left")
+    wanted = pl.col("behavior").is_in(list(cfg.behaviors))
+    ids = ("user", "item", "cate")
+    with stages.stage("parse csv: count rows"):
         try:
-            frame = pl.read_csv(
-                source,
-                has_header=False,
-                schema=_SCHEMA,
-                quote_char=None,
-            )
+            stats = scan.select(
+                pl.len().alias("rows"),
+                (nulls == len(_SCHEMA)).sum().alias("blank"),
+                ((nulls > 0) & (nulls < len(_SCHEMA))).sum().alias("partial"),
+                (complete & ~in_range).sum().alias("ts_out"),
+                (complete & in_range & ~wanted).sum().alias("behavior_out"),
+                *(pl.col(c).min().alias(f"{c}_min") for c in ids),
+                *(pl.col(c).max().alias(f"{c}_max") for c in ids),
+            ).collect(engine="streaming").row(0, named=True)
         except pl.exceptions.PolarsError as exc:
             _diagnose(source, path)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PrepareError(f"{path}: cannot parse as {','.join(LOG_COLUMNS)}: {first}") from None
-        # A line with fewer than 5 fields or an empty field parses with nulls; a blank line is all nulls.
-        nulls = frame.select(pl.sum_horizontal(pl.all().is_null()).alias("n")).to_series()
-        blank = int((nulls == len(_SCHEMA)).sum())
-        partial = (nulls > 0) & (nulls < len(_SCHEMA))
-        if partial.any():
-            lineno = int(partial.arg_true()[0]) + 1
+        if stats["partial"]:
+            # A line with fewer than 5 fields or an empty field parses with nulls; a blank line is all nulls.
+            partial = (nulls > 0) & (nulls < len(_SCHEMA))
+            lineno = int(scan.with_row_index("i").filter(partial).select("i").head(1).collect().item()) + 1
             raise PrepareError(
                 f"{path}:{lineno}: fewer than {len(LOG_COLUMNS)} fields or an empty field "
                 f"(expected {','.join(LOG_COLUMNS)})"
             )
-        if blank:
-            frame = frame.filter(nulls == 0)
-    if frame.height == 0:
+    rows_read = stats["rows"] - stats["blank"]
+    if rows_read == 0:
         raise PrepareError(f"{path}: no complete rows (expected {','.join(LOG_COLUMNS)} per line, no header)")
-    return RawLog(frame, frame.height, truncated, blank, sha, size)
+    int32 = np.iinfo(np.int32)
+    # Int32 when every id fits, else each column's own type (Int64; UInt64 for items, hashed ids use the whole range).
+    narrow = all(stats[f"{c}_min"] >= int32.min and stats[f"{c}_max"] <= int32.max for c in ids)
+    ts_type = pl.UInt32 if time_dtype(cfg.max_timestamp, cfg.min_timestamp) == np.uint32 else pl.Int64
+    with stages.stage("parse csv: keep rows"):
+        frame = (
+            scan.filter(complete & in_range & wanted)
+            .select(*(pl.col(c).cast(pl.Int32 if narrow else _SCHEMA[c]) for c in ids), pl.col("ts").cast(ts_type))
+            .collect(engine="streaming")
+        )
+    return RawLog(frame, rows_read, truncated, stats["blank"], stats["ts_out"], stats["behavior_out"], sha, size)
 
 
 # --------------------------------------------------------------------------------------------------- build the data
@@ -291,6 +315,7 @@ class Events:
     user: np.ndarray  # int64 [E] user row 0..U-1
     item: np.ndarray  # int64 [E] item row >= 2
     cate: np.ndarray  # int64 [E] category row >= 2
+    time: np.ndarray  # int64 [E] Unix timestamp
     start: np.ndarray  # int64 [U] index of each user's first event
     length: np.ndarray  # int64 [U] events per user
     item_raw: np.ndarray  # uint64 [I] sorted raw item ids ...
@@ -301,67 +326,83 @@ class Events:
     counts: dict[str, object] = field(default_factory=dict)
 
 
-def _first_appearance_rows(column: pl.Series, first_row: int) -> tuple[pl.Series, np.ndarray, np.ndarray]:
-    """Rows in order of first appearance: (row per element, sorted raw ids (the column's dtype: int64, or uint64 for
-    items), their rows)."""
-    uniques = column.unique(maintain_order=True)  # raw ids, order of first appearance
+# A raw id -> row lookup is a dense table indexed by the raw id when the ids are non-negative and below this bound
+# (times 4 bytes); otherwise a binary search over the sorted distinct ids.
+DENSE_LOOKUP_MAX_ID = 1 << 28
+
+
+def _first_appearance_rows(values: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows in order of first appearance: (row per element, sorted raw ids (the values' dtype: int64, or uint64 for
+    items), their rows). Rows are int32 when they fit (half the memory of int64 at 100M events)."""
+    uniques = pl.Series(values).unique(maintain_order=True).to_numpy()  # order of first appearance
     rows = np.arange(first_row, first_row + len(uniques), dtype=np.int64)
-    mapped = column.replace_strict(uniques, pl.Series(rows), return_dtype=pl.Int64)
-    raw = uniques.to_numpy()
-    order = np.argsort(raw, kind="stable")
-    return mapped, raw[order], rows[order]
+    order = np.argsort(uniques, kind="stable")
+    raw, index = uniques[order], rows[order]
+    dtype = np.int32 if first_row + len(uniques) <= np.iinfo(np.int32).max else np.int64
+    if len(raw) and raw[0] >= 0 and raw[-1] < DENSE_LOOKUP_MAX_ID:
+        table = np.zeros(int(raw[-1]) + 1, dtype=dtype)
+        table[raw] = index
+        mapped = table[values]
+    else:
+        mapped = index.astype(dtype)[np.searchsorted(raw, values)]
+    return mapped, raw, index
 
 
 def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Events:
     """Filter, resolve item categories, assign vocabulary rows and sort; every step vectorised."""
     counts: dict[str, object] = {"rows_read": raw.rows_read}
     dropped: dict[str, int] = {"truncated_last_line": raw.truncated_last_line, "blank_line": raw.blank_lines}
-    with stages.stage("filter rows and users"):
-        df = raw.frame
-        raw.frame = pl.DataFrame()  # drop the caller's reference so the unfiltered frame is freed below
-        in_range = pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left")
-        wanted = pl.col("behavior").is_in(list(cfg.behaviors))
-        bad_ts, bad_behavior = df.select((~in_range).sum().alias("ts"), (in_range & ~wanted).sum().alias("b")).row(0)
-        dropped["timestamp_out_of_range"] = int(bad_ts)
-        dropped["behavior_not_kept"] = int(bad_behavior)
-        df = df.filter(in_range & wanted).select("user", "item", "cate", "ts")
-        n = df.height
-        df = df.filter(pl.len().over("user") >= cfg.min_events)
-        dropped["user_below_min_events"] = n - df.height
+    with stages.stage("filter users"):
+        # numpy views of the frame's columns; the frame itself is dropped so each column is freed once replaced.
+        user_raw, item_raw_rows, cate_raw_rows, ts = (raw.frame[c].to_numpy() for c in ("user", "item", "cate", "ts"))
+        raw.frame = pl.DataFrame()
+        dropped["timestamp_out_of_range"] = raw.timestamp_out_of_range
+        dropped["behavior_not_kept"] = raw.behavior_not_kept
+        n = len(user_raw)
+        user, _, _ = _first_appearance_rows(user_raw, 0)
+        del user_raw
+        keep_user = np.bincount(user) >= cfg.min_events  # (users before the filter,)
+        if not keep_user.all():
+            keep = keep_user[user]  # (n,) rows of users with enough events
+            # Kept users keep their relative order of first appearance: renumber them 0..U-1.
+            new_row = (np.cumsum(keep_user) - 1).astype(user.dtype)
+            user = new_row[user[keep]]
+            item_raw_rows, cate_raw_rows, ts = item_raw_rows[keep], cate_raw_rows[keep], ts[keep]
+            del keep
+        dropped["user_below_min_events"] = n - len(user)
         counts["dropped"] = dropped
-        counts["rows_kept"] = df.height
-        if df.height == 0:
+        counts["rows_kept"] = len(user)
+        if len(user) == 0:
             raise PrepareError(
                 f"no rows left after filtering ({dropped}); check --behaviors, the timestamp range "
                 f"[{cfg.min_timestamp}, {cfg.max_timestamp}) and --min-events {cfg.min_events}"
             )
 
     with stages.stage("vocabularies, item categories"):
-        item_row, item_raw, item_index = _first_appearance_rows(df["item"], FIRST_ID_ROW)
-        item = item_row.to_numpy()
-        cate_raw_rows = df["cate"].to_numpy()
+        item, item_raw, item_index = _first_appearance_rows(item_raw_rows, FIRST_ID_ROW)
         # An item with several categories shows up as a row whose category differs from the item's last-written one.
-        last_cate = np.zeros(FIRST_ID_ROW + len(item_raw), dtype=np.int64)
+        last_cate = np.zeros(FIRST_ID_ROW + len(item_raw), dtype=cate_raw_rows.dtype)
         last_cate[item] = cate_raw_rows
         multi_rows = np.flatnonzero(last_cate[item] != cate_raw_rows)
+        del last_cate
         examples: list[dict[str, object]] = []
         rewritten = 0
         n_multi = 0
         if len(multi_rows):
             multi_items = np.unique(item[multi_rows])
+            sel = np.flatnonzero(np.isin(item, multi_items))  # every row of those items
             pairs = (
-                df.with_row_index("row")
-                .filter(pl.Series(np.isin(item, multi_items)))
+                pl.DataFrame({"row": sel, "item": item_raw_rows[sel], "cate": cate_raw_rows[sel]})
                 .group_by("item", "cate")
                 .agg(n=pl.len(), first=pl.col("row").min())
                 .sort(["item", "n", "first"], descending=[False, True, False])
             )
-            chosen = pairs.group_by("item", maintain_order=True).first()
+            chosen = pairs.group_by("item", maintain_order=True).first()  # sorted by item
             n_multi = chosen.height
             rewritten = int(pairs["n"].sum() - chosen["n"].sum())
-            df = df.with_columns(
-                pl.col("item").replace_strict(chosen["item"], chosen["cate"], default=pl.col("cate")).alias("cate")
-            )
+            chosen_item, chosen_cate = chosen["item"].to_numpy(), chosen["cate"].to_numpy()
+            cate_raw_rows = cate_raw_rows.copy()  # writable (a view of the frame's memory is read-only)
+            cate_raw_rows[sel] = chosen_cate[np.searchsorted(chosen_item, item_raw_rows[sel])]
             for item_id, cats, ns, pick in (
                 pairs.group_by("item", maintain_order=True)
                 .agg(pl.col("cate"), pl.col("n"), pl.col("cate").first().alias("chosen"))
@@ -372,13 +413,10 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
         counts["items_with_multiple_categories"] = n_multi
         counts["rows_category_rewritten"] = rewritten
         counts["multiple_category_examples"] = examples
+        del item_raw_rows
 
-        user_row, _, _ = _first_appearance_rows(df["user"], 0)
-        cate_row, cate_raw, cate_index = _first_appearance_rows(df["cate"], FIRST_ID_ROW)
-        user = user_row.to_numpy()
-        cate = cate_row.to_numpy()
-        ts = df["ts"].to_numpy()
-        del df, cate_raw_rows, last_cate
+        cate, cate_raw, cate_index = _first_appearance_rows(cate_raw_rows, FIRST_ID_ROW)
+        del cate_raw_rows
         item_rows = FIRST_ID_ROW + len(item_raw)
         item_cate = np.empty(item_rows, dtype=np.int64)  # (item_rows,)
         item_cate[PAD_INDEX], item_cate[OOV_INDEX] = PAD_INDEX, OOV_INDEX
@@ -388,13 +426,20 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
         # One stable int64 key when it fits (timsort is near-linear on the already-ordered real file).
         span = cfg.max_timestamp - cfg.min_timestamp
         if span < (1 << 32) and int(user.max()) < (1 << 30):
-            key = (user << 32) | (ts - cfg.min_timestamp)
-            if not bool(np.all(key[1:] >= key[:-1])):
-                order = np.argsort(key, kind="stable")
-                user, item, cate = user[order], item[order], cate[order]
+            key = user.astype(np.int64)  # (user << 32) | (ts - min_timestamp), built in place
+            key <<= 32
+            key += ts
+            key -= cfg.min_timestamp
+            order = None if bool(np.all(key[1:] >= key[:-1])) else np.argsort(key, kind="stable")
+            del key
         else:
             order = np.lexsort((ts, user))  # lexsort is stable
-            user, item, cate = user[order], item[order], cate[order]
+        if order is not None:  # one array at a time, so at most one extra copy is alive
+            user = user[order]
+            item = item[order]
+            cate = cate[order]
+            ts = ts[order]
+            del order
         length = np.bincount(user).astype(np.int64)  # (U,)
         start = np.cumsum(length) - length  # (U,)
 
@@ -407,7 +452,9 @@ def build_events(raw: RawLog, cfg: PrepareConfig, stages: StageProgress) -> Even
         "mean": round(float(length.mean()), 2),
         "max": int(length.max()),
     }
-    return Events(user, item, cate, start, length, item_raw, item_index, cate_raw, cate_index, item_cate, counts)
+    # vocab.npz's raw ids: uint64 items, int64 categories, whatever width the rows were read in.
+    item_raw, cate_raw = item_raw.astype(np.uint64), cate_raw.astype(np.int64)
+    return Events(user, item, cate, ts, start, length, item_raw, item_index, cate_raw, cate_index, item_cate, counts)
 
 
 def split_targets(ev: Events, cfg: PrepareConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -432,7 +479,11 @@ class NegativeSampler:
         self.item_rows = len(ev.item_cate)
         freq = np.bincount(ev.item, minlength=self.item_rows)  # (item_rows,) rows 0, 1 never drawn
         self.cdf = np.cumsum(freq)
-        self.seen = np.sort(ev.user * self.item_rows + ev.item)  # sorted (user, item) keys, repeats harmless
+        seen = ev.user.astype(np.int64)  # sorted (user, item) keys user * item_rows + item, built in place
+        seen *= self.item_rows
+        seen += ev.item
+        seen.sort()  # repeats harmless
+        self.seen = seen
         self.rng = np.random.default_rng(seed)
 
     def _draw(self, n: int) -> np.ndarray:
@@ -456,74 +507,38 @@ class NegativeSampler:
         )
 
 
-class NpzStreamWriter:
-    """Writes an uncompressed .npz (what np.savez writes) one array at a time, large arrays chunk by chunk."""
-
-    def __init__(self, path: Path) -> None:
-        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-
-    def __enter__(self) -> NpzStreamWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._zip.close()
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
-
-    def add_chunked(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-        written = 0
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as fh:
-            np.lib.format.write_array_header_2_0(fh, header)
-            for chunk in chunks:
-                fh.write(memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B"))
-                written += chunk.shape[0]
-        if written != shape[0]:
-            raise AssertionError(f"{name}: wrote {written} rows, header says {shape[0]}")
-
-
-def _history_chunks(
-    values: np.ndarray, target: np.ndarray, user_start: np.ndarray, length: int, advance: Callable[[int], None]
-) -> Iterator[np.ndarray]:
-    """Yield [s, L] blocks of `values` at the L events before each target, left-padded with 0 (PAD_INDEX)."""
-    # Row g of the window view is values[g-L:g] (L zeros in front cover g < L); it may reach into the previous
-    # user's events, which the mask below turns into padding. Gathering whole rows is ~7x faster than per cell.
-    padded = np.concatenate([np.full(length, PAD_INDEX, dtype=values.dtype), values])  # (L + E,)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, length)  # (E + 1, L) view, no copy
-    column = np.arange(length, dtype=np.int64)  # (L,)
-    step = max(1, CHUNK_CELLS // length)
-    for a in range(0, len(target), step):
-        block = windows[target[a : a + step]]  # (s, L) copy: the L events before each target, oldest first
-        n_pad = length - (target[a : a + step] - user_start[a : a + step])  # (s,) slots before the user's start
-        block[column[None, :] < n_pad[:, None]] = PAD_INDEX
-        yield block
-        advance(len(block))
+def write_sequences(out: Path, ev: Events, cfg: PrepareConfig) -> None:
+    """Every user's events once: flat item/category/time arrays and per-user offsets (training.layout)."""
+    base = out / SEQUENCES_DIR
+    write_array(base / "item.npy", ev.item, INDEX_DTYPE)
+    write_array(base / "cate.npy", ev.cate, INDEX_DTYPE)
+    write_array(base / "time.npy", ev.time, time_dtype(cfg.max_timestamp, cfg.min_timestamp))
+    write_array(base / "offsets.npy", np.concatenate([ev.start, [len(ev.item)]]), np.int64)
 
 
 def write_split(
     out: Path, split: str, ev: Events, cfg: PrepareConfig, sampler: NegativeSampler, stages: StageProgress
 ) -> int:
+    """<split>/user, position, cand_item, cand_cate, label (training.layout): the samples point into the sequences."""
     users, target = split_targets(ev, cfg, split)
     m = cfg.negatives_per_positive
     with stages.stage(f"{split}: negatives"):
         neg = sampler.sample(users, m)  # (S, M)
-    cand_item = np.concatenate([ev.item[target, None], neg], axis=1)  # (S, 1+M) column 0 the positive
-    cand_cate = ev.item_cate[cand_item]  # (S, 1+M) a negative's category is its item's category
-    label = np.zeros(cand_item.shape, dtype=np.float32)  # (S, 1+M)
-    label[:, 0] = 1.0
-    user_start = ev.start[users]  # (S,)
-    shape = (len(target), cfg.history_len)
-    with stages.stage(f"{split}: write {split}.npz", total=2 * len(target)) as advance:
-        with NpzStreamWriter(out / f"{split}.npz") as npz:
-            npz.add("user", users.astype(np.int64))
-            for name, values in (("hist_item", ev.item), ("hist_cate", ev.cate)):
-                blocks = _history_chunks(values, target, user_start, cfg.history_len, advance)
-                npz.add_chunked(name, shape, np.int64, blocks)
-            npz.add("cand_item", cand_item.astype(np.int64))
-            npz.add("cand_cate", cand_cate.astype(np.int64))
-            npz.add("label", label)
+    with stages.stage(f"{split}: write {split}/"):
+        cand_item = np.empty((len(target), 1 + m), dtype=INDEX_DTYPE)  # (S, 1+M) column 0 the positive
+        cand_item[:, 0] = ev.item[target]
+        cand_item[:, 1:] = neg
+        del neg
+        # a negative's category is its item's category
+        cand_cate = np.take(ev.item_cate.astype(INDEX_DTYPE), cand_item)  # (S, 1+M)
+        label = np.zeros(cand_item.shape, dtype=np.uint8)  # (S, 1+M)
+        label[:, 0] = 1
+        folder = out / split
+        write_array(folder / "user.npy", users, INDEX_DTYPE)
+        write_array(folder / "position.npy", target - ev.start[users], INDEX_DTYPE)
+        write_array(folder / "cand_item.npy", cand_item, INDEX_DTYPE)
+        write_array(folder / "cand_cate.npy", cand_cate, INDEX_DTYPE)
+        write_array(folder / "label.npy", label, np.uint8)
     return len(target)
 
 
@@ -591,10 +606,12 @@ def prepare(cfg: PrepareConfig, input_path: Path | None, out: Path, *, progress:
         raise PrepareError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # meta.json last: its presence marks a complete folder
+    for split in SPLITS:  # the previous layout's files, so a re-prepared folder holds one layout only
+        (out / f"{split}.npz").unlink(missing_ok=True)
 
     started = time.perf_counter()
     with StageProgress(progress) as stages:
-        raw = read_log(input_path, stages)
+        raw = read_log(input_path, cfg, stages)
         ev = build_events(raw, cfg, stages)
         input_sha256, input_bytes = raw.input_sha256, raw.input_bytes
         del raw  # the parsed frame is no longer needed; free it before the sample arrays
@@ -604,8 +621,12 @@ def prepare(cfg: PrepareConfig, input_path: Path | None, out: Path, *, progress:
                 **dict(zip(VOCAB_ARRAYS, (ev.item_raw, ev.item_index, ev.cate_raw, ev.cate_index), strict=True)),
             )
             np.save(out / ITEM_CATE_FILE, ev.item_cate)
+        with stages.stage("sequences/"):
+            write_sequences(out, ev, cfg)
         with stages.stage("index (user, item) pairs"):
             sampler = NegativeSampler(ev, cfg.seed)
+        # The samples need only the item rows and the offsets from here on; free the rest.
+        ev.user = ev.cate = ev.time = np.zeros(0, dtype=np.int64)
         samples = {split: write_split(out, split, ev, cfg, sampler, stages) for split in SPLITS}
         if synthetic:
             with stages.stage("truth.npz"):

@@ -36,14 +36,14 @@ def make_split(
     hist, cand = np.array(hist_item, np.int64), np.array(cand_item, np.int64)
     label = np.zeros(cand.shape, np.float32)
     label[:, 0] = 1
-    return Split(
-        name=name,
-        user=np.array(user, np.int64),
-        hist_item=hist,
-        hist_cate=np.array(hist_cate, np.int64) if hist_cate else np.where(hist != 0, hist % 3 + 2, 0),
-        cand_item=cand,
-        cand_cate=np.array(cand_cate, np.int64) if cand_cate else cand % 3 + 2,
-        label=label,
+    return Split.from_histories(
+        name,
+        np.array(user, np.int64),
+        hist,
+        np.array(hist_cate, np.int64) if hist_cate else np.where(hist != 0, hist % 3 + 2, 0),
+        cand,
+        np.array(cand_cate, np.int64) if cand_cate else cand % 3 + 2,
+        label,
     )
 
 

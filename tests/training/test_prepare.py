@@ -18,24 +18,30 @@ from dare_common import DareError
 from service.contract import VOCAB_ARRAYS
 from training.config import PrepareConfig
 from training.prepare import SPLITS, default_sample_path, prepare
+from training.train import load_prepared
 
 CFG = PrepareConfig()
-SPLIT_ARRAYS = {
-    "user": (np.int64, 1),
-    "hist_item": (np.int64, 2),
-    "hist_cate": (np.int64, 2),
-    "cand_item": (np.int64, 2),
-    "cand_cate": (np.int64, 2),
-    "label": (np.float32, 2),
-}
+# What each split's samples look like to the trainer (histories sliced from sequences/ by the loader).
+SPLIT_ARRAYS = ("user", "hist_item", "hist_cate", "cand_item", "cand_cate", "label")
+# The files on disk (training/layout.py): dtype and number of dimensions.
+SPLIT_FILES = {"user": (np.int32, 1), "position": (np.int32, 1), "cand_item": (np.int32, 2), "cand_cate": (np.int32, 2),
+               "label": (np.uint8, 2)}  # fmt: skip
+SEQUENCE_FILES = {"item": np.int32, "cate": np.int32, "time": np.uint32, "offsets": np.int64}
 GOOD = "1,10,100,pv,1511544070\n"
 
 
 def _load(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every sample as the trainer sees it (history sliced from the stored sequences), and the vocabulary."""
+    data = load_prepared(folder)
     out = {}
-    for name in (*SPLITS, "vocab"):
-        with np.load(folder / f"{name}.npz", allow_pickle=False) as z:
-            out[name] = {k: z[k] for k in z.files}
+    for name in SPLITS:
+        split = getattr(data, name)
+        hist_item, hist_cate = split.histories(np.arange(split.rows))
+        out[name] = {"user": np.asarray(split.user, np.int64), "hist_item": hist_item, "hist_cate": hist_cate,
+                     "cand_item": np.asarray(split.cand_item, np.int64), "cand_cate": np.asarray(split.cand_cate, np.int64),
+                     "label": split.labels()}  # fmt: skip
+    with np.load(folder / "vocab.npz", allow_pickle=False) as z:
+        out["vocab"] = {k: z[k] for k in z.files}
     return out
 
 
@@ -130,14 +136,25 @@ def test_counts_on_the_real_sample(meta: dict, reference: dict) -> None:
     assert len(meta["data_fingerprint"]) == 64 and len(meta["input"]["sha256"]) == 64
 
 
-def test_every_array_has_the_documented_shape_and_dtype(data: dict, meta: dict) -> None:
+def test_every_array_has_the_documented_shape_and_dtype(data: dict, meta: dict, sample_dir: Path, reference: dict) -> None:
+    sequences = {name: np.load(sample_dir / "sequences" / f"{name}.npy") for name in SEQUENCE_FILES}
+    for name, dtype in SEQUENCE_FILES.items():
+        assert sequences[name].dtype == dtype and sequences[name].ndim == 1, name
+    # Each user's events once, oldest first: item, category and timestamp of the reference sequences.
+    seqs = [reference["seqs"][raw] for raw, _ in sorted(reference["user_row"].items(), key=lambda kv: kv[1])]
+    assert sequences["offsets"].tolist() == np.cumsum([0] + [len(q) for q in seqs]).tolist()
+    assert sequences["time"].tolist() == [e[0] for q in seqs for e in q]
+    assert sequences["item"].tolist() == [e[1] for q in seqs for e in q]
+    assert sequences["cate"].tolist() == [e[2] for q in seqs for e in q]
+    assert not list(sample_dir.glob("*.npz*")) or {p.name for p in sample_dir.glob("*.npz")} <= {"vocab.npz", "truth.npz"}
     for split in SPLITS:
+        files = {name: np.load(sample_dir / split / f"{name}.npy") for name in SPLIT_FILES}
+        for name, (dtype, ndim) in SPLIT_FILES.items():
+            assert files[name].dtype == dtype and files[name].ndim == ndim, (split, name)
         arrays = data[split]
         assert set(arrays) == set(SPLIT_ARRAYS)
         s = len(arrays["user"])
         assert s == meta["counts"]["samples"][split] > 0
-        for name, (dtype, ndim) in SPLIT_ARRAYS.items():
-            assert arrays[name].dtype == dtype and arrays[name].ndim == ndim, name
         assert arrays["hist_item"].shape == arrays["hist_cate"].shape == (s, CFG.history_len)
         m = 1 + CFG.negatives_per_positive
         assert arrays["cand_item"].shape == arrays["cand_cate"].shape == arrays["label"].shape == (s, m)
@@ -271,7 +288,7 @@ def test_out_of_order_events_are_sorted_by_time_stably(tmp_path: Path) -> None:
     tied = "1,99,101,pv,1511544072"  # same time as item 12, later in the file: must stay after it
     text = "\n".join([lines[5], lines[0], lines[2], tied, lines[1], lines[3], lines[4]]) + "\n" + _user_log(user=2)
     _run(tmp_path, text)
-    test = np.load(tmp_path / "out" / "test.npz")
+    test = _load(tmp_path / "out")["test"]
     vocab = np.load(tmp_path / "out" / "vocab.npz")
     raw = dict(zip(vocab["item_index"].tolist(), vocab["item_raw"].tolist(), strict=True))
     # Time order: 10, 11, 12, 99 (tied with 12, later in the file), 13, 14, 15; test target 15, last 3 before it.
@@ -287,7 +304,7 @@ def test_item_ids_use_the_whole_unsigned_64_bit_range(tmp_path: Path) -> None:
     vocab = np.load(tmp_path / "out" / "vocab.npz")
     assert vocab["item_raw"].dtype == np.uint64 and set(big) <= set(vocab["item_raw"].tolist())
     raw = dict(zip(vocab["item_index"].tolist(), vocab["item_raw"].tolist(), strict=True))
-    test = np.load(tmp_path / "out" / "test.npz")
+    test = _load(tmp_path / "out")["test"]
     assert raw[int(test["cand_item"][0, 0])] == big[5 % 4]  # user 1's last event: 2**63 + 1
     assert [raw[r] for r in test["hist_item"][0].tolist()] == [big[2], big[3], big[0]]
 

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from dare_common import DareError
+from training.layout import write_array
 from training.run import load_run
 from training.train import (
+    DATA_FORMAT_VERSION,
     BestCheckpoint,
     TrainOptions,
     eval_steps,
@@ -39,7 +41,8 @@ def make_prepared(
     planted_truth: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Write a tiny prepared-data folder with planted structure (category rows 2.., item rows 2..; 0 pad, 1 OOV)."""
+    """Write a tiny prepared-data folder (training/layout.py) with planted structure: most events repeat the category
+    of one of the user's 3 previous events, negatives have random categories (category rows 2.., item rows 2..)."""
     rng = np.random.default_rng(seed)
     cate_rows = categories + 2
     item_rows = categories * items_per_category + 2
@@ -50,30 +53,42 @@ def make_prepared(
     def items_of(cate: np.ndarray) -> np.ndarray:
         return 2 + (cate - 2) * items_per_category + rng.integers(0, items_per_category, size=cate.shape)
 
-    def sample(user: int, interests: np.ndarray) -> tuple[np.ndarray, ...]:
-        n = int(rng.integers(history_len // 3, history_len + 1))  # some histories are shorter: left padding
-        cates = np.where(rng.random(n) < 0.7, rng.choice(interests, n), rng.integers(2, cate_rows, n))
-        hist_item = np.zeros(history_len, np.int64)
-        hist_cate = np.zeros(history_len, np.int64)
-        hist_cate[-n:] = cates
-        hist_item[-n:] = items_of(cates)
-        pos_cate = hist_cate[-1 - int(rng.integers(0, 3))]  # one of the 3 most recent behaviours' categories
-        neg_cate = rng.integers(2, cate_rows, negatives)
-        cand_cate = np.r_[pos_cate, neg_cate]
-        cand_item = items_of(cand_cate)
-        label = np.r_[1.0, np.zeros(negatives)].astype(np.float32)
-        return np.int64(user), hist_item, hist_cate, cand_item, cand_cate, label
-
-    per_split: dict[str, list[tuple[np.ndarray, ...]]] = {"train": [], "val": [], "test": []}
+    seq_cate: list[int] = []
+    offsets = [0]
+    samples: dict[str, list[tuple[int, int, np.ndarray]]] = {"train": [], "val": [], "test": []}
     for user in range(users):
         interests = rng.choice(np.arange(2, cate_rows), 2, replace=False)
-        per_split["train"] += [sample(user, interests) for _ in range(train_per_user)]
-        per_split["val"].append(sample(user, interests))
-        per_split["test"].append(sample(user, interests))
+        n = int(rng.integers(history_len // 3, 2 * history_len)) + train_per_user + 2  # some histories are short
+        cates: list[int] = []
+        for j in range(n):
+            if j and rng.random() < 0.7:
+                cates.append(cates[-1 - int(rng.integers(0, min(3, j)))])  # one of the 3 most recent categories
+            else:
+                cates.append(int(rng.choice(interests)) if rng.random() < 0.7 else int(rng.integers(2, cate_rows)))
+        train_positions = np.sort(rng.choice(np.arange(1, n - 2), train_per_user, replace=False))
+        for split, positions in (("train", train_positions), ("val", [n - 2]), ("test", [n - 1])):
+            for position in positions:
+                samples[split].append((user, int(position), rng.integers(2, cate_rows, negatives)))
+        seq_cate += cates
+        offsets.append(len(seq_cate))
+    cate_seq = np.array(seq_cate, np.int64)
+    item_seq = items_of(cate_seq)
     folder.mkdir(parents=True, exist_ok=True)
-    names = ("user", "hist_item", "hist_cate", "cand_item", "cand_cate", "label")
-    for split, rows in per_split.items():
-        np.savez(folder / f"{split}.npz", **{name: np.stack([r[i] for r in rows]) for i, name in enumerate(names)})
+    write_array(folder / "sequences" / "item.npy", item_seq, np.int32)
+    write_array(folder / "sequences" / "cate.npy", cate_seq, np.int32)
+    write_array(folder / "sequences" / "time.npy", 1511539200 + np.arange(len(cate_seq)), np.uint32)
+    write_array(folder / "sequences" / "offsets.npy", np.array(offsets), np.int64)
+    for split, rows in samples.items():
+        user = np.array([r[0] for r in rows], np.int64)
+        position = np.array([r[1] for r in rows], np.int64)
+        neg_cate = np.stack([r[2] for r in rows])  # [S, M]
+        cand_item = np.concatenate([item_seq[np.array(offsets)[user] + position, None], items_of(neg_cate)], axis=1)
+        label = np.zeros(cand_item.shape, np.uint8)
+        label[:, 0] = 1
+        for name, values, dtype in (("user", user, np.int32), ("position", position, np.int32),
+                                    ("cand_item", cand_item, np.int32), ("cand_cate", item_cate[cand_item], np.int32),
+                                    ("label", label, np.uint8)):  # fmt: skip
+            write_array(folder / split / f"{name}.npy", values, dtype)
     np.savez(
         folder / "vocab.npz",
         item_raw=np.arange(1000, 1000 + item_rows - 2, dtype=np.int64),
@@ -87,7 +102,8 @@ def make_prepared(
         relation[:2] = 0
         decay = np.r_[0.0, 0.8 ** np.arange(history_len)]  # decay[p] for position p = 1..L
         np.savez(folder / "truth.npz", relation=relation, decay=decay)
-    meta = {"data_fingerprint": f"test-{seed}-{users}", "synthetic": planted_truth}
+    meta = {"data_fingerprint": f"test-{seed}-{users}", "synthetic": planted_truth, "format_version": DATA_FORMAT_VERSION,
+            "history_len": history_len}  # fmt: skip
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
@@ -163,8 +179,8 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_weights(
     script = [0.60, 0.70, 0.65, 0.69, 0.68, 0.99, 0.99]
     seen: list[dict[str, torch.Tensor]] = []
 
-    def scripted(model, split, batch_size, device):  # type: ignore[no-untyped-def]
-        metrics = real(model, split, batch_size, device)
+    def scripted(model, split, batch_size, device, precision="fp32"):  # type: ignore[no-untyped-def]
+        metrics = real(model, split, batch_size, device, precision)
         if split.name != "val" or len(seen) >= len(script):
             return metrics
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -193,6 +209,22 @@ def test_best_checkpoint_keeps_the_highest_auc_state() -> None:
     assert tracker.step == 2 and tracker.auc == 0.8
     tracker.restore(model)
     assert torch.all(model.weight == 2)
+
+
+def test_a_spilled_best_checkpoint_restores_from_its_file_and_is_removed(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    tracker = BestCheckpoint(spill=tmp_path / "run" / ".best.pt")
+    for step, auc in ((1, 0.6), (2, 0.8), (3, 0.7)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        tracker.offer(model, auc, step)
+    assert tracker.state is None and (tmp_path / "run" / ".best.pt").is_file()
+    tracker.restore(model)
+    assert torch.all(model.weight == 2) and tracker.step == 2
+    tracker.discard()
+    assert not (tmp_path / "run" / ".best.pt").exists()
+    with pytest.raises(DareError, match="no checkpoint was evaluated"):
+        BestCheckpoint(spill=tmp_path / "x.pt").restore(model)
 
 
 def test_eval_steps_spread_over_each_epoch() -> None:
@@ -260,14 +292,93 @@ def test_bad_data_folders_are_clear_errors(tmp_path: Path, planted: Path) -> Non
     empty.mkdir()
     with pytest.raises(DareError, match="no meta.json"):
         load_prepared(empty)
-    (empty / "meta.json").write_text('{"data_fingerprint": "x"}')
-    with pytest.raises(DareError, match="missing train.npz"):
+    (empty / "meta.json").write_text('{"data_fingerprint": "x", "format_version": 1}')
+    with pytest.raises(DareError, match="prepared-data format 1, this code reads format 2.*run `dare prepare` again"):
+        load_prepared(empty)
+    (empty / "meta.json").write_text(json.dumps({"data_fingerprint": "x", "format_version": 2, "history_len": 5}))
+    np.savez(empty / "vocab.npz", item_raw=np.arange(3), item_index=np.arange(2, 5), cate_raw=np.arange(2), cate_index=np.arange(2, 4))
+    with pytest.raises(DareError, match="missing sequences/item.npy"):
         load_prepared(empty)
     broken = make_prepared(tmp_path / "broken", users=10, train_per_user=1)
-    np.savez(broken / "val.npz", user=np.zeros(2, np.int64))
-    with pytest.raises(DareError, match="val.npz lacks arrays"):
+    (broken / "val" / "label.npy").unlink()
+    with pytest.raises(DareError, match="missing val/label.npy"):
+        load_prepared(broken)
+    broken = make_prepared(tmp_path / "broken2", users=10, train_per_user=1)
+    position = np.load(broken / "test" / "position.npy")
+    np.save(broken / "test" / "position.npy", position + 1)  # the last event of each user is the test target
+    with pytest.raises(DareError, match="test/position.npy points past a user's sequence"):
+        load_prepared(broken)
+    (broken / "sequences" / "offsets.npy").write_bytes(b"not an npy")
+    with pytest.raises(DareError, match="offsets.npy: not a readable .npy file"):
         load_prepared(broken)
     with pytest.raises(DareError, match="CUDA is not available"):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         train(planted, TrainOptions(device="cuda", epochs=1), tmp_path / "run", progress=False)
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_on_cpu(planted: Path, tmp_path: Path) -> None:
+    from training.train import autocast
+
+    data = load_prepared(planted)
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=1,
+                           patience=100, precision="bf16")  # fmt: skip
+    result = train(data, options, tmp_path / "run", progress=False)
+    batch = data.test.batch(np.arange(8), torch.device("cpu"))
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        assert result.model(*batch).dtype == torch.bfloat16  # the matmuls ran in bf16
+    with torch.no_grad(), autocast(torch.device("cpu"), "fp32"):
+        assert result.model(*batch).dtype == torch.float32
+    assert result.metrics["precision"] == "bf16" and result.metrics["test_auc"] > 0.6
+
+
+def test_sparse_embeddings_use_sparse_adam_and_learn(planted: Path, tmp_path: Path) -> None:
+    from training.model import build_model
+    from training.train import build_configs, build_optimizers
+
+    options = TrainOptions(model="dare", att_dim=8, repr_dim=16, top_k=5, epochs=2, batch_size=64, evals_per_epoch=1,
+                           patience=100, sparse_embeddings=True)  # fmt: skip
+    model = build_model(build_configs(options, load_prepared(planted)).model)
+    sparse_adam, adam = build_optimizers(model, options)
+    assert isinstance(sparse_adam, torch.optim.SparseAdam) and isinstance(adam, torch.optim.Adam)
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert all(t.sparse for t in tables) and len(sparse_adam.param_groups[0]["params"]) == len(tables)
+    metrics = train(planted, options, tmp_path / "run", progress=False).metrics
+    assert metrics["sparse_embeddings"] is True and metrics["test_auc"] > 0.6
+
+
+def test_a_sample_budget_stops_training_and_validates_once_at_the_end(planted: Path, tmp_path: Path) -> None:
+    options = TrainOptions(model="twin", att_dim=8, top_k=5, batch_size=64, evals_per_epoch=1, max_samples=200)
+    metrics = train(planted, options, tmp_path / "run", progress=False).metrics
+    assert metrics["stop_reason"] == "max_samples" and metrics["steps"] == 4 and metrics["train_samples_seen"] == 256
+    assert [e["step"] for e in metrics["evals"]] == [4] and metrics["best_step"] == 4
+    assert metrics["train_samples_per_second"] > 0 and metrics["processes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--precision", "fp8"], "unknown --precision 'fp8'"), (["--max-samples", "0"], "--max-samples must be >= 1"),
+     (["--nproc", "0"], "--nproc must be >= 1")],
+)  # fmt: skip
+def test_cli_bad_training_options_exit_2_with_one_line(planted: Path, tmp_path: Path, args: list, message: str) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dare.cli", "train", "--data", str(planted), "--out", str(tmp_path / "r"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recorded_options_match_with_later_options_at_their_defaults() -> None:
+    """A run recorded before --precision/--max-samples/--sparse-embeddings existed is the same run as one asking for
+    their defaults (so `dare compare` and `dare curve` reuse it), and not the same as one asking for other values."""
+    import dataclasses
+
+    options = TrainOptions(model="twin", att_dim=8, seed=3)
+    recorded = json.loads(json.dumps(dataclasses.asdict(options)))
+    assert options.same_as_recorded(recorded)
+    older = {k: v for k, v in recorded.items() if k not in ("precision", "max_samples", "sparse_embeddings")}
+    assert options.same_as_recorded(older)
+    assert not dataclasses.replace(options, precision="bf16").same_as_recorded(older)
+    assert not dataclasses.replace(options, seed=4).same_as_recorded(recorded)
+    assert not options.same_as_recorded({**recorded, "unknown_option": 1}) and not options.same_as_recorded(None)

@@ -1,0 +1,101 @@
+"""The prepared-data layout on disk: every user's event sequence stored once, samples as pointers into it.
+
+    sequences/item.npy     int32 [E]    item row of every kept event, grouped by user row, oldest first
+    sequences/cate.npy     int32 [E]    category row of every event
+    sequences/time.npy     uint32 [E]   Unix timestamp (int64 when the --max-timestamp range does not fit uint32)
+    sequences/offsets.npy  int64 [U+1]  user u's events are [offsets[u], offsets[u+1])
+    <split>/user.npy       int32 [S]    user row of each sample
+    <split>/position.npy   int32 [S]    index of the target event within its user's sequence (0 = oldest)
+    <split>/cand_item.npy  int32 [S, C] column 0 the positive (the target event's item), columns 1.. its negatives
+    <split>/cand_cate.npy  int32 [S, C]
+    <split>/label.npy      uint8 [S, C] 1 for column 0, 0 elsewhere
+
+Every file is a plain .npy, opened memory-mapped (`np.load(mmap_mode="r")`), so a reader holds in memory only what
+it touches. A sample's history is the `history_len` events of its user strictly before the target, oldest first,
+left-padded with row 0: `Sequences.histories` slices it for a batch of samples at once (one vectorised gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import PAD_INDEX
+
+SEQUENCES_DIR = "sequences"
+SEQUENCE_ARRAYS = ("item", "cate", "time", "offsets")
+SAMPLE_ARRAYS = ("user", "position", "cand_item", "cand_cate", "label")
+INDEX_DTYPE = np.int32  # item and category rows, user rows and positions on disk (widened to int64 per batch)
+
+
+class LayoutError(ValueError):
+    """A prepared-data folder's arrays are missing, unreadable or inconsistent; the message names the file."""
+
+
+def open_array(path: Path) -> np.ndarray:
+    """A memory-mapped .npy (read-only); a LayoutError naming the file if it is missing or unreadable."""
+    if not path.is_file():
+        raise LayoutError(f"missing {path.parent.name}/{path.name}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise LayoutError(f"{path}: not a readable .npy file: {exc}") from None
+
+
+def write_array(path: Path, array: np.ndarray, dtype: np.dtype | type) -> None:
+    """Write `array` as .npy with the given dtype, refusing values the dtype cannot hold."""
+    array = np.asarray(array)
+    info = np.iinfo(dtype)
+    if array.size and (int(array.min()) < info.min or int(array.max()) > info.max):
+        raise LayoutError(f"{path.name}: values {int(array.min())}..{int(array.max())} do not fit {np.dtype(dtype).name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array.astype(dtype, copy=False), allow_pickle=False)
+
+
+def time_dtype(max_timestamp: int, min_timestamp: int) -> type:
+    return np.uint32 if 0 <= min_timestamp and max_timestamp <= np.iinfo(np.uint32).max + 1 else np.int64
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """The flat per-user event arrays (memory-mapped) and the history length samples are cut to."""
+
+    item: np.ndarray  # int32 [E]
+    cate: np.ndarray  # int32 [E]
+    time: np.ndarray  # uint32 or int64 [E]
+    offsets: np.ndarray  # int64 [U+1]
+    history_len: int
+
+    @property
+    def users(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def open(cls, folder: Path, history_len: int) -> Sequences:
+        base = Path(folder) / SEQUENCES_DIR
+        arrays = {name: open_array(base / f"{name}.npy") for name in SEQUENCE_ARRAYS}
+        events = len(arrays["item"])
+        if any(arrays[n].ndim != 1 for n in SEQUENCE_ARRAYS) or len(arrays["cate"]) != events or len(arrays["time"]) != events:
+            raise LayoutError(f"{base}: item, cate and time must be 1-D arrays of one length")
+        offsets = np.asarray(arrays["offsets"], dtype=np.int64)  # small ([U+1]): read into memory
+        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != events or np.any(np.diff(offsets) < 0):
+            raise LayoutError(f"{base}/offsets.npy must rise from 0 to the number of events ({events})")
+        return cls(arrays["item"], arrays["cate"], arrays["time"], offsets, history_len)
+
+    def histories(self, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """hist_item, hist_cate int64 [B, L] for samples (user [B], target position [B]): the L events before each
+        target, oldest first, left-padded with 0 (never reaching into another user's events)."""
+        start = self.offsets[np.asarray(user, dtype=np.int64)]  # [B]
+        target = start + np.asarray(position, dtype=np.int64)  # [B] global index of the target event
+        length = self.history_len
+        index = target[:, None] + np.arange(-length, 0, dtype=np.int64)[None, :]  # [B, L]
+        valid = index >= start[:, None]  # [B, L] False on the padding slots
+        index = np.where(valid, index, 0)
+        if len(self.item) == 0:
+            empty = np.zeros(index.shape, dtype=np.int64)
+            return empty, empty.copy()
+        item = np.where(valid, self.item[index], PAD_INDEX).astype(np.int64)
+        cate = np.where(valid, self.cate[index], PAD_INDEX).astype(np.int64)
+        return item, cate
