@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   serve  the scoring service: what `dare serve` imports (core + the `serve` extra: onnxruntime, FastAPI/uvicorn,
-#          the Redis client, prometheus-client); no torch, no plotting, no `dare load`. Runs as a non-root user.
+#   serve  the scoring service: what `dare serve` imports (core + the `serve` and `otel` extras: onnxruntime,
+#          FastAPI/uvicorn, the Redis client, prometheus-client, OpenTelemetry); no torch, no plotting, no `dare load`.
+#          Runs as a non-root user.
 #   train  the one-shot trainer of docker-compose.yml: CPU torch + everything `dare demo --no-serve` needs
 #          (the `train`, `serve` and `tools` extras: prepare, train, export, `dare load`, benches).
 # In both, dependencies are installed from a lock file (requirements/serve.txt, requirements/train.txt: every
@@ -30,7 +31,7 @@ WORKDIR /app
 
 # --------------------------------------------------------------------------------------------- serve
 FROM base AS serve
-# Core + the `serve` extra only: the serving image must never carry torch (tests/shipping checks this).
+# Core + the `serve` and `otel` extras only: the serving image must never carry torch (tests/shipping checks this).
 COPY requirements/serve.txt ./requirements.txt
 RUN pip install --no-cache-dir --no-deps -r requirements.txt && pip check
 COPY pyproject.toml setup.py README.md ./

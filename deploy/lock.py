@@ -29,7 +29,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_DIR = ROOT / "requirements"
 # lock name -> the extras of pyproject.toml it installs on top of the core dependencies
-LOCKS: dict[str, list[str]] = {"serve": ["serve"], "train": ["train", "serve", "tools"],
+LOCKS: dict[str, list[str]] = {"serve": ["serve", "otel"], "train": ["train", "serve", "tools"],
                                "dev": ["train", "serve", "tools", "dev", "otel"]}  # fmt: skip
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"  # the images' and the machines' platform (glibc >= 2.28, as the torch wheel needs)

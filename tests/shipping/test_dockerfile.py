@@ -80,9 +80,9 @@ def closure(requirements: list[str]) -> set[str]:
 
 def test_serve_image_installs_no_torch() -> None:
     name = lock_of("serve")
-    assert deploy_lock.LOCKS[name] == ["serve"], f"the serve image must install core + serve only, not {name}.txt"
+    assert deploy_lock.LOCKS[name] == ["serve", "otel"], f"the serve image must install core + serve + otel only, not {name}.txt"
     project = pyproject()["project"]
-    expected = project["dependencies"] + project["optional-dependencies"]["serve"]
+    expected = project["dependencies"] + project["optional-dependencies"]["serve"] + project["optional-dependencies"]["otel"]
     assert deploy_lock.resolve(ROOT / "pyproject.toml", deploy_lock.LOCKS[name]) == expected
     pins = locked(name)
     assert "torch" not in pins and "onnx" not in pins
@@ -131,12 +131,13 @@ def test_dare_serve_imports_only_what_the_serve_image_installs() -> None:
     HTTP client limits, the Redis launcher, uvicorn's loop/protocol modules) in a fresh interpreter, map every
     loaded module to its distribution, and require each to be in the serve image's install set (or the project).
 
-    The image has no `otel` extra (tracing imports it only when on), so its packages are hidden here as they are
-    there: redis-py and opentelemetry import them optionally when present. Modules map to distributions by their
-    files, since `opentelemetry` is a namespace package shared by the API (a FastAPI dependency) and the SDK."""
+    The image installs the `otel` extra too (tracing imports it only when on, DARE_OTEL=1); psutil, which the
+    OpenTelemetry SDK imports when present, is not in the image and is hidden here as it is there. Modules map to
+    distributions by their files, since `opentelemetry` is a namespace package shared by the API (a FastAPI
+    dependency) and the SDK."""
     code = (
         "import sys, json\n"
-        "sys.modules['opentelemetry.sdk'] = sys.modules['opentelemetry.exporter'] = None  # not in the image\n"
+        "sys.modules['psutil'] = None  # not in the image\n"
         "import dare.cli; dare.cli._register()\n"
         "import uvicorn, uvicorn.loops.auto, uvicorn.lifespan.on, uvicorn.protocols.http.httptools_impl\n"
         "import service.main, service.store, service.engine, service.registry, service.search, service.metrics\n"
@@ -156,7 +157,8 @@ def test_dare_serve_imports_only_what_the_serve_image_installs() -> None:
     loaded = {deploy_lock.requirement_name(d) for d in json.loads(result.stdout.splitlines()[-1])}
     assert "onnxruntime" in loaded and "fastapi" in loaded  # the imports really ran
     project = pyproject()["project"]
-    allowed = closure(project["dependencies"] + project["optional-dependencies"]["serve"])
+    extras = project["optional-dependencies"]
+    allowed = closure(project["dependencies"] + extras["serve"] + extras["otel"])
     allowed |= {"dare-ctr", "setuptools", "pip"}  # the project itself; setuptools/pip are in every base image
     assert loaded <= allowed, f"`dare serve` imports distributions the serve image lacks: {sorted(loaded - allowed)}"
 
