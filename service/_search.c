@@ -81,14 +81,97 @@ static inline void offer(Hit *best, int64_t *filled, int64_t k, float bound, Hit
 #include "_search_kernel.h"
 #undef KISA
 
+/* ------------------------------------------------------------------ pass 1 in bfloat16 (AVX-512 BF16 CPUs) */
+
+/* The same block maxima from bfloat16 copies of the tables and queries: VDPBF16PS multiplies pairs of bfloat16
+ * values and adds both products to a float32 lane, so a tile takes half the instructions of the float32 one. Each
+ * approximate score is within the candidate's `slack` of the float32 one (bf16_slack), so pass 2 selects the blocks
+ * whose approximate maximum reaches the K-th largest less twice the slack, and rescores every event of them in
+ * float32: the same top-K and weights as the float32 kernel (up to its own float32 rounding). */
+#define BTARGET __attribute__((target("avx512f,avx512bf16,fma")))
+
+static int cpu_bf16(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* float32 -> bfloat16, rounded to nearest even (the tables are finite: checked when a model loads). */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One tile: a[r][v] = the approximate scores of the 8 events (bfloat16 rows ir[r], cr[r] of dp pairs) for
+ * candidates 16v..16v+15 (packed queries q, qc: [dp][32] pairs each), without the position part. */
+BTARGET __attribute__((always_inline)) static inline void tile_bf16(const uint32_t *const *ir, const uint32_t *const *cr,
+                                                                      const uint32_t *q, const uint32_t *qc, int64_t dp,
+                                                                      v16 a[TT][2]) {
+    __m512 acc[TT][2];
+    for (int r = 0; r < TT; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const uint32_t *const *rows[2] = {ir, cr};
+    const uint32_t *queries[2] = {q, qc};
+    for (int part = 0; part < 2; part++) {
+        const uint32_t *const *row = rows[part], *qp = queries[part];
+        for (int64_t j = 0; j < dp; j++) {
+            __m512bh q0 = (__m512bh)_mm512_load_si512(qp + j * CT), q1 = (__m512bh)_mm512_load_si512(qp + j * CT + 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < TT; r++) {
+                __m512bh h = (__m512bh)_mm512_set1_epi32((int)row[r][j]);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], h, q0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], h, q1);
+            }
+        }
+    }
+    for (int r = 0; r < TT; r++) a[r][0] = (v16)acc[r][0], a[r][1] = (v16)acc[r][1];
+}
+
+/* block_maxima_avx512 with the bfloat16 tile: rows of dp pairs (uint32), queries qb [tile][2 dp][32]. */
+BTARGET static void block_maxima_bf16(const uint32_t *item, const uint32_t *cate, int64_t dp, const float *poscol,
+                                      const int64_t *hist_item, const int64_t *hist_cate, int64_t n, int64_t max_position,
+                                      const uint32_t *qb, int64_t tiles, int64_t k, float *bmax, float *bsecond,
+                                      uint8_t *barg, v16 *top, const uint32_t *zeros) {
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    const int64_t lines = (dp * 4 + 63) / 64;
+    for (int64_t i = 0; i < tiles * 2 * k; i++)
+        for (int l = 0; l < 16; l++) top[i][l] = -INFINITY;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint32_t *ir[TT], *cr[TT];
+        float pos[TT];
+        int valid[TT];
+        for (int r = 0; r < TT; r++) {
+            int64_t t = b * BLOCK + r, p = n - t;
+            valid[r] = t < n;
+            ir[r] = valid[r] ? item + hist_item[t] * dp : zeros;
+            cr[r] = valid[r] ? cate + hist_cate[t] * dp : zeros;
+            pos[r] = valid[r] ? poscol[p < max_position ? p : max_position] : 0.0f;
+        }
+        for (int64_t t = (b + 1) * BLOCK; t < (b + 2) * BLOCK && t < n; t++) /* the next block's random rows */
+            for (int64_t l = 0; l < lines; l++) {
+                __builtin_prefetch((const char *)(item + hist_item[t] * dp) + 64 * l);
+                __builtin_prefetch((const char *)(cate + hist_cate[t] * dp) + 64 * l);
+            }
+        for (int64_t ct = 0; ct < tiles; ct++) {
+            const uint32_t *q = qb + ct * (2 * dp * CT), *qc = q + dp * CT;
+            v16 a[TT][2];
+            tile_bf16(ir, cr, q, qc, dp, a);
+            const int64_t o = (b * tiles + ct) * CT;
+            epilogue_avx512(a, valid, pos, 2, bmax + o, bsecond + o, barg + o);
+            insert_max_avx512(top + (2 * ct) * k, k, bmax + o);
+            insert_max_avx512(top + (2 * ct + 1) * k, k, bmax + o + 16);
+        }
+    }
+}
+
 #else
 static int cpu_isa(void) { return 0; }
+static int cpu_bf16(void) { return 0; }
 #endif /* DARE_X86 */
 
 /* Scratch memory, kept per thread between calls (the service scores on a small pool of worker threads): fresh
  * multi-megabyte allocations per call would page-fault on every call. Freed when the thread exits (anyio retires
  * idle worker threads), and not kept past a call when larger than SCRATCH_KEEP_BYTES (a rare huge request). */
-#define SCRATCH_SLOTS 8
+#define SCRATCH_SLOTS 9
 #define SCRATCH_KEEP_BYTES ((size_t)16 << 20)
 
 typedef struct {
@@ -154,9 +237,10 @@ static int get_buf(PyObject *obj, Buf *b, const char *name, Py_ssize_t itemsize,
     const char *f = b->view.format ? b->view.format : "B";
     if (*f == '<' || *f == '=' || *f == '@') f++;
     int ok = b->view.itemsize == itemsize &&
-             ((kind == 'f' && f[0] == 'f') || (kind == 'i' && (f[0] == 'q' || f[0] == 'l')));
+             ((kind == 'f' && f[0] == 'f') || (kind == 'i' && (f[0] == 'q' || f[0] == 'l')) ||
+              (kind == 'u' && (f[0] == 'I' || f[0] == 'L')));
     if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %s", name, kind == 'f' ? "float32" : "int64");
+        PyErr_Format(PyExc_TypeError, "%s: expected %s", name, kind == 'f' ? "float32" : kind == 'i' ? "int64" : "uint32");
         return -1;
     }
     return 0;
@@ -178,13 +262,19 @@ static int ids_in_range(Buf *b, Py_ssize_t rows, const char *name) {
 
 #ifdef DARE_X86
 static PyObject *py_search(PyObject *self, PyObject *args) {
-    PyObject *o[9];
-    double scale;
+    PyObject *o[9], *o16[2] = {Py_None, Py_None};
+    double scale, norm[2] = {0.0, 0.0};
     long long d, max_position, k;
     int isa = 0;
-    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO|i", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
-                          &max_position, &k, &o[7], &o[8], &isa))
+    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO|iOOdd", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
+                          &max_position, &k, &o[7], &o[8], &isa, &o16[0], &o16[1], &norm[0], &norm[1]))
         return NULL;
+    const int bf16 = o16[0] != Py_None;
+    if (bf16 && (!cpu_bf16() || isa == 256 || o16[1] == Py_None)) {
+        PyErr_SetString(PyExc_RuntimeError, o16[1] == Py_None ? "the bfloat16 search needs both bfloat16 tables"
+                                                               : "the bfloat16 search needs AVX-512 BF16, which this CPU lacks");
+        return NULL;
+    }
     const int best_isa = cpu_isa();
     if (isa == 0) isa = best_isa;
     if (best_isa == 0 || (isa != 512 && isa != 256) || isa > best_isa) {
@@ -195,10 +285,11 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     static const char *names[9] = {"item_table", "cate_table", "position_column", "hist_item", "hist_cate",
                                    "cand_item",  "cand_cate",  "out_index",       "out_weight"};
     static const char kinds[9] = {'f', 'f', 'f', 'i', 'i', 'i', 'i', 'i', 'f'};
-    Buf b[9];
+    Buf b[9], b16[2];
     memset(b, 0, sizeof b);
+    memset(b16, 0, sizeof b16);
     PyObject *result = NULL;
-    float *qt = NULL, *query = NULL, *bmax = NULL, *bsecond = NULL, *zeros = NULL;
+    float *qt = NULL, *query = NULL, *bmax = NULL, *bsecond = NULL, *zeros = NULL, *slack = NULL;
     uint8_t *barg = NULL;
     v16 *top = NULL;
     int32_t *blocks = NULL;
@@ -209,7 +300,16 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad dimensions: d, k and max_position must be >= 1 and divide the tables");
         goto done;
     }
-    const int64_t item_rows = count(&b[0]) / d, cate_rows = count(&b[1]) / d;
+    const int64_t item_rows = count(&b[0]) / d, cate_rows = count(&b[1]) / d, dp = (d + 1) / 2;
+    if (bf16) {
+        static const char *names16[2] = {"item_table_bf16", "cate_table_bf16"};
+        for (int i = 0; i < 2; i++)
+            if (get_buf(o16[i], &b16[i], names16[i], 4, 'u', 0) != 0) goto done;
+        if (count(&b16[0]) != item_rows * dp || count(&b16[1]) != cate_rows * dp) {
+            PyErr_SetString(PyExc_ValueError, "the bfloat16 tables must hold the tables' rows in (d + 1) / 2 pairs each");
+            goto done;
+        }
+    }
     const int64_t n = count(&b[3]), c_count = count(&b[5]);
     if (count(&b[4]) != n || count(&b[6]) != c_count || count(&b[2]) != max_position + 1 ||
         count(&b[7]) != c_count * k || count(&b[8]) != c_count * k) {
@@ -231,17 +331,18 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     qt = scratch_get(sc, 0, (size_t)tiles * 2 * d * CT * sizeof(float));
     query = scratch_get(sc, 1, (size_t)c_count * 2 * d * sizeof(float));
     bmax = scratch_get(sc, 2, (size_t)nb * tiles * CT * sizeof(float));
-    zeros = scratch_get(sc, 3, (size_t)d * sizeof(float));
+    zeros = scratch_get(sc, 3, (size_t)(d + 1) * sizeof(float));
     top = scratch_get(sc, 4, (size_t)tiles * 2 * k * sizeof(v16));
     blocks = scratch_get(sc, 5, (size_t)16 * nb * sizeof(int32_t));
     bsecond = scratch_get(sc, 6, (size_t)nb * tiles * CT * sizeof(float));
     barg = scratch_get(sc, 7, (size_t)nb * tiles * CT);
+    if (bf16) slack = scratch_get(sc, 8, (size_t)tiles * CT * sizeof(float));
     best = malloc((size_t)k * sizeof(Hit));
-    if (!qt || !query || !bmax || !zeros || !top || !blocks || !bsecond || !barg || !best) {
+    if (!qt || !query || !bmax || !zeros || !top || !blocks || !bsecond || !barg || !best || (bf16 && !slack)) {
         PyErr_NoMemory();
         goto done;
     }
-    memset(zeros, 0, (size_t)d * sizeof(float));
+    memset(zeros, 0, (size_t)(d + 1) * sizeof(float));
     Py_BEGIN_ALLOW_THREADS;
     const float s = (float)scale;
     /* The scaled queries, row-major for pass 2 and packed [tile][2d][32] for pass 1 (padding candidates: 0). */
@@ -255,14 +356,40 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
         float *packed = qt + (c / CT) * (2 * d * CT) + c % CT;
         for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
     }
-    if (isa == 512) {
+    if (bf16) {
+        /* Pass 1 from bfloat16 pairs, [tile][2 dp][32] (qt's memory: as many bytes or fewer), and per candidate the
+         * bound on |approximate - float32 score|: each bfloat16 rounding is within 2^-8 of its value, so the products'
+         * errors sum to at most 2^-7 |q| |row| per part (Cauchy-Schwarz) plus the float32 sums' own rounding. Twice
+         * that, with the largest row norm of each table, and the position term's rounding. */
+        uint32_t *qb = (uint32_t *)qt;
+        memset(qb, 0, (size_t)tiles * 2 * dp * CT * sizeof(uint32_t));
+        memset(slack, 0, (size_t)tiles * CT * sizeof(float));
+        float pos_max = 0.0f;
+        for (int64_t p = 0; p <= max_position; p++) pos_max = fmaxf(pos_max, fabsf(poscol[p]));
+        for (int64_t c = 0; c < c_count; c++) {
+            const float *row = query + c * 2 * d;
+            uint32_t *packed = qb + (c / CT) * (2 * dp * CT) + c % CT;
+            double sq[2] = {0.0, 0.0};
+            for (int part = 0; part < 2; part++)
+                for (int64_t j = 0; j < d; j++) {
+                    const float x = row[part * d + j];
+                    sq[part] += (double)x * x;
+                    packed[(part * dp + j / 2) * CT] |= (uint32_t)to_bf16(x) << (16 * (j % 2));
+                }
+            slack[c] = (float)(0x1p-6 * (sqrt(sq[0]) * norm[0] + sqrt(sq[1]) * norm[1]) + 0x1p-20 * pos_max + 1e-30);
+        }
+        block_maxima_bf16(b16[0].view.buf, b16[1].view.buf, dp, poscol, hi, hc, n, max_position, qb, tiles, k, bmax,
+                          bsecond, barg, top, (const uint32_t *)zeros);
+        exact_topk_avx512(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
+                          k, b[7].view.buf, b[8].view.buf, best, blocks, slack);
+    } else if (isa == 512) {
         block_maxima_avx512(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros, last_halves);
         exact_topk_avx512(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
-                          k, b[7].view.buf, b[8].view.buf, best, blocks);
+                          k, b[7].view.buf, b[8].view.buf, best, blocks, NULL);
     } else {
         block_maxima_avx2(item, cate, d, poscol, hi, hc, n, max_position, qt, tiles, k, bmax, bsecond, barg, top, zeros, last_halves);
         exact_topk_avx2(item, cate, d, poscol, hi, hc, n, max_position, query, c_count, bmax, bsecond, barg, top, tiles,
-                        k, b[7].view.buf, b[8].view.buf, best, blocks);
+                        k, b[7].view.buf, b[8].view.buf, best, blocks, NULL);
     }
     scratch_trim(sc);
     Py_END_ALLOW_THREADS;
@@ -272,6 +399,8 @@ done:
     free(best);
     for (int i = 0; i < 9; i++)
         if (b[i].held) PyBuffer_Release(&b[i].view);
+    for (int i = 0; i < 2; i++)
+        if (b16[i].held) PyBuffer_Release(&b16[i].view);
     return result;
 }
 #else
@@ -283,12 +412,17 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
 
 static PyObject *py_isa(PyObject *self, PyObject *unused) { return PyLong_FromLong(cpu_isa()); }
 
+static PyObject *py_bf16(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_bf16()); }
+
 static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS,
      "search(item_table, cate_table, position_column, d, hist_item, hist_cate, cand_item, cand_cate, scale, "
-     "max_position, k, out_index, out_weight, isa=0) -> None: the fused search of one user (see service/search.py); "
-     "isa 512 or 256 picks the AVX-512F or the AVX2 code, 0 the best this CPU has."},
+     "max_position, k, out_index, out_weight, isa=0, item_bf16=None, cate_bf16=None, item_norm=0, cate_norm=0) -> "
+     "None: the fused search of one user (see service/search.py); isa 512 or 256 picks the AVX-512F or the AVX2 code, "
+     "0 the best this CPU has; with the tables in bfloat16 pairs (uint32 [rows, (d + 1) / 2]) and their largest row "
+     "norms, pass 1 runs in bfloat16 (AVX-512 BF16)."},
     {"isa", py_isa, METH_NOARGS, "isa() -> int: 512 (AVX-512F), 256 (AVX2 + FMA) or 0 (the kernel cannot run here)."},
+    {"bf16", py_bf16, METH_NOARGS, "bf16() -> bool: whether this CPU runs the bfloat16 pass 1 (AVX-512 BF16)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_search", "The fused DARE search kernel.", -1, methods, NULL, NULL, NULL, NULL};

@@ -306,15 +306,19 @@ KTARGET static void KFN(exact_topk)(
     const float *item, const float *cate, int64_t d, const float *poscol, const int64_t *hist_item,
     const int64_t *hist_cate, int64_t n, int64_t max_position, const float *query /* [C][2d] */, int64_t c_count,
     const float *bmax, const float *bsecond, const uint8_t *barg, const v16 *top, int64_t tiles, int64_t k, int64_t *out_index, float *out_weight, Hit *best,
-    int32_t *blocks /* [16][nb] */) {
+    int32_t *blocks /* [16][nb] */, const float *slack /* [tiles * 32]: pass 1's error bound per candidate, or NULL */) {
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     for (int64_t cv = 0; cv < tiles * 2 && cv * 16 < c_count; cv++) { /* a last half without candidates: none */
         /* For these 16 candidates, the blocks whose maximum reaches the candidate's K-th largest block maximum
          * (at least K of them, all of them when there are fewer than K). */
         int32_t count[16] = {0};
-        const float *thr = (const float *)&top[cv * k + k - 1];
+        /* With approximate pass-1 scores (within slack of the exact ones), a block can hold one of the K best only if
+         * its maximum reaches the K-th largest maximum less twice the slack. */
+        float sel[16] __attribute__((aligned(64)));
+        for (int lane = 0; lane < 16; lane++)
+            sel[lane] = top[cv * k + k - 1][lane] - (slack ? 2.0f * slack[cv * 16 + lane] : 0.0f);
         for (int64_t b = 0; b < nb; b++) {
-            unsigned m = KFN(mask_ge)(bmax + b * tiles * CT + cv * 16, thr);
+            unsigned m = KFN(mask_ge)(bmax + b * tiles * CT + cv * 16, sel);
             if (m) { /* the selected blocks' second bests and offsets are read below: fetch them now */
                 __builtin_prefetch(bsecond + b * tiles * CT + cv * 16);
                 __builtin_prefetch(barg + b * tiles * CT + cv * 16);
@@ -330,7 +334,7 @@ KTARGET static void KFN(exact_topk)(
             const float *qi = query + c * 2 * d;
             /* thr, the K-th largest block maximum, is at most the K-th largest score: an event below it is not
              * one of the K best, and every one of the K best lies in a block whose maximum reaches it. */
-            const float thr = top[(cv * k + k - 1)][lane];
+            const float thr = sel[lane];
             const int32_t *list = blocks + lane * nb;
             const int64_t col = (cv / 2) * CT + (cv % 2) * 16 + lane, stride = tiles * CT;
             int64_t filled = 0, seen = 0; /* best[0..filled) sorted, best first */
@@ -339,7 +343,7 @@ KTARGET static void KFN(exact_topk)(
              * again event by event. */
             for (int32_t s = 0; s < count[lane]; s++) {
                 const int64_t b = list[s];
-                if (bsecond[b * stride + col] < thr) {
+                if (!slack && bsecond[b * stride + col] < thr) { /* approximate pass-1 scores: rescore every block */
                     offer(best, &filled, k, thr, (Hit){bmax[b * stride + col], b * BLOCK + barg[b * stride + col]});
                     seen++;
                     continue;

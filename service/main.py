@@ -98,7 +98,8 @@ def build_services(settings: Settings, metrics: ServiceMetrics, blocking: Blocki
     registry = ModelRegistry(
         settings.models_dir,
         InferenceOptions(
-            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_graph_optimization, settings.search_kernel
+            settings.ort_intra_op_threads, settings.ort_inter_op_threads, settings.ort_graph_optimization, settings.search_kernel,
+            settings.search_precision,
         ),
         default_model=settings.default_model,
         verify_hashes=settings.verify_model_hashes,

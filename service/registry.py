@@ -33,7 +33,7 @@ from service.contract import (
     load_manifest,
 )
 from service.errors import NoModelLoadedError, UnknownModelError
-from service.search import FUSED_MIN_HISTORY_PER_K, ISA_NAMES, FusedSearch, SearchKernel, kernel_isa
+from service.search import FUSED_MIN_HISTORY_PER_K, ISA_NAMES, FusedSearch, SearchKernel, SearchPrecision, kernel_isa
 from service.traffic import TRAFFIC_FILE, Routing, TrafficConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class InferenceOptions:
     inter_op_threads: int = 1
     graph_optimization: str = "all"
     search_kernel: SearchKernel = "auto"
+    search_precision: SearchPrecision = "auto"
 
     def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -175,7 +176,8 @@ class LoadedModel:
             "code_version": m.code_version,
             "created_at": m.created_at,
             "search": (
-                f"fused kernel ({ISA_NAMES.get(kernel_isa(), '?')}) from {FUSED_MIN_HISTORY_PER_K * m.top_k:,} events, else search.onnx"
+                f"fused kernel ({ISA_NAMES.get(kernel_isa(), '?')}{', bfloat16 pass 1' if self.fused.bf16 else ''}) from "
+                f"{FUSED_MIN_HISTORY_PER_K * m.top_k:,} events, else search.onnx"
                 if self.fused
                 else "search.onnx"
             ),
@@ -299,7 +301,7 @@ def load_model(folder: Path, options: InferenceOptions, *, verify_hashes: bool =
         _check_session(sess, role, path)
         sessions[role] = sess
     vocab = _shared_vocab(folder / manifest.vocab.file, manifest, verified=verify_hashes)
-    fused = FusedSearch.load(folder, manifest, sessions["search"], options.search_kernel)
+    fused = FusedSearch.load(folder, manifest, sessions["search"], options.search_kernel, options.search_precision)
     return LoadedModel(
         name=folder.name,
         folder=folder,

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,7 @@ except ImportError:  # built without a C compiler: search.onnx only
 log = logging.getLogger("dare.service")
 
 SearchKernel = Literal["auto", "fused", "onnx"]
+SearchPrecision = Literal["auto", "float32", "bfloat16"]
 
 # The kernel runs from this many x top-K events (200 at top-20). With fewer than about K blocks of 8 events its block
 # maxima prune nothing and it rescores every event, where search.onnx's single TopK is as fast. At W1 (N = 200,
@@ -76,6 +77,38 @@ def kernel_available() -> tuple[bool, str]:
     return True, ""
 
 
+def kernel_bf16() -> bool:
+    """Whether the kernel can run its pass 1 in bfloat16 here (AVX-512 BF16)."""
+    return _kernel is not None and bool(_kernel.bf16())
+
+
+def to_bf16_pairs(table: np.ndarray) -> np.ndarray:
+    """float32 [rows, d] -> bfloat16 rounded to nearest even, two per uint32 (the lower half first), [rows, (d+1)//2];
+    an odd d gets a zero column."""
+    rows, d = table.shape
+    bits = np.zeros((rows, d + d % 2), dtype=np.uint32)
+    bits[:, :d] = np.ascontiguousarray(table, dtype=np.float32).view(np.uint32)
+    half = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite values: no overflow to NaN
+    return np.ascontiguousarray(half).view(np.uint32)
+
+
+@dataclass(frozen=True)
+class Bf16Tables:
+    """The attention tables in bfloat16 pairs for pass 1, and each table's largest row norm (the error bound)."""
+
+    item: np.ndarray  # uint32 [item_rows, (d+1)//2]
+    cate: np.ndarray  # uint32 [cate_rows, (d+1)//2]
+    item_norm: float
+    cate_norm: float
+
+    @classmethod
+    def of(cls, item: np.ndarray, cate: np.ndarray) -> Bf16Tables:
+        def norm(t: np.ndarray) -> float:
+            return float(np.sqrt(np.square(t, dtype=np.float64).sum(axis=1).max(initial=0.0)))
+
+        return cls(to_bf16_pairs(item), to_bf16_pairs(cate), norm(item), norm(cate))
+
+
 @dataclass(frozen=True)
 class FusedSearch:
     item: np.ndarray  # float32 [item_rows, d], C-contiguous
@@ -85,10 +118,15 @@ class FusedSearch:
     max_position: int
     top_k: int
     isa: int = 0  # 0: the best this CPU has; 512 or 256 to pick one (tests compare both)
+    bf16: Bf16Tables | None = None  # pass 1 in bfloat16 (kernel_bf16()), else float32
 
     @property
     def att_dim(self) -> int:
         return int(self.item.shape[1])
+
+    def with_bf16(self) -> FusedSearch:
+        """The same search with its pass 1 in bfloat16 (the CPU must have AVX-512 BF16: `kernel_bf16()`)."""
+        return replace(self, bf16=Bf16Tables.of(self.item, self.cate))
 
     def run(
         self, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray, cand_cate: np.ndarray
@@ -104,6 +142,7 @@ class FusedSearch:
             np.ascontiguousarray(hist_item, dtype=np.int64), np.ascontiguousarray(hist_cate, dtype=np.int64),
             np.ascontiguousarray(cand_item, dtype=np.int64), np.ascontiguousarray(cand_cate, dtype=np.int64),
             self.scale, self.max_position, self.top_k, index, weight, self.isa,
+            *(() if self.bf16 is None else (self.bf16.item, self.bf16.cate, self.bf16.item_norm, self.bf16.cate_norm)),
         )  # fmt: skip
         return index, weight
 
@@ -120,9 +159,11 @@ class FusedSearch:
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     @classmethod
-    def load(cls, folder: Path, manifest: Manifest, search: ort.InferenceSession, kernel: SearchKernel) -> FusedSearch | None:
+    def load(cls, folder: Path, manifest: Manifest, search: ort.InferenceSession, kernel: SearchKernel,
+             precision: SearchPrecision = "auto") -> FusedSearch | None:  # fmt: skip
         """The fused search for this folder, or None (search.onnx) when the setting, the build, the CPU or the folder
-        rules it out. A folder whose attention.npz is malformed or disagrees with its search.onnx is rejected."""
+        rules it out; its pass 1 in bfloat16 where `precision` and the CPU allow. A folder whose attention.npz is
+        malformed or disagrees with its search.onnx is rejected."""
         spec = manifest.attention
         if kernel == "onnx" or spec is None:
             return None
@@ -131,7 +172,6 @@ class FusedSearch:
             # Asked for by name (fused), its absence is worth a warning; under auto it is the expected fallback.
             log.log(logging.WARNING if kernel == "fused" else logging.INFO, "model %s: search.onnx (fused search unavailable: %s)", folder.name, why)
             return None
-        log.info("model %s: fused search (%s)", folder.name, ISA_NAMES[kernel_isa()])
         path = folder / spec.file
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -155,6 +195,13 @@ class FusedSearch:
             max_position=manifest.max_position, top_k=manifest.top_k,
         )  # fmt: skip
         fused.check_against(search, path)
+        if precision != "float32":
+            if kernel_bf16():
+                fused = fused.with_bf16()
+                fused.check_against(search, path)
+            elif precision == "bfloat16":
+                log.warning("model %s: float32 pass 1 (DARE_SEARCH_PRECISION=bfloat16 needs AVX-512 BF16)", folder.name)
+        log.info("model %s: fused search (%s, %s pass 1)", folder.name, ISA_NAMES[kernel_isa()], "bfloat16" if fused.bf16 else "float32")
         return fused
 
     def check_against(self, search: ort.InferenceSession, path: Path) -> None:

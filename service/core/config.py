@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         "where the model folder, the build and the CPU (AVX-512F) allow it, else search.onnx; fused: the same, and "
         "with AVX2 + FMA on a CPU without AVX-512F (not measured on such a CPU: measure first); onnx: always search.onnx",
     )
+    search_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the fused kernel's pass 1 (block maxima): auto = bfloat16 where the CPU has AVX-512 BF16, else "
+        "float32; pass 2 rescores in float32 whatever this is, so the answers are the float32 kernel's",
+    )
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     search_threads: int = Field(
         DEFAULT_SEARCH_THREADS, ge=1, description="threads one long fused search (history x candidates >= 2M) may use while it is the only "

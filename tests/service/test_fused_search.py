@@ -14,7 +14,7 @@ import pytest
 
 from service.contract import SEARCH_OUTPUTS, ModelFolderError, load_manifest, sha256_file
 from service.registry import InferenceOptions, load_model
-from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, kernel_available, kernel_isa
+from service.search import FUSED_MIN_HISTORY_PER_K, FusedSearch, kernel_available, kernel_bf16, kernel_isa, to_bf16_pairs
 
 needs_kernel = pytest.mark.skipif(not kernel_available()[0], reason=f"fused search unavailable: {kernel_available()[1]}")
 # The kernel is compiled for AVX-512F and for AVX2 + FMA; a CPU with AVX-512F runs both, so both are checked there.
@@ -286,3 +286,59 @@ def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> N
         assert calls == [200]  # 500 x 200 is below SPLIT_MIN_WORK
     finally:
         splitter.shutdown()
+
+
+needs_bf16 = pytest.mark.skipif(not kernel_bf16(), reason="the bfloat16 pass 1 needs a CPU with AVX-512 BF16")
+
+
+@needs_bf16
+def test_the_bfloat16_pass_gives_the_float32_answer_on_many_users(big_vocab_model: Path) -> None:
+    """Pass 1 in bfloat16 only narrows down which blocks pass 2 rescores in float32: on 300 random users (histories
+    shorter than one block, a few blocks, thousands of events; heavy ties from a tiny vocabulary; 1 to 230 candidates)
+    it retrieves what the float32 kernel retrieves, with the same weights up to float32 rounding."""
+    fp32 = fused_of(big_vocab_model)
+    bf16 = fp32.with_bf16()
+    rng = np.random.default_rng(21)
+    agree: list[float] = []
+    for trial in range(300):
+        n = int(rng.choice([0, 1, 5, 7, 8, 9, 40, 199, 200, 201, 3_000, 20_000]))
+        c = int(rng.integers(1, 230))
+        vocab = 5_002 if trial % 3 else 4  # 4 item rows x 3 categories: nearly every score ties
+        args = (rng.integers(1, vocab, n), rng.integers(1, min(vocab, 102), n),
+                rng.integers(1, vocab, c), rng.integers(1, min(vocab, 102), c))  # fmt: skip
+        (want_index, want_weight), (index, weight) = fp32.run(*args), bf16.run(*args)
+        keys, want_keys = retrieved_keys(index, args[0], args[1], 200), retrieved_keys(want_index, args[0], args[1], 200)
+        agree.append(float((keys == want_keys).all(axis=1).mean()))
+        assert np.abs(np.sort(weight, 1) - np.sort(want_weight, 1)).max() <= 1e-6, (n, c)
+        assert ((index >= 0).sum(1) == min(n, 20)).all() and (np.diff(weight, axis=1) <= 1e-7).all()
+    # Pass 2 sums a block's scores in another order than float32 pass 1 does for a block it does not rescore: two
+    # events a float32 rounding apart may trade the K-th place, as between the two instruction sets' pass 2.
+    assert np.mean(agree) >= 0.999 and min(agree) >= 0.9
+
+
+@needs_bf16
+def test_the_bfloat16_pass_is_exact_where_bfloat16_rounding_reorders_the_events() -> None:
+    """Every history row is one base row plus a perturbation far below bfloat16's resolution (8 bits): in bfloat16
+    many events score the same, in float32 they do not. The retrieved events are still the exact top-K (float64
+    reference), event for event, and so are the weights."""
+    rng = np.random.default_rng(4)
+    d, rows, n, c, k = 16, 3_000, 4_000, 40, 20
+    base = rng.standard_normal(d).astype(np.float32)
+    item = (base + 1e-4 * rng.standard_normal((rows, d))).astype(np.float32)
+    cate = rng.standard_normal((10, d)).astype(np.float32) * 0.1
+    item[0] = cate[0] = 0.0
+    position_column = np.zeros(201, dtype=np.float32)  # no position term: only the perturbations tell events apart
+    fused = FusedSearch(item, cate, position_column, scale=0.25, max_position=200, top_k=k).with_bf16()
+    hist_item = np.resize(rng.permutation(np.arange(1, rows)), n)  # every row at most twice: few exact ties
+    hist_cate = np.full(n, 3)
+    cand_item, cand_cate = rng.integers(1, rows, c), np.full(c, 3)
+    index, weight = fused.run(hist_item, hist_cate, cand_item, cand_cate)
+    h = np.concatenate([item[hist_item], cate[hist_cate]], axis=1).astype(np.float64)  # [N, 2d]
+    q = 0.25 * np.concatenate([item[cand_item], cate[cand_cate]], axis=1).astype(np.float64)  # [C, 2d]
+    scores = q @ h.T  # [C, N]
+    exact = np.sort(scores, axis=1)[:, ::-1][:, :k]
+    got = np.take_along_axis(scores, index, axis=1)
+    # The retrieved events' exact scores are the K best (ties within float32 rounding may trade places).
+    assert np.abs(got - exact).max() <= 1e-6 * np.abs(exact).max()
+    coarse = to_bf16_pairs(item).view(np.uint16)[:, :d].astype(np.uint32) << 16
+    assert len(np.unique(coarse[hist_item].view(np.float32), axis=0)) < n / 2  # bfloat16 merges most rows
