@@ -263,11 +263,11 @@ static int ids_in_range(Buf *b, Py_ssize_t rows, const char *name) {
 #ifdef DARE_X86
 static PyObject *py_search(PyObject *self, PyObject *args) {
     PyObject *o[9], *o16[2] = {Py_None, Py_None};
-    double scale, norm[2] = {0.0, 0.0};
+    double scale, norm[2] = {0.0, 0.0}, err[2] = {0.0, 0.0};
     long long d, max_position, k;
     int isa = 0;
-    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO|iOOdd", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
-                          &max_position, &k, &o[7], &o[8], &isa, &o16[0], &o16[1], &norm[0], &norm[1]))
+    if (!PyArg_ParseTuple(args, "OOOLOOOOdLLOO|iOOdddd", &o[0], &o[1], &o[2], &d, &o[3], &o[4], &o[5], &o[6], &scale,
+                          &max_position, &k, &o[7], &o[8], &isa, &o16[0], &o16[1], &norm[0], &norm[1], &err[0], &err[1]))
         return NULL;
     const int bf16 = o16[0] != Py_None;
     if (bf16 && (!cpu_bf16() || isa == 256 || o16[1] == Py_None)) {
@@ -358,25 +358,36 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     }
     if (bf16) {
         /* Pass 1 from bfloat16 pairs, [tile][2 dp][32] (qt's memory: as many bytes or fewer), and per candidate the
-         * bound on |approximate - float32 score|: each bfloat16 rounding is within 2^-8 of its value, so the products'
-         * errors sum to at most 2^-7 |q| |row| per part (Cauchy-Schwarz) plus the float32 sums' own rounding. Twice
-         * that, with the largest row norm of each table, and the position term's rounding. */
+         * bound on |approximate - float32 score|. Per part, with q~ and h~ the rounded query and row:
+         * |<q~, h~> - <q, h>| <= |<q~, h~ - h>| + |<q~ - q, h>| <= |q~| err + |q~ - q| norm (Cauchy-Schwarz), where
+         * err and norm are the table's largest |h~ - h| and |h| (Bf16Tables). Plus both passes' float32 rounding:
+         * at most 2d 2^-24 |q| |h| per sum, and 2^-24 of the position term per addition; then a 1/16 margin. */
         uint32_t *qb = (uint32_t *)qt;
         memset(qb, 0, (size_t)tiles * 2 * dp * CT * sizeof(uint32_t));
         memset(slack, 0, (size_t)tiles * CT * sizeof(float));
         float pos_max = 0.0f;
-        for (int64_t p = 0; p <= max_position; p++) pos_max = fmaxf(pos_max, fabsf(poscol[p]));
+        for (int64_t p = 1; p <= max_position; p++) pos_max = fmaxf(pos_max, fabsf(poscol[p])); /* events' positions: >= 1 */
         for (int64_t c = 0; c < c_count; c++) {
             const float *row = query + c * 2 * d;
             uint32_t *packed = qb + (c / CT) * (2 * dp * CT) + c % CT;
-            double sq[2] = {0.0, 0.0};
-            for (int part = 0; part < 2; part++)
+            double bound = 0.0;
+            for (int part = 0; part < 2; part++) {
+                double sq = 0.0, sq_rounded = 0.0, sq_error = 0.0;
                 for (int64_t j = 0; j < d; j++) {
                     const float x = row[part * d + j];
-                    sq[part] += (double)x * x;
-                    packed[(part * dp + j / 2) * CT] |= (uint32_t)to_bf16(x) << (16 * (j % 2));
+                    const uint16_t h = to_bf16(x);
+                    const uint32_t bits = (uint32_t)h << 16;
+                    float xr;
+                    memcpy(&xr, &bits, sizeof xr);
+                    sq += (double)x * x;
+                    sq_rounded += (double)xr * xr;
+                    sq_error += ((double)xr - x) * ((double)xr - x);
+                    packed[(part * dp + j / 2) * CT] |= (uint32_t)h << (16 * (j % 2));
                 }
-            slack[c] = (float)(0x1p-6 * (sqrt(sq[0]) * norm[0] + sqrt(sq[1]) * norm[1]) + 0x1p-20 * pos_max + 1e-30);
+                bound += sqrt(sq_rounded) * err[part] + sqrt(sq_error) * norm[part] +
+                         4.0 * d * 0x1p-24 * (sqrt(sq) + sqrt(sq_rounded)) * (norm[part] + err[part]);
+            }
+            slack[c] = (float)(1.0625 * (bound + 0x1p-22 * pos_max) + 1e-30);
         }
         block_maxima_bf16(b16[0].view.buf, b16[1].view.buf, dp, poscol, hi, hc, n, max_position, qb, tiles, k, bmax,
                           bsecond, barg, top, (const uint32_t *)zeros);
@@ -417,10 +428,11 @@ static PyObject *py_bf16(PyObject *self, PyObject *unused) { return PyBool_FromL
 static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS,
      "search(item_table, cate_table, position_column, d, hist_item, hist_cate, cand_item, cand_cate, scale, "
-     "max_position, k, out_index, out_weight, isa=0, item_bf16=None, cate_bf16=None, item_norm=0, cate_norm=0) -> "
+     "max_position, k, out_index, out_weight, isa=0, item_bf16=None, cate_bf16=None, item_norm=0, cate_norm=0, "
+     "item_err=0, cate_err=0) -> "
      "None: the fused search of one user (see service/search.py); isa 512 or 256 picks the AVX-512F or the AVX2 code, "
-     "0 the best this CPU has; with the tables in bfloat16 pairs (uint32 [rows, (d + 1) / 2]) and their largest row "
-     "norms, pass 1 runs in bfloat16 (AVX-512 BF16)."},
+     "0 the best this CPU has; with the tables in bfloat16 pairs (uint32 [rows, (d + 1) / 2]), their largest row "
+     "norms and rounding errors (norms), pass 1 runs in bfloat16 (AVX-512 BF16)."},
     {"isa", py_isa, METH_NOARGS, "isa() -> int: 512 (AVX-512F), 256 (AVX2 + FMA) or 0 (the kernel cannot run here)."},
     {"bf16", py_bf16, METH_NOARGS, "bf16() -> bool: whether this CPU runs the bfloat16 pass 1 (AVX-512 BF16)."},
     {NULL, NULL, 0, NULL}};

@@ -343,8 +343,13 @@ KTARGET static void KFN(exact_topk)(
              * again event by event. */
             for (int32_t s = 0; s < count[lane]; s++) {
                 const int64_t b = list[s];
-                if (!slack && bsecond[b * stride + col] < thr) { /* approximate pass-1 scores: rescore every block */
-                    offer(best, &filled, k, thr, (Hit){bmax[b * stride + col], b * BLOCK + barg[b * stride + col]});
+                if (bsecond[b * stride + col] < thr) {
+                    const int64_t t = b * BLOCK + barg[b * stride + col], p = n - t;
+                    /* With approximate pass-1 scores (slack), that one event is scored again. */
+                    const float score = slack ? KFN(dot2)(qi, item + hist_item[t] * d, qi + d, cate + hist_cate[t] * d, d) +
+                                                    poscol[p < max_position ? p : max_position]
+                                              : bmax[b * stride + col];
+                    offer(best, &filled, k, thr, (Hit){score, t});
                     seen++;
                     continue;
                 }

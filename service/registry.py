@@ -84,7 +84,7 @@ class IdMap:
 
     raw: np.ndarray  # uint64 [V], strictly increasing
     index: np.ndarray  # int64 [V], rows >= 2
-    dense: np.ndarray | None = None  # int32 [max raw id + 1]: row of each raw id, OOV_INDEX for unknown ids
+    dense: np.ndarray | None = None  # int32 [max raw id + 2]: row of each raw id, OOV_INDEX for unknown ids and last
 
     @classmethod
     def build(cls, raw: np.ndarray, index: np.ndarray) -> IdMap:
@@ -95,8 +95,8 @@ class IdMap:
             raw, index = raw[keep].astype(np.uint64), index[keep]
         raw, index = np.ascontiguousarray(raw), np.ascontiguousarray(index)
         dense = None
-        if raw.size and (int(raw[-1]) + 1) * 4 <= DENSE_LOOKUP_MAX_BYTES and int(index.max()) < 2**31:
-            dense = np.full(int(raw[-1]) + 1, OOV_INDEX, dtype=np.int32)
+        if raw.size and (int(raw[-1]) + 2) * 4 <= DENSE_LOOKUP_MAX_BYTES and int(index.max()) < 2**31:
+            dense = np.full(int(raw[-1]) + 2, OOV_INDEX, dtype=np.int32)  # ids past the last known one: the last entry
             dense[raw] = index
         return cls(raw, index, dense)
 
@@ -107,9 +107,7 @@ class IdMap:
         if self.raw.size == 0:
             return np.full(ids.shape, OOV_INDEX, dtype=np.int64)
         if self.dense is not None:
-            inside = ids < self.dense.size  # [n]
-            rows = self.dense[np.where(inside, ids, 0)]  # [n] int32
-            return np.where(inside, rows, OOV_INDEX).astype(np.int64, copy=False)
+            return np.take(self.dense, np.minimum(ids, np.uint64(self.dense.size - 1))).astype(np.int64)
         pos = np.searchsorted(self.raw, ids)  # [n], insertion points
         pos = np.minimum(pos, self.raw.size - 1)
         hit = self.raw[pos] == ids  # [n]

@@ -94,19 +94,28 @@ def to_bf16_pairs(table: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Bf16Tables:
-    """The attention tables in bfloat16 pairs for pass 1, and each table's largest row norm (the error bound)."""
+    """The attention tables in bfloat16 pairs for pass 1, and per table the largest row norm |h| and the largest
+    rounding error |bfloat16(h) - h| of a row: the kernel bounds each approximate score's error with them."""
 
     item: np.ndarray  # uint32 [item_rows, (d+1)//2]
     cate: np.ndarray  # uint32 [cate_rows, (d+1)//2]
     item_norm: float
     cate_norm: float
+    item_err: float
+    cate_err: float
 
     @classmethod
     def of(cls, item: np.ndarray, cate: np.ndarray) -> Bf16Tables:
-        def norm(t: np.ndarray) -> float:
+        def largest_norm(t: np.ndarray) -> float:
             return float(np.sqrt(np.square(t, dtype=np.float64).sum(axis=1).max(initial=0.0)))
 
-        return cls(to_bf16_pairs(item), to_bf16_pairs(cate), norm(item), norm(cate))
+        def rounded(pairs: np.ndarray, d: int) -> np.ndarray:  # the bfloat16 values back in float64
+            return (pairs.view(np.uint16)[:, :d].astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+        item16, cate16 = to_bf16_pairs(item), to_bf16_pairs(cate)
+        d = item.shape[1]
+        return cls(item16, cate16, largest_norm(item), largest_norm(cate),
+                   largest_norm(rounded(item16, d) - item), largest_norm(rounded(cate16, d) - cate))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ class FusedSearch:
             np.ascontiguousarray(hist_item, dtype=np.int64), np.ascontiguousarray(hist_cate, dtype=np.int64),
             np.ascontiguousarray(cand_item, dtype=np.int64), np.ascontiguousarray(cand_cate, dtype=np.int64),
             self.scale, self.max_position, self.top_k, index, weight, self.isa,
-            *(() if self.bf16 is None else (self.bf16.item, self.bf16.cate, self.bf16.item_norm, self.bf16.cate_norm)),
+            *(() if (b := self.bf16) is None else (b.item, b.cate, b.item_norm, b.cate_norm, b.item_err, b.cate_err)),
         )  # fmt: skip
         return index, weight
 
