@@ -67,7 +67,8 @@ BACKENDS = ("onnxruntime", "torch")
 STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
 HTTP_STAGE = "http"
 PAIRED_MIN_SECONDS = 3.0  # per (workload, dim) cell of the back-to-back HTTP measurement
-PEERS = ("fused kernel", "faiss", "numpy")
+PEERS = ("fused kernel", "fused, float32 pass 1", "faiss", "numpy")  # the second only where pass 1 runs in bfloat16
+OTHERS = ("faiss", "numpy")  # the kernel's peers proper: "best peer" is the faster of these
 MODEL_PREFIX = "bench-dare"
 
 
@@ -534,6 +535,8 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
         k = fused.top_k
         if peer == "fused kernel":
             return fused.run(hi, hc, ci, cc)[0]
+        if peer == "fused, float32 pass 1":
+            return replace(fused, bf16=None).run(hi, hc, ci, cc)[0]
         keys, queries = keys_and_queries(fused, hi, hc, ci, cc)
         if peer == "faiss":
             scores, index = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)  # [C, K] each, best first
@@ -553,7 +556,8 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
         key = (hi[safe] * fused.cate.shape[0] + hc[safe]) * (fused.max_position + 1) + position
         return np.sort(np.where(index >= 0, key, -1), axis=1)
 
-    jobs = [(w.name, d, p) for w in workloads for d in cfg.att_dims for p in PEERS]
+    bf16 = all(loaded[d].fused.bf16 is not None for d in cfg.att_dims)
+    jobs = [(w.name, d, p) for w in workloads for d in cfg.att_dims for p in PEERS if bf16 or p != "fused, float32 pass 1"]
     wall: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
     cpu: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
     same: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
@@ -578,6 +582,72 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
              "cpu_p50_ms": round(float(np.median(cpu[(w, d, p)])) * 1000.0, 4), "same_events": round(float(np.mean(same[(w, d, p)])), 4),
              "gflops": round(flops[w] * d / float(np.median(wall[(w, d, p)])) / 1e9, 2)}
             for w, d, p in jobs]  # fmt: skip
+
+
+SATURATION_CALLERS = 4  # callers at once in the saturation rounds: DARE_SCORING_THREADS' default
+
+
+def search_variants(loaded: Any, search_threads: int) -> dict[str, tuple[Any, int]]:
+    """The search as it was before the split and the bfloat16 pass 1 (float32, one thread), with the split only, and as
+    the service runs it: name -> (model, search threads). The float32 variants are the same tables without the
+    bfloat16 copies."""
+    float32 = replace(loaded, fused=replace(loaded.fused, bf16=None)) if loaded.fused is not None else loaded
+    variants = {"float32, 1 thread": (float32, 1), f"float32, split over {search_threads}": (float32, search_threads)}
+    if loaded.fused is not None and loaded.fused.bf16 is not None:
+        variants[f"bfloat16 pass 1, split over {search_threads}"] = (loaded, search_threads)
+    return variants
+
+
+def measure_saturation(cfg: BenchConfig, data: BenchData, store: Any, registry: Any, loaded: dict[int, Any]) -> list[dict[str, Any]]:
+    """Per long workload at the smallest att dim and per search variant (`search_variants`): the in-process call's
+    p50 one call at a time, and the answers/s of SATURATION_CALLERS threads calling at once (each calls again as soon
+    as it has its answer), after `warmup` untimed rounds. Rounds alternate between the variants, so load from other
+    processes hits all alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.core.config import DEFAULT_SEARCH_THREADS
+    from service.engine import ScoringEngine
+
+    dim = min(cfg.att_dims)
+    variants = search_variants(loaded[dim], DEFAULT_SEARCH_THREADS)
+    engines = {name: ScoringEngine(store, registry, max_history=max(w.history for w in cfg.workloads), search_threads=threads)
+               for name, (_, threads) in variants.items()}  # fmt: skip
+    rounds, seconds = (1, 0.2) if cfg.quick else (6, 1.5)
+    latency: dict[tuple[str, str], list[float]] = {}
+    rate: dict[tuple[str, str], list[float]] = {}
+    with ThreadPoolExecutor(SATURATION_CALLERS) as pool:
+        for r in _progress(range(cfg.warmup + rounds), cfg, desc="saturation: search variants"):
+            timed = r >= cfg.warmup
+            for w in [w for w in cfg.workloads if w.name in LONG]:
+                for name, (model, _) in variants.items():
+                    engine = engines[name]
+
+                    def call(i: int, w: Workload = w, engine: Any = engine, model: Any = model) -> None:
+                        items, cates = data.candidates[w.name][i % cfg.candidate_sets]
+                        engine.score(data.users[w.name][i % cfg.users], items, cates, model=model)
+
+                    for i in range(5):
+                        t0 = time.perf_counter()
+                        call(r + i)
+                        if timed:
+                            latency.setdefault((w.name, name), []).append(time.perf_counter() - t0)
+
+                    def caller(start: int) -> int:
+                        done, end = 0, time.perf_counter() + seconds
+                        while time.perf_counter() < end:
+                            call(start + done)
+                            done += 1
+                        return done
+
+                    t0 = time.perf_counter()
+                    answers = sum(pool.map(caller, range(SATURATION_CALLERS)))
+                    if timed:
+                        rate.setdefault((w.name, name), []).append(answers / (time.perf_counter() - t0))
+    for engine in engines.values():
+        engine.splitter.shutdown()
+    return [{"workload": w, "att_dim": dim, "search": name, "p50_ms": round(float(np.median(latency[(w, name)])) * 1000.0, 4),
+             "answers_per_s": round(float(np.median(rate[(w, name)])), 2), "rounds": [round(x, 2) for x in rate[(w, name)]]}
+            for (w, name) in rate]  # fmt: skip
 
 
 def peak_gflops(repeats: int = 5, n: int = 1024) -> float:
@@ -686,10 +756,27 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
                                        overhead_cpu / row["floor_server_cpu_ms"], 1.5))  # fmt: skip
     for w in long:
         kernel = peers.get((w, lo, "fused kernel"))
-        others = [peers[(w, lo, p)]["p50_ms"] for p in PEERS[1:] if (w, lo, p) in peers]
+        others = [peers[(w, lo, p)]["p50_ms"] for p in OTHERS if (w, lo, p) in peers]
         if kernel is not None and others:
             ratios.append(_at_least("fused kernel vs best peer", w, f"best of FAISS, numpy p50 / fused kernel p50, att{lo}",
                                     min(others) / kernel["p50_ms"], 1.5))  # fmt: skip
+        float32 = peers.get((w, lo, "fused, float32 pass 1"))
+        if kernel is not None and float32 is not None and w == "W3":
+            ratios.append(_at_least("bfloat16 pass 1 (kept only if)", w, f"kernel p50, float32 pass 1 / bfloat16 pass 1, att{lo}",
+                                    float32["p50_ms"] / kernel["p50_ms"], 1.3))  # fmt: skip
+    rates = {(r["workload"], r["search"]): r["answers_per_s"] for r in meta.get("saturation", [])}
+    for (w, name), served in rates.items():
+        before = rates.get((w, "float32, 1 thread"))
+        if w == w2 and name != "float32, 1 thread" and before:
+            ratios.append(_at_least("answers/s at saturation, vs the search before the split and bfloat16", w,
+                                    f"{name} / float32, 1 thread, att{lo}", served / before, 1.0))  # fmt: skip
+    # Absolute targets (ms): W4's POST /score, and what W3 spends outside the search (store, ids, scoring, HTTP).
+    w3, w4 = _p50(records, "W3", lo, "onnxruntime", HTTP_STAGE), _p50(records, "W4", lo, "onnxruntime", HTTP_STAGE)
+    if w4 is not None and not cfg.quick:
+        ratios.append(_at_most("POST /score p50 ms", "W4", f"att{lo}", w4, 25))
+    search = _p50(records, "W3", lo, "onnxruntime", "search")
+    if w3 is not None and search is not None and not cfg.quick:
+        ratios.append(_at_most("ms outside the search", "W3", f"POST /score p50 - search p50, att{lo}", w3 - search, 4))
     return ratios
 
 
@@ -745,17 +832,28 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
                   "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
                   "rows, score them (FAISS `knn` inner product on its BLAS path; numpy matmul + argpartition) and take "
-                  "the softmax of the top-K. `same` = share of candidates whose retrieved events equal the kernel's. Kernel "
+                  "the softmax of the top-K. The fused kernel runs as served (pass 1 in bfloat16 where the CPU has AVX-512 BF16; "
+                  "pass 2 always float32); `fused, float32 pass 1` is the same kernel without the bfloat16 tables (shown "
+                  "where they are used). `same` = share of candidates whose retrieved events equal the kernel's. Kernel "
                   "GFLOP/s: 4 C N d flops per call over its wall p50; peak: the best single-thread float32 GEMM through "
                   f"numpy's BLAS in this run, {meta['peak_gflops']:.1f} GFLOP/s.", "",
                   "| workload | att dim | " + " | ".join(PEERS) + " | same (faiss, numpy) | kernel GFLOP/s (share of peak) |",
                   "|---|---:|" + "---:|" * len(PEERS) + "---|---:|"]  # fmt: skip
         peers = {(p["workload"], p["att_dim"], p["peer"]): p for p in meta["search_peers"]}
         for w, d in dict.fromkeys((p["workload"], p["att_dim"]) for p in meta["search_peers"]):
-            cells_ = [f"{peers[(w, d, p)]['p50_ms']:.3f} ({peers[(w, d, p)]['cpu_p50_ms']:.3f})" for p in PEERS]
-            same = ", ".join(f"{peers[(w, d, p)]['same_events']:.2f}" for p in PEERS[1:])
+            cells_ = [f"{peers[(w, d, p)]['p50_ms']:.3f} ({peers[(w, d, p)]['cpu_p50_ms']:.3f})" if (w, d, p) in peers else "-" for p in PEERS]
+            same = ", ".join(f"{peers[(w, d, p)]['same_events']:.2f}" for p in OTHERS)
             rate = peers[(w, d, "fused kernel")]["gflops"]
             lines.append(f"| {w} | {d} | " + " | ".join(cells_) + f" | {same} | {rate:.1f} ({rate / meta['peak_gflops']:.0%}) |")
+    if meta.get("saturation"):
+        lines += ["", f"## The search variants at saturation ({SATURATION_CALLERS} threads calling the in-process engine at once)", "",
+                  "Rounds alternate between the variants: the search as it was before the split and the bfloat16 pass 1 "
+                  "(float32, one thread), with the split, and as served. p50: one call at a time; answers/s: the median "
+                  "round.", "", "| workload | att dim | search | p50 ms, one call at a time | answers/s at saturation | rounds |",
+                  "|---|---:|---|---:|---:|---|"]  # fmt: skip
+        for row in meta["saturation"]:
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {row['search']} | {row['p50_ms']:.3f} | "
+                         f"{row['answers_per_s']:.1f} | {', '.join(f'{x:.0f}' for x in row['rounds'])} |")
     lines += ["", "Stages: store_fetch (Redis read + decode), id_mapping (raw ids -> rows), search (the service's "
               f"search: {'the fused kernel (service/search.py) from 10 x top-K events, else search.onnx' if meta.get('fused_search') is True else 'search.onnx'} "
               "/ CTRModel.search), scoring (score.onnx / CTRModel.score + sigmoid), total (the whole in-process call); "
@@ -901,6 +999,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             servers = {"http": (client.port, process.pid), "floor": stack.enter_context(floor_server(work / "floor.log"))}
             http_paired = measure_http_paired(cfg, data, engine, loaded, servers)
         search_peers = measure_search_peers(cfg, data, store, loaded)
+        saturation = measure_saturation(cfg, data, store, registry, loaded)
 
     records = to_records(samples)
     for what, diff in samples.max_prob_diff.items():
@@ -923,6 +1022,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "cpu_p50_ms": {f"{w}|{d}|{b}": round(float(np.median(v)) * 1000.0, 4) for (w, d, b), v in samples.cpu.items()},
         "http_paired": http_paired,
         "search_peers": search_peers,
+        "saturation": saturation,
         "peak_gflops": round(peak_gflops(), 2),
         "fused_search": fused_search,  # True, or why search.onnx ran instead
         "random_init": True,
