@@ -240,9 +240,11 @@ def test_a_split_search_gives_exactly_the_single_thread_answer(big_vocab_model: 
     from concurrent.futures import ThreadPoolExecutor
 
     fused = fused_of(big_vocab_model)
+    variants = [fused, fused.with_bf16()] if kernel_bf16() else [fused]  # pass 1 in float32, and in bfloat16
     rng = np.random.default_rng(11)
     with ThreadPoolExecutor(3) as pool:
         for trial in range(60):
+            fused = variants[trial % len(variants)]
             n = int(rng.choice([0, 3, 7, 150, 2_000, 20_000]))
             c = int(rng.integers(1, 230))
             vocab = 5_002 if trial % 2 else 4  # 4 item rows x 3 categories: nearly every score ties
