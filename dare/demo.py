@@ -35,11 +35,10 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from dare_common import DareError, int_list, renamed
+from dare_common import DareError, int_list, renamed, taobao
 from dare.processes import stop_process
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+SAMPLE = taobao.SAMPLE
 STAMP_DIR = ".demo"
 REPR_DIM = 64
 READY_TIMEOUT_S = 180.0
@@ -171,19 +170,16 @@ class Example:
 def pick_example(sample: Path, n_candidates: int = 5) -> Example:
     """The user with the longest history in the sample, and candidates that are real items with their categories:
     some from the user's favourite category (likely clicks) and some popular items from other categories. The sample
-    is read by `dare load`'s reader (service/loader.py), every behaviour type kept."""
-    from service.loader import BEHAVIOURS, LoadConfig, LoadReport, read_log
-
-    cols = read_log(LoadConfig(input=sample, behaviors=BEHAVIOURS, progress=False), LoadReport(input=str(sample)))
-    if not len(cols.user):
-        raise DareError(f"{sample}: no complete rows")
-    users, events = np.unique(cols.user, return_counts=True)
+    is read by the reader every command shares (dare_common.taobao), every behaviour type kept."""
+    frame = taobao.read_log(sample).frame
+    user_of, item_of, cate_of_row = (frame[c].to_numpy() for c in ("user", "item", "cate"))
+    users, events = np.unique(user_of, return_counts=True)
     user = users[np.argmax(events)]
-    cates, per_cate = np.unique(cols.cate[cols.user == user], return_counts=True)
+    cates, per_cate = np.unique(cate_of_row[user_of == user], return_counts=True)
     favourite = cates[np.argmax(per_cate)]
-    items, first, count = np.unique(cols.item, return_index=True, return_counts=True)
+    items, first, count = np.unique(item_of, return_index=True, return_counts=True)
     by_popularity = np.argsort(-count, kind="stable")
-    items, item_cates = items[by_popularity], cols.cate[first][by_popularity]
+    items, item_cates = items[by_popularity], cate_of_row[first][by_popularity]
     in_favourite = items[item_cates == favourite][: n_candidates // 2 + 1]
     others = items[item_cates != favourite][: n_candidates - len(in_favourite)]
     cate_of = dict(zip(items.tolist(), item_cates.tolist()))
