@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from rich.console import Console
 
 from dare_common import DareError, int_list, renamed, taobao
 from dare.processes import stop_process
+from loadtest.processes import dare_args, http_status
 
 SAMPLE = taobao.SAMPLE
 STAMP_DIR = ".demo"
@@ -87,14 +87,6 @@ class DemoConfig:
 # -------------------------------------------------------------------------------------------------------------
 # Stamps: a step is up to date when its stamp key matches and its output still checks out
 # -------------------------------------------------------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_key(*parts: object) -> str:
@@ -192,14 +184,9 @@ def pick_example(sample: Path, n_candidates: int = 5) -> Example:
 # -------------------------------------------------------------------------------------------------------------
 
 
-def dare_command(*args: str) -> list[str]:
-    """`dare <args>` with this interpreter, so the demo works without .venv/bin on PATH."""
-    return [sys.executable, "-m", "dare.cli", *args]
-
-
 def run_dare(*args: str, env: dict[str, str] | None = None) -> None:
     """Run one `dare` subcommand with its own progress bars on the terminal; a failure is a DareError."""
-    command = dare_command(*args)
+    command = dare_args(*args)  # with this interpreter, so the demo works without .venv/bin on PATH
     console.print(f"    [dim]$ dare {' '.join(args)}[/dim]")
     result = subprocess.run(command, env={**os.environ, **(env or {})}, check=False)
     if result.returncode != 0:
@@ -238,7 +225,9 @@ def execute(steps: list[Step], stamps: Stamps) -> None:
 def build_steps(cfg: DemoConfig, redis_url: Callable[[], str], store_has_users: Callable[[], bool]) -> list[Step]:
     """prepare -> (train, export) per attention dim -> load. `redis_url()` is asked only when the load step runs,
     so the embedded Redis is not started (and left idle) while the models train."""
-    sample_sha = sha256_of(cfg.sample)
+    from service.contract import sha256_file
+
+    sample_sha = sha256_file(cfg.sample)
     data_dir = cfg.work / "data"
     prepare_key = step_key("prepare", sample_sha)
     steps = [
@@ -345,10 +334,9 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float 
             if process.poll() is not None:
                 raise DareError(f"`dare serve` exited with code {process.returncode} before it was ready (see above)")
             try:
-                status, _ = http_json(f"{base_url}/readyz", timeout=2)
-                if status == 200:
+                if http_status(f"{base_url}/readyz") == 200:
                     return
-            except (urllib.error.URLError, OSError, ValueError):
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.3)
     raise DareError(f"the service at {base_url} was not ready after {timeout_s:.0f} s")
@@ -379,7 +367,7 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     console.print(f"[bold]serve[/bold] {cfg.models_dir} on {base_url}")
     default = model_name(cfg.att_dims[-1])
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_DEFAULT_MODEL": default}
-    command = dare_command("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
+    command = dare_args("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
     # Its own session: a terminal's Ctrl-C reaches only the demo, which then stops the service with exactly one
     # SIGTERM. (In the demo's process group the service would get the SIGINT too, and if the demo's SIGTERM landed
     # first, uvicorn would take the SIGINT as a second signal and force-quit mid-shutdown, with a traceback.)
