@@ -40,6 +40,7 @@ FORMAT = ",".join(COLUMNS)
 TAIL_BYTES = 4096  # longer than any valid row: where the last line is looked for
 UINT32_END = 1 << 32
 
+
 class MalformedLog(DareError):
     """The file's text is not this format; the message names the file and, where there is one, the line."""
 

@@ -93,7 +93,9 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
 
     @contextmanager
     def stage(name: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        with tqdm(desc=name, total=total, unit="B", unit_scale=True, disable=not cfg.progress) as bar:
+        # Only decompressing has a total (bytes); the parse passes show their time.
+        shape = {"unit": "B", "unit_scale": True} if total is not None else {"bar_format": "{desc}: {elapsed}"}
+        with tqdm(desc=name, total=total, disable=not cfg.progress, **shape) as bar:
             yield bar.update
 
     try:
@@ -101,8 +103,13 @@ def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
     except taobao.MalformedLog as exc:
         raise DareError(f"{exc} (not a Taobao-format CSV: {taobao.FORMAT}, no header)") from None
     report.rows_read, report.truncated_last_line = log.rows_read, log.truncated_last_line
-    cols = _Columns(*(log.frame[c].to_numpy().astype(dtype, copy=False) for c, dtype in
-                      (("user", np.int64), ("item", np.uint64), ("cate", np.int64), ("ts", np.int64))))  # fmt: skip
+    frame = log.frame  # ids narrowed to Int32 where they fit: widened to the stored types here
+    cols = _Columns(
+        user=frame["user"].to_numpy().astype(np.int64),
+        item=frame["item"].to_numpy().astype(np.uint64),
+        cate=frame["cate"].to_numpy().astype(np.int64),
+        ts=frame["ts"].to_numpy().astype(np.int64),
+    )
     fits = (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID) & (cols.user >= 0)
     in_time = (cols.ts >= 0) & (cols.ts <= MAX_TIMESTAMP)
     report.dropped = {
