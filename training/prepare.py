@@ -63,7 +63,8 @@ MAX_NEGATIVE_ROUNDS = 200
 
 
 class PrepareError(DareError):
-    """The input log or the prepare options are unusable; the message names the file/line or the option."""
+    """The prepare options, the output folder, the truth file or what is left after filtering are unusable; the
+    message names the option or the file. (A malformed log is a `dare_common.taobao.MalformedLog`.)"""
 
 
 def default_sample_path() -> Path:
