@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -112,19 +112,16 @@ class BenchConfig:
     progress: bool = True
 
     def check(self) -> None:
+        """The options a person sets (the rest are fixed sizes, full or quick)."""
         if not self.att_dims or any(d < 1 for d in self.att_dims):
             raise BenchError(f"--att-dims must be positive integers, got {list(self.att_dims)}")
         if len(set(self.att_dims)) != len(self.att_dims):
             raise BenchError(f"--att-dims has duplicates: {list(self.att_dims)}")
-        for name in ("repr_dim", "top_k", "repeats", "users", "candidate_sets", "threads"):
+        for name in ("repr_dim", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.items < self.categories or self.categories < 2:
-            raise BenchError(f"items ({self.items}) must be >= categories ({self.categories}) >= 2")
-        if not 0.0 <= self.oov_share < 1.0:
-            raise BenchError(f"oov_share must be in [0, 1), got {self.oov_share}")
         if self.out.suffix != ".json":
             raise BenchError(f"--out must name a .json file (the .md, .png and .meta.json go beside it), got {self.out}")
 
@@ -414,24 +411,20 @@ def measure(cfg: BenchConfig, data: BenchData, engine: Any, loaded: dict[int, An
             if backend == "onnxruntime":
                 t0 = time.perf_counter()
                 result = engine.score(user, items, cates, model=loaded[d])
-                total = time.perf_counter() - t0
-                probs_of[(w.name, d, backend)] = result.probs
-                if timed:
-                    samples.cpu.setdefault((w.name, d, backend), []).append(time.process_time() - c0)
-                    for stage, seconds in result.timings.items():
-                        samples.add(w.name, d, backend, stage, seconds)
-                    samples.add(w.name, d, backend, "total", total)
+                probs, timings = result.probs, {**result.timings, "total": time.perf_counter() - t0}
             elif backend == "torch":
-                probs_of[(w.name, d, backend)], timings = torch_paths[d].score(user, items, cates)
-                if timed:
-                    samples.cpu.setdefault((w.name, d, backend), []).append(time.process_time() - c0)
-                    for stage, seconds in timings.items():
-                        samples.add(w.name, d, backend, stage, seconds)
-            else:
+                probs, timings = torch_paths[d].score(user, items, cates)
+            else:  # POST /score, recorded as the onnxruntime backend's `http` stage (the service runs onnxruntime)
                 assert http_client is not None
-                probs_of[(w.name, d, backend)], seconds = http_client.score(score_body(cfg, data, w.name, d, user, s))
-                if timed:
-                    samples.add(w.name, d, "onnxruntime", HTTP_STAGE, seconds)
+                probs, seconds = http_client.score(score_body(cfg, data, w.name, d, user, s))
+                timings = {HTTP_STAGE: seconds}
+            cpu_seconds = time.process_time() - c0
+            probs_of[(w.name, d, backend)] = probs
+            if timed:
+                if backend != "http":  # the service's CPU time is not this process's
+                    samples.cpu.setdefault((w.name, d, backend), []).append(cpu_seconds)
+                for stage, seconds in timings.items():
+                    samples.add(w.name, d, "onnxruntime" if backend == "http" else backend, stage, seconds)
         # The same user and candidates went through every backend this round: their answers must agree.
         for (w_name, d, backend), probs in probs_of.items():
             if backend != "onnxruntime":
@@ -679,13 +672,6 @@ def to_records(samples: Samples) -> list[dict[str, Any]]:
     return records
 
 
-def _p50(records: list[dict[str, Any]], workload: str, dim: int, backend: str, stage: str) -> float | None:
-    for r in records:
-        if (r["workload"], r["att_dim"], r["backend"], r["stage"]) == (workload, dim, backend, stage):
-            return float(r["p50_ms"])
-    return None
-
-
 @dataclass(frozen=True)
 class Ratio:
     name: str
@@ -709,21 +695,22 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
     onnxruntime at W2 (whole call, every dim), POST /score over HTTP / in-process at W2 and W3. With `meta` (the
     back-to-back and peer rows): the same in CPU time and back to back, the service's own overhead at W1 against
     the framework floor, and the fused kernel against the faster of FAISS and numpy at W2 and W3, att min."""
+    p50 = {(r["workload"], r["att_dim"], r["backend"], r["stage"]): float(r["p50_ms"]) for r in records}
     lo, hi = min(cfg.att_dims), max(cfg.att_dims)
     names = [w.name for w in cfg.workloads]
     w2 = "W2" if "W2" in names else names[0]
     long = [w for w in names if w in LONG]
     ratios: list[Ratio] = []
-    a, b = _p50(records, w2, hi, "onnxruntime", "search"), _p50(records, w2, lo, "onnxruntime", "search")
+    a, b = p50.get((w2, hi, "onnxruntime", "search")), p50.get((w2, lo, "onnxruntime", "search"))
     if a is not None and b and hi != lo:
         ratios.append(_at_least("search att_dim scaling", w2, f"search p50 att{hi} / att{lo}", a / b, 4))
     for d in cfg.att_dims:
-        t, o = _p50(records, w2, d, "torch", "total"), _p50(records, w2, d, "onnxruntime", "total")
+        t, o = p50.get((w2, d, "torch", "total")), p50.get((w2, d, "onnxruntime", "total"))
         if t is not None and o:
             ratios.append(_at_least("torch eager / onnxruntime", w2, f"total p50, att{d}", t / o, 2))
     for w in long:
         for d in cfg.att_dims:
-            h, o = _p50(records, w, d, "onnxruntime", HTTP_STAGE), _p50(records, w, d, "onnxruntime", "total")
+            h, o = p50.get((w, d, "onnxruntime", HTTP_STAGE)), p50.get((w, d, "onnxruntime", "total"))
             if h is not None and o:
                 ratios.append(_at_most("HTTP / in-process", w, f"POST /score p50 / in-process total p50, att{d}", h / o, 1.25))
     if meta is None:

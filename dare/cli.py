@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated
 
@@ -44,22 +45,27 @@ def _command():
     return command
 
 
-def _register() -> None:
-    from training.cli import register as register_training
-    from service.cli import register as register_service
-    from loadtest.cli import register as register_loadtest
-    from dare.demo import register as register_demo
-    from dare.bench import register as register_bench
+# The module whose `register(app)` adds each subcommand. `dare <command>` imports only its own module, so a command
+# does not pay for importing (and, without bytecode caches, compiling) all the others; `dare --help` imports all.
+COMMANDS = {
+    **dict.fromkeys(("prepare", "synth", "bench-prepare", "train", "compare", "curve", "export"), "training.cli"),
+    **dict.fromkeys(("serve", "load"), "service.cli"),
+    **dict.fromkeys(("loadtest", "soak"), "loadtest.cli"),
+    "demo": "dare.demo",
+    "bench": "dare.bench",
+}
 
-    register_training(app)
-    register_service(app)
-    register_loadtest(app)
-    register_demo(app)
-    register_bench(app)
+
+def _register(command: str | None = None) -> None:
+    """Add `command`'s module's subcommands to `app`, or every module's for None or a name that is not a command."""
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for module in modules:
+        importlib.import_module(module).register(app)
 
 
 def main() -> None:
-    _register()
+    # The root takes no option with a value, so the first word that is not an option names the subcommand.
+    _register(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
     try:
         _command()(prog_name="dare")
     except DareError as exc:

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,11 +34,11 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from dare_common import DareError, int_list, renamed
+from dare_common import DareError, int_list, renamed, taobao
 from dare.processes import stop_process
+from loadtest.processes import dare_args, http_status
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+SAMPLE = taobao.SAMPLE
 STAMP_DIR = ".demo"
 REPR_DIM = 64
 READY_TIMEOUT_S = 180.0
@@ -88,14 +87,6 @@ class DemoConfig:
 # -------------------------------------------------------------------------------------------------------------
 # Stamps: a step is up to date when its stamp key matches and its output still checks out
 # -------------------------------------------------------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_key(*parts: object) -> str:
@@ -171,19 +162,16 @@ class Example:
 def pick_example(sample: Path, n_candidates: int = 5) -> Example:
     """The user with the longest history in the sample, and candidates that are real items with their categories:
     some from the user's favourite category (likely clicks) and some popular items from other categories. The sample
-    is read by `dare load`'s reader (service/loader.py), every behaviour type kept."""
-    from service.loader import BEHAVIOURS, LoadConfig, LoadReport, read_log
-
-    cols = read_log(LoadConfig(input=sample, behaviors=BEHAVIOURS, progress=False), LoadReport(input=str(sample)))
-    if not len(cols.user):
-        raise DareError(f"{sample}: no complete rows")
-    users, events = np.unique(cols.user, return_counts=True)
+    is read by the reader every command shares (dare_common.taobao), every behaviour type kept."""
+    frame = taobao.read_log(sample).frame
+    user_of, item_of, cate_of_row = (frame[c].to_numpy() for c in ("user", "item", "cate"))
+    users, events = np.unique(user_of, return_counts=True)
     user = users[np.argmax(events)]
-    cates, per_cate = np.unique(cols.cate[cols.user == user], return_counts=True)
+    cates, per_cate = np.unique(cate_of_row[user_of == user], return_counts=True)
     favourite = cates[np.argmax(per_cate)]
-    items, first, count = np.unique(cols.item, return_index=True, return_counts=True)
+    items, first, count = np.unique(item_of, return_index=True, return_counts=True)
     by_popularity = np.argsort(-count, kind="stable")
-    items, item_cates = items[by_popularity], cols.cate[first][by_popularity]
+    items, item_cates = items[by_popularity], cate_of_row[first][by_popularity]
     in_favourite = items[item_cates == favourite][: n_candidates // 2 + 1]
     others = items[item_cates != favourite][: n_candidates - len(in_favourite)]
     cate_of = dict(zip(items.tolist(), item_cates.tolist()))
@@ -196,14 +184,9 @@ def pick_example(sample: Path, n_candidates: int = 5) -> Example:
 # -------------------------------------------------------------------------------------------------------------
 
 
-def dare_command(*args: str) -> list[str]:
-    """`dare <args>` with this interpreter, so the demo works without .venv/bin on PATH."""
-    return [sys.executable, "-m", "dare.cli", *args]
-
-
 def run_dare(*args: str, env: dict[str, str] | None = None) -> None:
     """Run one `dare` subcommand with its own progress bars on the terminal; a failure is a DareError."""
-    command = dare_command(*args)
+    command = dare_args(*args)  # with this interpreter, so the demo works without .venv/bin on PATH
     console.print(f"    [dim]$ dare {' '.join(args)}[/dim]")
     result = subprocess.run(command, env={**os.environ, **(env or {})}, check=False)
     if result.returncode != 0:
@@ -242,7 +225,9 @@ def execute(steps: list[Step], stamps: Stamps) -> None:
 def build_steps(cfg: DemoConfig, redis_url: Callable[[], str], store_has_users: Callable[[], bool]) -> list[Step]:
     """prepare -> (train, export) per attention dim -> load. `redis_url()` is asked only when the load step runs,
     so the embedded Redis is not started (and left idle) while the models train."""
-    sample_sha = sha256_of(cfg.sample)
+    from service.contract import sha256_file
+
+    sample_sha = sha256_file(cfg.sample)
     data_dir = cfg.work / "data"
     prepare_key = step_key("prepare", sample_sha)
     steps = [
@@ -349,10 +334,9 @@ def wait_until_ready(process: subprocess.Popen, base_url: str, timeout_s: float 
             if process.poll() is not None:
                 raise DareError(f"`dare serve` exited with code {process.returncode} before it was ready (see above)")
             try:
-                status, _ = http_json(f"{base_url}/readyz", timeout=2)
-                if status == 200:
+                if http_status(f"{base_url}/readyz") == 200:
                     return
-            except (urllib.error.URLError, OSError, ValueError):
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.3)
     raise DareError(f"the service at {base_url} was not ready after {timeout_s:.0f} s")
@@ -383,7 +367,7 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
     console.print(f"[bold]serve[/bold] {cfg.models_dir} on {base_url}")
     default = model_name(cfg.att_dims[-1])
     env = {**os.environ, "DARE_REDIS_URL": redis_url, "DARE_DEFAULT_MODEL": default}
-    command = dare_command("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
+    command = dare_args("serve", "--models", str(cfg.models_dir), "--host", cfg.host, "--port", str(cfg.port))
     # Its own session: a terminal's Ctrl-C reaches only the demo, which then stops the service with exactly one
     # SIGTERM. (In the demo's process group the service would get the SIGINT too, and if the demo's SIGTERM landed
     # first, uvicorn would take the SIGINT as a second signal and force-quit mid-shutdown, with a traceback.)

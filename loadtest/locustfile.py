@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +33,11 @@ import urllib.request
 from pathlib import Path
 
 import gevent
+
+# In the Locust image, dare_common/ is mounted beside this folder (docker-compose.yml); from the repository it is
+# installed. Either way scenario.py imports it.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
 from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
 from scenario import SCORE_PATH, Payloads, ScenarioSettings, validate_score_body
 

@@ -2,20 +2,22 @@
 process with gevent on import): payloads from a real data file, the /score answer check, the env settings.
 
 loadtest/locustfile.py imports this as a sibling module (Locust puts the locustfile's folder on sys.path), so
-the pair works from the repository and mounted as a folder into the official Locust image (docker-compose.yml).
+the pair works from the repository and mounted as a folder into the official Locust image (docker-compose.yml). The
+data file is read by `dare_common.taobao.iter_rows` (the standard library only: the Locust image has no polars), so
+it obeys the rules of `dare load`; docker-compose.yml mounts dare_common/ beside loadtest/.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+from dare_common.taobao import SAMPLE as DEFAULT_DATA
+from dare_common.taobao import iter_rows
+
 SCORE_PATH = "/score"
 
 
@@ -28,16 +30,11 @@ class Payloads:
 
     @classmethod
     def from_csv(cls, path: Path, max_users: int, seed: int) -> Payloads:
-        opener = gzip.open if path.suffix == ".gz" else open
         users: dict[str, None] = {}
         items: list[tuple[int, int]] = []
-        with opener(path, "rt", encoding="utf-8", newline="") as fh:
-            for row in csv.reader(fh):
-                # The bundled sample ends in a truncated line (see its SOURCE.md); skip anything malformed.
-                if len(row) != 5 or not row[1].isdigit() or not row[2].isdigit():
-                    continue
-                users.setdefault(row[0], None)
-                items.append((int(row[1]), int(row[2])))
+        for user, item, cate, _behaviour, _ts in iter_rows(path):
+            users.setdefault(str(user), None)
+            items.append((item, cate))
         if not users or not items:
             raise ValueError(f"{path}: no complete user_id,item_id,category_id,behavior_type,timestamp rows")
         rng = random.Random(seed)

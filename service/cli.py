@@ -1,6 +1,6 @@
 """Serving-side commands: serve, load (bench is registered by its own module). Never imports torch or `training`.
 
-Heavy imports (onnxruntime, uvicorn, pyarrow) happen inside the commands so `dare --help` stays fast.
+Heavy imports (onnxruntime, uvicorn, polars) happen inside the commands so `dare --help` stays fast.
 """
 
 from __future__ import annotations

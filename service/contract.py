@@ -184,11 +184,8 @@ def io_specs(role: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_manifest(folder: Path, *, verify_hashes: bool = True) -> Manifest:

@@ -1,25 +1,24 @@
 """`dare load`: bulk-load a Taobao-format behaviour log into the sequence store, pipelined.
 
-Input: the 5-column UserBehavior CSV (plain or .gz, no header): user_id,item_id,category_id,behavior_type,timestamp.
-Quirks handled as `dare prepare` handles them: blank lines are skipped; a last line cut mid-row (no newline, too
-few fields) is dropped and counted; any other malformed line, a non-integer id or an unknown behaviour type is a
-DareError naming the file and the line. Only the behaviour types asked for are kept (default `pv`). item_id is
-read as an unsigned 64-bit integer (0..2**64-1; a negative or larger one is a DareError); rows whose other fields do
-not fit the stored format (a negative user, category or timestamp, category or timestamp >= 2**32) are dropped and
-counted.
+Input: the 5-column UserBehavior CSV (plain or .gz, no header): user_id,item_id,category_id,behavior_type,timestamp,
+read by `dare_common.taobao.read_log` under the rules every command shares: blank lines are skipped; a last line cut
+mid-row (no newline, not a valid row) is dropped and counted; any other malformed line, a non-integer id or an unknown
+behaviour type is a DareError naming the file and the line. Only the behaviour types asked for are kept (default
+`pv`). item_id is read as an unsigned 64-bit integer (0..2**64-1; a negative or larger one is a DareError); rows
+whose other fields do not fit the stored format (a negative user, category or timestamp, category or timestamp
+>= 2**32) are dropped and counted.
 
-Stages, vectorised (no Python loop per row): stream-parse the CSV with pyarrow in blocks -> keep the wanted rows ->
-one stable sort by (user, timestamp), skipped when the file already has each user's rows together and in time
-order -> per user, one Redis command (SET of the whole encoded sequence, or the
-atomic append script with `append=True`), sent in pipelines of `batch_users` users. Each user keeps at most the
-lifelong maximum of most recent events.
+Stages, vectorised (no Python loop per row): parse the CSV and keep the wanted rows (polars, streaming) -> one
+stable sort by (user, timestamp), skipped when the file already has each user's rows together and in time order ->
+per user, one Redis command (SET of the whole encoded sequence, or the atomic append script with `append=True`),
+sent in pipelines of `batch_users` users. Each user keeps at most the lifelong maximum of most recent events.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from dare_common import DareError
+from dare_common import DareError, taobao
+from dare_common.taobao import BEHAVIOURS
 from service.errors import ServiceError
 from service.store import (
     _APPEND_LUA,
@@ -40,9 +40,6 @@ from service.store import (
     encode,
 )
 
-BEHAVIOURS = ("pv", "buy", "cart", "fav")
-COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
-
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -52,7 +49,6 @@ class LoadConfig:
     append: bool = False  # False: each user's sequence is replaced (re-running a load is idempotent)
     min_timestamp: int | None = None  # keep rows with min_timestamp <= timestamp < max_timestamp when set
     max_timestamp: int | None = None
-    block_bytes: int = 32 << 20  # CSV parse block size
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,38 +80,6 @@ class LoadReport:
         return asdict(self)
 
 
-class _TailReader(io.RawIOBase):
-    """A readable stream that remembers the last bytes it returned, so the last line can be judged afterwards."""
-
-    TAIL = 4096
-
-    def __init__(self, raw: io.BufferedIOBase) -> None:
-        self._raw = raw
-        self.tail = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        if n:
-            self.tail = (self.tail + data)[-self.TAIL :] if n < self.TAIL else data[-self.TAIL :]
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def _open(path: Path) -> _TailReader:
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    raw = gzip.open(path, "rb") if gzipped else path.open("rb")
-    return _TailReader(raw)  # type: ignore[arg-type]
-
-
 @dataclass
 class _Columns:
     user: np.ndarray  # int64 [R]
@@ -125,88 +89,36 @@ class _Columns:
 
 
 def read_log(cfg: LoadConfig, report: LoadReport) -> _Columns:
-    """Stream-parse the CSV and keep the wanted rows (typed numpy columns)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
+    """The wanted rows that fit the stored format, as typed numpy columns; counts what was dropped into `report`."""
 
-    path = Path(cfg.input)
-    if not path.is_file():
-        raise DareError(f"--input {path}: no such file")
-    invalid: list[tuple[str, int]] = []
+    @contextmanager
+    def stage(name: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        # Only decompressing has a total (bytes); the parse passes show their time.
+        shape = {"unit": "B", "unit_scale": True} if total is not None else {"bar_format": "{desc}: {elapsed}"}
+        with tqdm(desc=name, total=total, disable=not cfg.progress, **shape) as bar:
+            yield bar.update
 
-    def on_invalid(row: pacsv.InvalidRow) -> str:
-        invalid.append((row.text, row.actual_columns))
-        return "skip"
-
-    convert = pacsv.ConvertOptions(
-        column_types={
-            "user_id": pa.int64(),
-            "item_id": pa.uint64(),
-            "category_id": pa.int64(),
-            "behavior_type": pa.string(),
-            "timestamp": pa.int64(),
-        },
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
-    read_opts = pacsv.ReadOptions(column_names=list(COLUMNS), block_size=cfg.block_bytes, use_threads=True)
-    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False)
-    wanted = pa.array(list(cfg.behaviors))
-    known = pa.array(list(BEHAVIOURS))
-    parts: list[_Columns] = []
-    dropped = {"behavior_not_kept": 0, "id_out_of_range": 0, "timestamp_out_of_range": 0}
-    bar = tqdm(desc="read", unit=" rows", unit_scale=True, disable=not cfg.progress)
-    source: _TailReader | None = None
     try:
-        source = _open(path)
-        reader = pacsv.open_csv(
-            io.BufferedReader(source, buffer_size=1 << 20), read_options=read_opts, parse_options=parse,
-            convert_options=convert,
-        )
-        for batch in reader:
-            report.rows_read += batch.num_rows
-            bar.update(batch.num_rows)
-            behaviour = batch.column("behavior_type")
-            if not pc.all(pc.is_in(behaviour, value_set=known)).as_py():
-                bad = pc.filter(behaviour, pc.invert(pc.is_in(behaviour, value_set=known)))[0].as_py()
-                raise DareError(f"{path}: unknown behaviour type {bad!r} (expected one of {', '.join(BEHAVIOURS)})")
-            keep = pc.is_in(behaviour, value_set=wanted).to_numpy(zero_copy_only=False)
-            dropped["behavior_not_kept"] += int((~keep).sum())
-            cols = _Columns(*(batch.column(c).to_numpy()[keep] for c in ("user_id", "item_id", "category_id", "timestamp")))
-            fits = (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID) & (cols.user >= 0)
-            in_time = (cols.ts >= 0) & (cols.ts <= MAX_TIMESTAMP)
-            if cfg.min_timestamp is not None:
-                in_time &= cols.ts >= cfg.min_timestamp
-            if cfg.max_timestamp is not None:
-                in_time &= cols.ts < cfg.max_timestamp
-            dropped["id_out_of_range"] += int((~fits).sum())
-            dropped["timestamp_out_of_range"] += int((fits & ~in_time).sum())
-            ok = fits & in_time
-            parts.append(_Columns(cols.user[ok], cols.item[ok], cols.cate[ok], cols.ts[ok]))
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DareError(f"{path}: not a Taobao-format CSV (user_id,item_id,category_id,behavior_type,timestamp): {exc}") from None
-    except (OSError, EOFError) as exc:
-        raise DareError(f"{path}: cannot read: {exc}") from None
-    finally:
-        bar.close()
-        if source is not None:
-            source.close()
-    if invalid:
-        # Allowed: exactly one bad row, and it is the file's last line, cut short (no newline, too few fields).
-        last_line = source.tail.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")
-        text, fields = invalid[-1]
-        is_cut_tail = len(invalid) == 1 and not source.tail.endswith(b"\n") and text == last_line and fields < 5
-        if not is_cut_tail:
-            text, fields = next((t, f) for t, f in invalid if not (t == last_line and f < 5))
-            raise DareError(
-                f"{path}: malformed line {text[:120]!r} ({fields} fields; expected 5: {','.join(COLUMNS)})"
-            )
-        report.truncated_last_line = 1
-    report.dropped = dropped
-    if not parts:
-        return _Columns(*(np.empty(0, dtype=dtype) for dtype in (np.int64, np.uint64, np.int64, np.int64)))
-    return _Columns(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "item", "cate", "ts")))
+        log = taobao.read_log(cfg.input, cfg.behaviors, cfg.min_timestamp, cfg.max_timestamp, stage)
+    except taobao.MalformedLog as exc:
+        raise DareError(f"{exc} (not a Taobao-format CSV: {taobao.FORMAT}, no header)") from None
+    report.rows_read, report.truncated_last_line = log.rows_read, log.truncated_last_line
+    frame = log.frame  # ids narrowed to Int32 where they fit: widened to the stored types here
+    cols = _Columns(
+        user=frame["user"].to_numpy().astype(np.int64),
+        item=frame["item"].to_numpy().astype(np.uint64),
+        cate=frame["cate"].to_numpy().astype(np.int64),
+        ts=frame["ts"].to_numpy().astype(np.int64),
+    )
+    fits = (cols.cate >= 0) & (cols.cate <= MAX_CATEGORY_ID) & (cols.user >= 0)
+    in_time = (cols.ts >= 0) & (cols.ts <= MAX_TIMESTAMP)
+    report.dropped = {
+        "behavior_not_kept": log.behavior_not_kept,
+        "id_out_of_range": int((~fits).sum()),
+        "timestamp_out_of_range": log.timestamp_out_of_range + int((fits & ~in_time).sum()),
+    }
+    ok = fits & in_time
+    return _Columns(cols.user[ok], cols.item[ok], cols.cate[ok], cols.ts[ok])
 
 
 def group_by_user(cols: _Columns) -> tuple[np.ndarray, np.ndarray]:

@@ -2,13 +2,10 @@
 
 Stages (each vectorised over all rows; there is no Python loop per row or per user):
 
-1. read     the 5-column CSV (plain or gzip) with polars into typed columns; quirks of the real file:
-            - a last line that does not end in a newline and does not parse (the file was cut mid-line) is
-              dropped and counted as `truncated_last_line`;
-            - blank lines are dropped and counted as `blank_line`;
-            - any other malformed line (wrong number of fields, an empty field, a non-integer id or timestamp,
-              an unknown behaviour type) is a `DareError` naming the file, the line number and the problem:
-              silently skipping such rows would hide a wrong file or a wrong format.
+1. read     the 5-column CSV (plain or gzip) into typed columns with `dare_common.taobao.read_log`, whose rules
+            every command shares: a last line cut mid-row is dropped and counted as `truncated_last_line`, blank
+            lines as `blank_line`; any other malformed line is a `DareError` naming the file, the line number
+            and the problem.
 2. filter   rows whose timestamp lies outside [min_timestamp, max_timestamp) (`timestamp_out_of_range`), rows
             whose behaviour type was not asked for (`behavior_not_kept`), then users with fewer than
             `min_events` kept events (`user_below_min_events`).
@@ -35,9 +32,7 @@ remaps it to category rows into `truth.npz` and marks meta.json `synthetic: true
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,15 +43,14 @@ import numpy as np
 import orjson
 import polars as pl
 
-from dare_common import DareError
+from dare_common import DareError, taobao
+from dare_common.taobao import BEHAVIOURS
 from service.contract import OOV_INDEX, PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import PrepareConfig
 from training.layout import INDEX_DTYPE, SEQUENCES_DIR, time_dtype, write_array
 from training.stages import StageProgress
 from training.synth import truth_path_for
 
-LOG_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
-BEHAVIOR_TYPES = ("pv", "cart", "fav", "buy")
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 TRUTH_FILE = "truth.npz"
@@ -67,34 +61,24 @@ FIRST_ID_ROW = 2  # rows 0 and 1 are padding and out-of-vocabulary
 # handful of rounds suffice. Hitting the cap means some user has seen nearly every popular item.
 MAX_NEGATIVE_ROUNDS = 200
 
-_SCHEMA = {
-    "user": pl.Int64,
-    "item": pl.UInt64,  # 64-bit hashed item ids use the whole unsigned range (vocab.npz: item_raw is uint64)
-    "cate": pl.Int64,
-    "behavior": pl.Enum(BEHAVIOR_TYPES),
-    "ts": pl.Int64,
-}
-
-
-_SCHEMA_COLUMN = dict(zip(LOG_COLUMNS, _SCHEMA, strict=True))  # log column name -> frame column name
-
 
 class PrepareError(DareError):
-    """The input log or the prepare options are unusable; the message names the file/line or the option."""
+    """The prepare options, the output folder, the truth file or what is left after filtering are unusable; the
+    message names the option or the file. (A malformed log is a `dare_common.taobao.MalformedLog`.)"""
 
 
 def default_sample_path() -> Path:
-    """The bundled real Taobao sample, found relative to this package so `dare prepare` works from any cwd."""
-    return Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior.csv.gz"
+    """The bundled real Taobao sample, found relative to the code so `dare prepare` works from any cwd."""
+    return taobao.SAMPLE
 
 
 def check_config(cfg: PrepareConfig) -> None:
     """Reject option values that cannot produce a usable data set, naming the option."""
     if not cfg.behaviors:
-        raise PrepareError("--behaviors: give at least one of " + ", ".join(BEHAVIOR_TYPES))
-    unknown = [b for b in cfg.behaviors if b not in BEHAVIOR_TYPES]
+        raise PrepareError("--behaviors: give at least one of " + ", ".join(BEHAVIOURS))
+    unknown = [b for b in cfg.behaviors if b not in BEHAVIOURS]
     if unknown:
-        raise PrepareError(f"--behaviors: unknown behaviour type(s) {unknown}; known: {', '.join(BEHAVIOR_TYPES)}")
+        raise PrepareError(f"--behaviors: unknown behaviour type(s) {unknown}; known: {', '.join(BEHAVIOURS)}")
     # n >= 4 events leave a test, a validation and at least one training target that has a history.
     if cfg.min_events < 4:
         raise PrepareError(f"--min-events must be >= 4 (test, validation and one training target), got {cfg.min_events}")
@@ -111,35 +95,12 @@ def check_config(cfg: PrepareConfig) -> None:
 
 
 @dataclass
-class RawLog:
-    """The rows of the log that pass the row filters (complete, timestamp in range, behaviour kept), narrowed."""
+class RawLog(taobao.Log):
+    """The rows of the log that pass the row filters (complete, timestamp in range, behaviour kept), narrowed, and
+    the input file's sha256 and size."""
 
-    frame: pl.DataFrame  # columns user, item, cate (Int32 when every id fits, else Int64 / UInt64 items), ts (UInt32 or Int64)
-    rows_read: int  # complete rows parsed (blank lines and the truncated last line not included)
-    truncated_last_line: int
-    blank_lines: int
-    timestamp_out_of_range: int
-    behavior_not_kept: int
     input_sha256: str
     input_bytes: int
-
-
-def _is_gzip(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
-
-
-def _parse_line(line: bytes) -> bool:
-    """Whether one line is a complete, valid row (used only for the file's last line)."""
-    fields = line.strip().split(b",")
-    if len(fields) != len(LOG_COLUMNS) or fields[3].decode("ascii", "replace") not in BEHAVIOR_TYPES:
-        return False
-    try:
-        for f in (fields[0], fields[1], fields[2], fields[4]):
-            int(f)
-    except ValueError:
-        return False
-    return True
 
 
 def _sha256_and_size(path: Path, advance: Callable[[int], None]) -> tuple[str, int]:
@@ -153,156 +114,16 @@ def _sha256_and_size(path: Path, advance: Callable[[int], None]) -> tuple[str, i
     return digest.hexdigest(), size
 
 
-def _decompress(path: Path, advance: Callable[[int], None]) -> io.BytesIO:
-    buf = io.BytesIO()
-    try:
-        with path.open("rb") as raw, gzip.GzipFile(fileobj=raw) as gz:
-            last = 0
-            for block in iter(lambda: gz.read(1 << 24), b""):
-                buf.write(block)
-                pos = raw.tell()
-                advance(pos - last)
-                last = pos
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; a cut gzip stream raises EOFError
-        raise PrepareError(f"{path}: not a readable gzip file ({exc})") from None
-    return buf
-
-
-def _drop_truncated_tail(buf: io.BytesIO) -> int:
-    """If the text does not end in a newline and its last line is not a valid row, cut that line; return 1 if cut."""
-    view = buf.getbuffer()
-    try:
-        size = len(view)
-        if size == 0 or view[size - 1] == 0x0A:
-            return 0
-        tail_start = bytes(view[max(0, size - 4096) :]).rfind(b"\n")
-        tail_start = 0 if tail_start < 0 else max(0, size - 4096) + tail_start + 1
-        if _parse_line(bytes(view[tail_start:])):
-            return 0
-    finally:
-        view.release()
-    buf.truncate(tail_start)
-    return 1
-
-
-def _diagnose(source: Path | io.BytesIO, path: Path) -> None:
-    """Find the first malformed line (slow path, run only after the typed parse failed) and raise naming it."""
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    # One string per line (0x1f never occurs in this format), so line numbers are row indices + 1.
-    try:
-        lines = pl.read_csv(
-            source, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String}
-        ).with_row_index("lineno", offset=1)
-    except pl.exceptions.PolarsError:
-        return  # not even readable as text lines (binary, invalid UTF-8): the caller reports the parser's message
-    lines = lines.filter(pl.col("line").str.strip_chars().str.len_bytes() > 0)
-    nfields = lines.select(pl.col("line").str.count_matches(",", literal=True) + 1).to_series()
-    bad = lines.filter(nfields != len(LOG_COLUMNS)).head(1)
-    if bad.height:
-        lineno, text = bad.row(0)
-        raise PrepareError(
-            f"{path}:{lineno}: expected {len(LOG_COLUMNS)} comma-separated fields ({','.join(LOG_COLUMNS)}), "
-            f"found {text.count(',') + 1}: {text[:120]!r}"
-        )
-    fields = lines.with_columns(pl.col("line").str.split_exact(",", len(LOG_COLUMNS) - 1).alias("f")).unnest("f")
-    names = [f"field_{i}" for i in range(len(LOG_COLUMNS))]
-    for i, column in enumerate(LOG_COLUMNS):
-        value = pl.col(names[i]).str.strip_chars()
-        if column == "behavior_type":
-            invalid = ~value.is_in(BEHAVIOR_TYPES)
-            expected = "one of " + ", ".join(BEHAVIOR_TYPES)
-        else:
-            invalid = value.cast(_SCHEMA[_SCHEMA_COLUMN[column]], strict=False).is_null()
-            expected = "an integer from 0 to 2**64-1" if column == "item_id" else "an integer"
-        bad = fields.filter(invalid).head(1)
-        if bad.height:
-            lineno, text = bad["lineno"][0], bad[names[i]][0]
-            hint = " (the file must have no header line)" if lineno == 1 else ""
-            raise PrepareError(f"{path}:{lineno}: {column} {text!r} is not {expected}{hint}")
-
-
 def read_log(path: Path, cfg: PrepareConfig, stages: StageProgress) -> RawLog:
-    """Parse a Taobao-format log into typed columns, applying the quirk rules in the module docstring and the row
-    filters of `cfg` (timestamp range, behaviour types)."""
+    """Parse a Taobao-format log into typed columns by dare_common.taobao's rules (the quirks in the module
+    docstring), applying the row filters of `cfg` (timestamp range, behaviour types)."""
     path = Path(path)
-    if not path.exists():
-        raise PrepareError(f"{path}: no such file")
-    if not path.is_file():
-        raise PrepareError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise PrepareError(f"{path}: the file is empty")
-    with stages.stage("hash input (sha256)", total=path.stat().st_size) as advance:
-        sha, size = _sha256_and_size(path, advance)
-
-    source: Path | io.BytesIO
-    truncated = 0
-    if _is_gzip(path):
-        with stages.stage("decompress", total=size) as advance:
-            source = _decompress(path, advance)
-        truncated = _drop_truncated_tail(source)
-    else:
-        with path.open("rb") as fh:
-            fh.seek(max(0, size - 4096))
-            tail = fh.read()
-        if tail.endswith(b"\n") or _parse_line(tail[tail.rfind(b"\n") + 1 :]):
-            source = path  # the common case: polars memory-maps the file itself
-        else:
-            truncated = 1
-            keep = size - (len(tail) - (tail.rfind(b"\n") + 1))
-            with path.open("rb") as fh:
-                source = io.BytesIO(fh.read(keep))
-    if isinstance(source, io.BytesIO):
-        if source.getbuffer().nbytes == 0 and not truncated:
-            raise PrepareError(f"{path}: the file is empty (after decompression)")
-        source.seek(0)
-
-    # Two streaming passes over the text (polars' streaming engine), so the unfiltered rows never sit in memory:
-    # the first counts rows, blank and partial lines and what the filters drop, and finds the id ranges; the
-    # second keeps the rows that pass, with ids as Int32 when every id fits (timestamps as UInt32 when they fit).
-    scan = pl.scan_csv(source, has_header=False, schema=_SCHEMA, quote_char=None)
-    nulls = pl.sum_horizontal(pl.all().is_null())
-    complete = nulls == 0
-    in_range = pl.col("ts").is_between(cfg.min_timestamp, cfg.max_timestamp, closed="left")
-    wanted = pl.col("behavior").is_in(list(cfg.behaviors))
-    ids = ("user", "item", "cate")
-    with stages.stage("parse csv: count rows"):
-        try:
-            stats = scan.select(
-                pl.len().alias("rows"),
-                (nulls == len(_SCHEMA)).sum().alias("blank"),
-                ((nulls > 0) & (nulls < len(_SCHEMA))).sum().alias("partial"),
-                (complete & ~in_range).sum().alias("ts_out"),
-                (complete & in_range & ~wanted).sum().alias("behavior_out"),
-                *(pl.col(c).min().alias(f"{c}_min") for c in ids),
-                *(pl.col(c).max().alias(f"{c}_max") for c in ids),
-            ).collect(engine="streaming").row(0, named=True)
-        except pl.exceptions.PolarsError as exc:
-            _diagnose(source, path)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PrepareError(f"{path}: cannot parse as {','.join(LOG_COLUMNS)}: {first}") from None
-        if stats["partial"]:
-            # A line with fewer than 5 fields or an empty field parses with nulls; a blank line is all nulls.
-            partial = (nulls > 0) & (nulls < len(_SCHEMA))
-            lineno = int(scan.with_row_index("i").filter(partial).select("i").head(1).collect().item()) + 1
-            raise PrepareError(
-                f"{path}:{lineno}: fewer than {len(LOG_COLUMNS)} fields or an empty field "
-                f"(expected {','.join(LOG_COLUMNS)})"
-            )
-    rows_read = stats["rows"] - stats["blank"]
-    if rows_read == 0:
-        raise PrepareError(f"{path}: no complete rows (expected {','.join(LOG_COLUMNS)} per line, no header)")
-    int32 = np.iinfo(np.int32)
-    # Int32 when every id fits, else each column's own type (Int64; UInt64 for items, hashed ids use the whole range).
-    narrow = all(stats[f"{c}_min"] >= int32.min and stats[f"{c}_max"] <= int32.max for c in ids)
-    ts_type = pl.UInt32 if time_dtype(cfg.max_timestamp, cfg.min_timestamp) == np.uint32 else pl.Int64
-    with stages.stage("parse csv: keep rows"):
-        frame = (
-            scan.filter(complete & in_range & wanted)
-            .select(*(pl.col(c).cast(pl.Int32 if narrow else _SCHEMA[c]) for c in ids), pl.col("ts").cast(ts_type))
-            .collect(engine="streaming")
-        )
-    return RawLog(frame, rows_read, truncated, stats["blank"], stats["ts_out"], stats["behavior_out"], sha, size)
+    sha, size = "", 0
+    if path.is_file():  # else the reader names what is wrong
+        with stages.stage("hash input (sha256)", total=path.stat().st_size) as advance:
+            sha, size = _sha256_and_size(path, advance)
+    log = taobao.read_log(path, cfg.behaviors, cfg.min_timestamp, cfg.max_timestamp, stages.stage)
+    return RawLog(**vars(log), input_sha256=sha, input_bytes=size)
 
 
 # --------------------------------------------------------------------------------------------------- build the data

@@ -108,3 +108,16 @@ def test_serve_on_a_busy_port_fails_in_one_line_before_starting_anything(tmp_pat
     bad_host = dare("serve", "--models", str(tmp_path / "models"), "--host", "no-such-host.invalid", env=env)
     assert bad_host.returncode == 2 and len(bad_host.stderr.splitlines()) == 1
     assert bad_host.stderr.startswith("error: --host no-such-host.invalid: cannot resolve it")
+
+
+def test_each_command_is_registered_by_the_module_the_cli_imports_for_it() -> None:
+    import importlib
+
+    import dare.cli
+
+    for module in dict.fromkeys(dare.cli.COMMANDS.values()):
+        app = typer.Typer()
+        importlib.import_module(module).register(app)
+        names = {c.name for c in app.registered_commands}
+        assert names == {c for c, m in dare.cli.COMMANDS.items() if m == module}, module
+    assert set(dare.cli.COMMANDS) == set(commands())

@@ -105,7 +105,7 @@ def test_train_image_pins_the_same_torch() -> None:
     assert args.get("TORCH_VERSION") == torch_pin, f"TORCH_VERSION {args.get('TORCH_VERSION')} != pyproject's {torch_pin}"
     name = lock_of("train")
     assert {"train", "serve", "tools"} <= set(deploy_lock.LOCKS[name]), (
-        "the trainer runs `dare load`, which needs the serve extra (the store client) and the tools extra (pyarrow)"
+        "the trainer runs `dare load`, which needs the serve extra (the store client) and the tools extra (polars)"
     )
     assert locked(name)["torch"] == f"{torch_pin}+cpu", "the train lock pins torch's CPU build"
     assert args.get("TORCH") == "cpu", "the train image installs the CPU build of torch unless TORCH=cuda is passed"
