@@ -758,10 +758,10 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
             ratios.append(_at_least("answers/s at saturation, vs the search before the split and bfloat16", w,
                                     f"{name} / float32, 1 thread, att{lo}", served / before, 1.0))  # fmt: skip
     # Absolute targets (ms): W4's POST /score, and what W3 spends outside the search (store, ids, scoring, HTTP).
-    w3, w4 = _p50(records, "W3", lo, "onnxruntime", HTTP_STAGE), _p50(records, "W4", lo, "onnxruntime", HTTP_STAGE)
+    w3, w4 = p50.get(("W3", lo, "onnxruntime", HTTP_STAGE)), p50.get(("W4", lo, "onnxruntime", HTTP_STAGE))
     if w4 is not None and not cfg.quick:
         ratios.append(_at_most("POST /score p50 ms", "W4", f"att{lo}", w4, 25))
-    search = _p50(records, "W3", lo, "onnxruntime", "search")
+    search = p50.get(("W3", lo, "onnxruntime", "search"))
     if w3 is not None and search is not None and not cfg.quick:
         ratios.append(_at_most("ms outside the search", "W3", f"POST /score p50 - search p50, att{lo}", w3 - search, 4))
     return ratios
