@@ -88,14 +88,27 @@ class Sequences:
         """hist_item, hist_cate int64 [B, L] for samples (user [B], target position [B]): the L events before each
         target, oldest first, left-padded with 0 (never reaching into another user's events)."""
         start = self.offsets[np.asarray(user, dtype=np.int64)]  # [B]
-        target = start + np.asarray(position, dtype=np.int64)  # [B] global index of the target event
+        position = np.asarray(position, dtype=np.int64)  # [B]
         length = self.history_len
-        index = target[:, None] + np.arange(-length, 0, dtype=np.int64)[None, :]  # [B, L]
-        valid = index >= start[:, None]  # [B, L] False on the padding slots
-        index = np.where(valid, index, 0)
         if len(self.item) == 0:
-            empty = np.zeros(index.shape, dtype=np.int64)
+            empty = np.zeros((len(start), length), dtype=np.int64)
             return empty, empty.copy()
-        item = np.where(valid, self.item[index], PAD_INDEX).astype(np.int64)
-        cate = np.where(valid, self.cate[index], PAD_INDEX).astype(np.int64)
-        return item, cate
+        # Row b is the L events before its target, values[target - L : target]: a row of the sliding-window view
+        # (contiguous, copied row by row), whose first L - position slots precede the user's first event and are zeroed.
+        # The few rows whose window would start before event 0 read from 0 and are then shifted right.
+        target = start + position  # [B] global index of the target event
+        first = target - length  # [B]
+        padding = np.arange(length)[None, :] < (length - position)[:, None]  # [B, L]
+        short = np.flatnonzero(first < 0)
+        out = []
+        for values in (self.item, self.cate):
+            rows = np.empty((len(start), length), dtype=np.int64)  # [B, L]
+            if len(values) >= length:
+                window = np.lib.stride_tricks.sliding_window_view(values, length)  # [E - L + 1, L], a view
+                rows[...] = window[np.maximum(first, 0)]  # int32 rows, widened once into the batch array
+            for b in short if len(values) >= length else range(len(start)):
+                lo = max(int(first[b]), 0)
+                rows[b, length - (int(target[b]) - lo):] = values[lo : int(target[b])]
+            rows[padding] = PAD_INDEX
+            out.append(rows)
+        return out[0], out[1]
