@@ -570,9 +570,13 @@ def build_optimizers(model: nn.Module, options: TrainOptions) -> list[torch.opti
     """Adam at `lr`; its weight_decay (the classic, coupled L2 penalty's gradient) on the dense weights only.
     With `sparse_embeddings`, the embedding tables produce sparse gradients and get torch.optim.SparseAdam."""
     embedding, dense = parameter_groups(model)  # type: ignore[arg-type]
+    # foreach=True (torch's default on CUDA only): the same arithmetic as the per-parameter loop, bit for bit, but
+    # updated in place, so a step allocates one temporary per parameter instead of three; over dense embedding
+    # tables that is the larger part of a CPU step's memory traffic (docs/scale.md, throughput).
     if not options.sparse_embeddings:
         return [torch.optim.Adam(
-            [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr
+            [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr,
+            foreach=True,
         )]  # fmt: skip
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     for table in tables:
@@ -582,7 +586,8 @@ def build_optimizers(model: nn.Module, options: TrainOptions) -> list[torch.opti
     other = [p for p in embedding if id(p) not in table_ids]  # e.g. the target's position vector: dense, no L2
     return [
         torch.optim.SparseAdam(rows, lr=options.lr),
-        torch.optim.Adam([{"params": other, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr),
+        torch.optim.Adam([{"params": other, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr,
+                         foreach=True),
     ]
 
 
@@ -630,6 +635,31 @@ class Ranks:
         out: list[object] = [None] * self.world
         dist.all_gather_object(out, value)
         return out
+
+
+def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loss_fn: nn.Module, split: Split,
+               rows: np.ndarray, device: torch.device, options: TrainOptions) -> float:
+    """One optimisation step on the samples `rows` of `split`; returns the loss. The weights are not updated when the
+    loss is not finite (the caller stops). `docs/scale/step_bench.py` times this function."""
+    hist_item, hist_cate, cand_item, cand_cate = split.batch(rows, device)
+    label = torch.from_numpy(split.labels(rows)).to(device)  # [B, C]
+    model.train()
+    with autocast(device, options.precision):
+        if options.aux_loss:
+            logits, aux_logits = model(hist_item, hist_cate, cand_item, cand_cate, with_aux=True)  # [B, C] each
+            loss = loss_fn(logits.float(), label) + options.aux_weight * loss_fn(aux_logits.float(), label)
+        else:
+            logits = model(hist_item, hist_cate, cand_item, cand_cate)  # [B, C]
+            loss = loss_fn(logits.float(), label)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return value
 
 
 def train(
@@ -716,27 +746,13 @@ def train(
             if len(batch_rows) < ranks.world:
                 continue  # see steps_per_epoch
             rows = ranks.shard(batch_rows)
-            hist_item, hist_cate, cand_item, cand_cate = data.train.batch(rows, device)
-            label = torch.from_numpy(data.train.labels(rows)).to(device)  # [B, C]
-            model.train()
-            with autocast(device, options.precision):
-                if options.aux_loss:
-                    logits, aux_logits = model(hist_item, hist_cate, cand_item, cand_cate, with_aux=True)  # [B, C] each
-                    loss = loss_fn(logits.float(), label) + options.aux_weight * loss_fn(aux_logits.float(), label)
-                else:
-                    logits = model(hist_item, hist_cate, cand_item, cand_cate)  # [B, C]
-                    loss = loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {loss.item()} at step {step + 1}; try a smaller --lr")
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
+            loss = train_step(model, optimizers, loss_fn, data.train, rows, device, options)
+            if not math.isfinite(loss):
+                raise TrainError(f"the loss became {loss} at step {step + 1}; try a smaller --lr")
             step += 1
             samples_seen += len(batch_rows)
             rank_samples += len(rows)
-            running_loss = 0.9 * running_loss + 0.1 * loss.item() if step > 1 else loss.item()
+            running_loss = 0.9 * running_loss + 0.1 * loss if step > 1 else loss
             bar.update(1)
             evaluated_last = step in evaluate_at
             if evaluated_last and validate():
