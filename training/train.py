@@ -14,10 +14,13 @@ the full config and the data fingerprint.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -637,6 +640,37 @@ class Ranks:
         return out
 
 
+# glibc's mallopt parameters (malloc.h) and the values `dare train` sets: allocations up to 32 MiB (the largest
+# mmap threshold glibc accepts on 64-bit) come from the heap, and up to 512 MiB of free heap top stays mapped.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 32 << 20
+HEAP_TRIM_THRESHOLD = 512 << 20
+
+
+def keep_step_memory_mapped() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel after every step.
+
+    A training step allocates and frees the same buffers every time (an embedding table's dense gradient, Adam's
+    temporaries: 25 MB each for a 400k-row table). With glibc's default, adaptive thresholds, part of them is unmapped
+    when freed and page-faulted (and zeroed by the kernel) again at the next step: on the 10M-row file that was
+    15,000-25,000 page faults and a fifth to a quarter of a step's CPU time in the kernel, and how much depended on the heap's
+    history, so two processes of the same code differed by up to 8% (docs/scale.md). Fixed thresholds keep the
+    step's buffers mapped; the peak is unchanged, since the step needs them again at once. Does nothing on other C
+    libraries, or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set in the environment (the user's choice).
+    Returns whether the thresholds were set."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
+
+
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loss_fn: nn.Module, split: Split,
                rows: np.ndarray, device: torch.device, options: TrainOptions) -> float:
     """One optimisation step on the samples `rows` of `split`; returns the loss. The weights are not updated when the
@@ -678,6 +712,7 @@ def train(
     and the evaluation schedule are those of one process. Rank 0 alone evaluates validation (the whole set) and
     broadcasts the early-stopping decision, evaluates test and writes the run folder; other ranks return metrics {}.
     """
+    keep_step_memory_mapped()
     if not isinstance(data, PreparedData):
         data = load_prepared(Path(data))
     ranks = Ranks.current()

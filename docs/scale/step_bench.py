@@ -1,6 +1,6 @@
 """Training steps of the previous code vs this one, side by side: two worker processes, one per code base, each with
 its own prepared folder (written by its own `dare prepare`), take turns running blocks of steps (order ABBA...), so
-both see the same machine load. Per block: CPU seconds (time.process_time), wall seconds, minor and major page
+both see the same machine load; each round starts a fresh pair, in alternating order. Per block: CPU seconds (time.process_time), wall seconds, minor and major page
 faults. Both workers draw the same random batches (the same seed and, the samples being in the same order in both
 layouts, the same samples).
 
@@ -10,7 +10,7 @@ The previous worker runs the previous trainer's loop body (its `load_prepared`, 
 
 usage:
   python docs/scale/step_bench.py --previous-code OLD_CHECKOUT --previous-data OLD_DIR --data NEW_DIR \\
-      --blocks 8 --steps 20 --out RESULT.json [--sparse-embeddings]
+      --rounds 4 --blocks 4 --steps 20 --out RESULT.json [--sparse-embeddings]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def worker(data_dir: str, warmup: int, sparse: bool) -> None:
     loss_fn = nn.BCEWithLogitsLoss()
     current = hasattr(tt, "train_step")
     if current:
+        tt.keep_step_memory_mapped()  # as train() does before its first step
         optimizers = tt.build_optimizers(model, options)
 
         def step(rows: np.ndarray) -> None:
@@ -107,7 +108,8 @@ def main() -> None:
     parser.add_argument("--previous-code", type=Path)
     parser.add_argument("--previous-data")
     parser.add_argument("--data")
-    parser.add_argument("--blocks", type=int, default=8, help="blocks per code base")
+    parser.add_argument("--rounds", type=int, default=4, help="pairs of fresh worker processes")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks per code base and round")
     parser.add_argument("--steps", type=int, default=20, help="steps of 128 samples per block")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before the first block")
     parser.add_argument("--sparse-embeddings", action="store_true")
@@ -118,22 +120,32 @@ def main() -> None:
         return
     if not (args.previous_code and args.previous_data and args.data and args.out):
         parser.error("--previous-code, --previous-data, --data and --out are required")
-    workers = {
-        "previous": start("previous", args.previous_code.resolve(), args.previous_data, args.warmup, args.sparse_embeddings),
-        "current": start("current", REPO, args.data, args.warmup, args.sparse_embeddings),
-    }
     blocks: dict[str, list[dict[str, float]]] = {"previous": [], "current": []}
-    loads = []
-    for b in range(args.blocks):
-        for name in ("previous", "current") if b % 2 == 0 else ("current", "previous"):
-            proc = workers[name]
-            proc.stdin.write(f"{args.steps}\n")  # type: ignore[union-attr]
-            proc.stdin.flush()  # type: ignore[union-attr]
-            blocks[name].append(json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
-        loads.append(os.getloadavg()[0])
-    for proc in workers.values():
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait()
+    loads, round_ratios = [], []
+    for r in range(args.rounds):
+        # Fresh worker processes each round, started in alternating order: two processes running the same code
+        # differ by several per cent (their heaps and page faults differ), so one pair of processes is not enough.
+        order = ("previous", "current") if r % 2 == 0 else ("current", "previous")
+        workers = {}
+        for name in order:
+            code, data = (args.previous_code.resolve(), args.previous_data) if name == "previous" else (REPO, args.data)
+            workers[name] = start(name, code, data, args.warmup, args.sparse_embeddings)
+        mine: dict[str, list[dict[str, float]]] = {"previous": [], "current": []}
+        for b in range(args.blocks):
+            for name in order if b % 2 == 0 else order[::-1]:
+                proc = workers[name]
+                proc.stdin.write(f"{args.steps}\n")  # type: ignore[union-attr]
+                proc.stdin.flush()  # type: ignore[union-attr]
+                mine[name].append(json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
+            loads.append(os.getloadavg()[0])
+        for proc in workers.values():
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait()
+        rate = {n: sum(x["samples"] for x in rows) / sum(x["cpu_s"] for x in rows) for n, rows in mine.items()}
+        round_ratios.append(rate["current"] / rate["previous"])
+        print(f"round {r + 1}: current / previous CPU rate {round_ratios[-1]:.3f}", flush=True)
+        for name in blocks:
+            blocks[name] += mine[name]
     summary = {}
     for name, rows in blocks.items():
         summary[name] = {
@@ -148,7 +160,8 @@ def main() -> None:
              ("samples_per_cpu_second_median", "samples_per_wall_second_median")}  # fmt: skip
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "data": args.data,
               "previous_data": args.previous_data, "previous_code": str(args.previous_code), "batch": BATCH,
-              "steps_per_block": args.steps, "sparse_embeddings": args.sparse_embeddings,
+              "rounds": args.rounds, "steps_per_block": args.steps,
+              "round_cpu_ratios_current_over_previous": round_ratios, "sparse_embeddings": args.sparse_embeddings,
               "load_average_1min": loads, "host": platform.node(), "summary": summary, "current_over_previous": ratio,
               "blocks": blocks}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +170,9 @@ def main() -> None:
         print(f"{name:9s} median {s['samples_per_cpu_second_median']:8,.0f} samples per CPU-second, "
               f"{s['samples_per_wall_second_median']:8,.0f} samples/s wall, "
               f"{s['minor_faults_per_step_median']:,.0f} minor faults per step")  # fmt: skip
-    print(f"current / previous: CPU {ratio['samples_per_cpu_second_median']:.3f}, wall {ratio['samples_per_wall_second_median']:.3f}"
+    print(f"current / previous: CPU {ratio['samples_per_cpu_second_median']:.3f} (rounds: median "
+          f"{statistics.median(round_ratios):.3f}, {min(round_ratios):.3f}-{max(round_ratios):.3f})"
+          f", wall {ratio['samples_per_wall_second_median']:.3f}"
           f" -> {args.out}")  # fmt: skip
 
 
