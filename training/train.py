@@ -14,13 +14,10 @@ the full config and the data fingerprint.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,7 +34,8 @@ from dare_common import DareError
 from service.contract import PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import MODEL_KINDS, SEARCH_KINDS, ModelConfig, TrainConfig
 from training.metrics import ClickMetrics, MutualInformationTruth, click_metrics, retrieval_ndcg, search_scores
-from training.layout import SAMPLE_ARRAYS, LayoutError, Sequences, open_array
+from training.layout import SAMPLE_ARRAYS, FileMappings, LayoutError, Sequences
+from training.memory import keep_step_memory_mapped, return_free_memory
 from training.model import build_model, parameter_groups
 from training.run import data_fingerprint, save_run
 
@@ -62,6 +60,10 @@ PRECISIONS = ("fp32", "bf16")
 NDCG_MAX_IMPRESSIONS = 50_000
 # The mutual-information truth (real data) is estimated from at most this many training samples (a seeded subset).
 MI_MAX_ROWS = 200_000
+# An evaluation pass drops the folder's mapped pages from the process and returns the heap's free pages to the kernel
+# every this many batches (training/memory.py): a pass over 1M samples otherwise maps the whole folder and leaves
+# fragments behind.
+RELEASE_EVERY_BATCHES = 32
 # The best checkpoint is copied in memory up to this many bytes of weights; a larger model spills it to RUN/.best.pt.
 BEST_IN_MEMORY_MAX_BYTES = 256 << 20
 BEST_SPILL_FILE = ".best.pt"
@@ -255,7 +257,8 @@ CHECK_CHUNK = 1 << 22
 
 def _load_split(folder: Path, name: str, sequences: Sequences, item_rows: int, cate_rows: int) -> Split:
     try:
-        arrays = {a: open_array(folder / name / f"{a}.npy") for a in SAMPLE_ARRAYS}
+        mappings = sequences.mappings if sequences.mappings is not None else FileMappings()
+        arrays = {a: mappings.open(folder / name / f"{a}.npy") for a in SAMPLE_ARRAYS}
     except LayoutError as exc:
         raise TrainError(f"{folder}: {exc} (is this a folder written by `dare prepare`?)") from None
     user, position, cand_item, cand_cate, label = (arrays[a] for a in SAMPLE_ARRAYS)
@@ -322,6 +325,7 @@ def load_prepared(folder: Path) -> PreparedData:
             if chunk.min() < 1 or chunk.max() >= rows:
                 raise TrainError(f"{folder}/sequences holds {what} rows outside 1..{rows - 1} ({VOCAB_FILE})")
     splits = {name: _load_split(folder, name, sequences, item_rows, cate_rows) for name in SPLITS}
+    sequences.release_pages()  # the checks read every page once; training touches what it needs
     planted = None
     if (folder / TRUTH_FILE).is_file():
         truth = _load_npz(folder / TRUTH_FILE)
@@ -383,11 +387,17 @@ def predict(model: nn.Module, split: Split, batch_size: int, device: torch.devic
     """Logits [S, C] for a whole split, in eval mode (BatchNorm uses its running statistics)."""
     model.eval()
     out = []
-    for start in range(0, split.rows, batch_size):
+    split.sequences.release_pages()  # what training mapped; the pass maps its own pages as it goes
+    for i, start in enumerate(range(0, split.rows, batch_size)):
         rows = np.arange(start, min(start + batch_size, split.rows))
         with autocast(device, precision):
             logits = model(*split.batch(rows, device))
         out.append(logits.float().cpu().numpy())  # [b, C]
+        if (i + 1) % RELEASE_EVERY_BATCHES == 0:
+            split.sequences.release_pages()
+            return_free_memory()
+    split.sequences.release_pages()
+    return_free_memory()
     return np.concatenate(out)
 
 
@@ -640,37 +650,6 @@ class Ranks:
         return out
 
 
-# glibc's mallopt parameters (malloc.h) and the values `dare train` sets: allocations up to 32 MiB (the largest
-# mmap threshold glibc accepts on 64-bit) come from the heap, and up to 512 MiB of free heap top stays mapped.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-HEAP_MMAP_THRESHOLD = 32 << 20
-HEAP_TRIM_THRESHOLD = 512 << 20
-
-
-def keep_step_memory_mapped() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel after every step.
-
-    A training step allocates and frees the same buffers every time (an embedding table's dense gradient, Adam's
-    temporaries: 25 MB each for a 400k-row table). With glibc's default, adaptive thresholds, part of them is unmapped
-    when freed and page-faulted (and zeroed by the kernel) again at the next step: on the 10M-row file that was
-    15,000-25,000 page faults and a fifth to a quarter of a step's CPU time in the kernel, and how much depended on the heap's
-    history, so two processes of the same code differed by up to 8% (docs/scale.md). Fixed thresholds keep the
-    step's buffers mapped; the peak is unchanged, since the step needs them again at once. Does nothing on other C
-    libraries, or when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set in the environment (the user's choice).
-    Returns whether the thresholds were set."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
-
-
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loss_fn: nn.Module, split: Split,
                rows: np.ndarray, device: torch.device, options: TrainOptions) -> float:
     """One optimisation step on the samples `rows` of `split`; returns the loss. The weights are not updated when the
@@ -715,6 +694,7 @@ def train(
     keep_step_memory_mapped()
     if not isinstance(data, PreparedData):
         data = load_prepared(Path(data))
+    return_free_memory()  # the loader's temporaries (vocabulary, range checks), kept by the thresholds just set
     ranks = Ranks.current()
     device = resolve_device(options.device)
     if device.type == "cuda" and ranks.world > 1:

@@ -49,7 +49,9 @@ def worker(data_dir: str, warmup: int, sparse: bool) -> None:
     loss_fn = nn.BCEWithLogitsLoss()
     current = hasattr(tt, "train_step")
     if current:
-        tt.keep_step_memory_mapped()  # as train() does before its first step
+        from training.memory import keep_step_memory_mapped
+
+        keep_step_memory_mapped()  # as train() does before its first step
         optimizers = tt.build_optimizers(model, options)
 
         def step(rows: np.ndarray) -> None:
