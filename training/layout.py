@@ -10,14 +10,16 @@
     <split>/cand_cate.npy  int32 [S, C]
     <split>/label.npy      uint8 [S, C] 1 for column 0, 0 elsewhere
 
-Every file is a plain .npy, opened memory-mapped (`np.load(mmap_mode="r")`), so a reader holds in memory only what
-it touches. A sample's history is the `history_len` events of its user strictly before the target, oldest first,
+Every file is a plain .npy, opened memory-mapped (read-only), so a reader holds in memory only what it touches; the
+pages it touched stay mapped into the process (and count in its RSS) until `FileMappings.release` drops them, which
+leaves them in the page cache: touched again, they come back with a minor page fault, without reading the disk. A sample's history is the `history_len` events of its user strictly before the target, oldest first,
 left-padded with row 0: `Sequences.histories` slices it for a batch of samples at once (one vectorised gather).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,43 @@ class LayoutError(ValueError):
     """A prepared-data folder's arrays are missing, unreadable or inconsistent; the message names the file."""
 
 
-def open_array(path: Path) -> np.ndarray:
-    """A memory-mapped .npy (read-only); a LayoutError naming the file if it is missing or unreadable."""
-    if not path.is_file():
-        raise LayoutError(f"missing {path.parent.name}/{path.name}")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise LayoutError(f"{path}: not a readable .npy file: {exc}") from None
+class FileMappings:
+    """The read-only memory maps of one prepared folder's arrays, so that their pages can be dropped from the process."""
+
+    def __init__(self) -> None:
+        self.maps: list[mmap.mmap] = []
+
+    def open(self, path: Path) -> np.ndarray:
+        """The .npy at `path` as a read-only array over a memory map of the file; a LayoutError naming the file if
+        it is missing or unreadable."""
+        if not path.is_file():
+            raise LayoutError(f"missing {path.parent.name}/{path.name}")
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = header(f)
+                offset = f.tell()
+                if dtype.hasobject:
+                    raise ValueError("object arrays are not memory-mappable")
+                count = int(np.prod(shape, dtype=np.int64))
+                if offset + count * dtype.itemsize > path.stat().st_size:
+                    raise ValueError("the file is shorter than its header says")
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"{path}: not a readable .npy file: {exc}") from None
+        self.maps.append(mapped)
+        flat = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset)  # read-only: the map is ACCESS_READ
+        return flat.reshape(shape, order="F" if fortran_order else "C")
+
+    def release(self) -> None:
+        """Drop every mapped page from this process (MADV_DONTNEED; the page cache keeps them). Where madvise is not
+        available (not Linux) this does nothing, and the pages stay mapped until the arrays are closed."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mapped in self.maps:
+            if not mapped.closed and len(mapped):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def write_array(path: Path, array: np.ndarray, dtype: np.dtype | type) -> None:
@@ -67,35 +98,57 @@ class Sequences:
     time: np.ndarray  # uint32 or int64 [E]
     offsets: np.ndarray  # int64 [U+1]
     history_len: int
+    # The maps of the folder the arrays were opened from (sequences and splits), or None for in-memory arrays.
+    mappings: FileMappings | None = field(default=None, repr=False, compare=False)
 
     @property
     def users(self) -> int:
         return len(self.offsets) - 1
 
     @classmethod
-    def open(cls, folder: Path, history_len: int) -> Sequences:
+    def open(cls, folder: Path, history_len: int, mappings: FileMappings | None = None) -> Sequences:
+        """The folder's sequences, mapped through `mappings` (a new FileMappings when None)."""
+        mappings = FileMappings() if mappings is None else mappings
         base = Path(folder) / SEQUENCES_DIR
-        arrays = {name: open_array(base / f"{name}.npy") for name in SEQUENCE_ARRAYS}
+        arrays = {name: mappings.open(base / f"{name}.npy") for name in SEQUENCE_ARRAYS}
         events = len(arrays["item"])
         if any(arrays[n].ndim != 1 for n in SEQUENCE_ARRAYS) or len(arrays["cate"]) != events or len(arrays["time"]) != events:
             raise LayoutError(f"{base}: item, cate and time must be 1-D arrays of one length")
         offsets = np.asarray(arrays["offsets"], dtype=np.int64)  # small ([U+1]): read into memory
         if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != events or np.any(np.diff(offsets) < 0):
             raise LayoutError(f"{base}/offsets.npy must rise from 0 to the number of events ({events})")
-        return cls(arrays["item"], arrays["cate"], arrays["time"], offsets, history_len)
+        return cls(arrays["item"], arrays["cate"], arrays["time"], offsets, history_len, mappings)
+
+    def release_pages(self) -> None:
+        """Drop the pages of the folder's memory maps from this process (FileMappings.release); no-op in memory."""
+        if self.mappings is not None:
+            self.mappings.release()
 
     def histories(self, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hist_item, hist_cate int64 [B, L] for samples (user [B], target position [B]): the L events before each
         target, oldest first, left-padded with 0 (never reaching into another user's events)."""
         start = self.offsets[np.asarray(user, dtype=np.int64)]  # [B]
-        target = start + np.asarray(position, dtype=np.int64)  # [B] global index of the target event
+        position = np.asarray(position, dtype=np.int64)  # [B]
         length = self.history_len
-        index = target[:, None] + np.arange(-length, 0, dtype=np.int64)[None, :]  # [B, L]
-        valid = index >= start[:, None]  # [B, L] False on the padding slots
-        index = np.where(valid, index, 0)
         if len(self.item) == 0:
-            empty = np.zeros(index.shape, dtype=np.int64)
+            empty = np.zeros((len(start), length), dtype=np.int64)
             return empty, empty.copy()
-        item = np.where(valid, self.item[index], PAD_INDEX).astype(np.int64)
-        cate = np.where(valid, self.cate[index], PAD_INDEX).astype(np.int64)
-        return item, cate
+        # Row b is the L events before its target, values[target - L : target]: a row of the sliding-window view
+        # (contiguous, copied row by row), whose first L - position slots precede the user's first event and are zeroed.
+        # The few rows whose window would start before event 0 read from 0 and are then shifted right.
+        target = start + position  # [B] global index of the target event
+        first = target - length  # [B]
+        padding = np.arange(length)[None, :] < (length - position)[:, None]  # [B, L]
+        short = np.flatnonzero(first < 0)
+        out = []
+        for values in (self.item, self.cate):
+            rows = np.empty((len(start), length), dtype=np.int64)  # [B, L]
+            if len(values) >= length:
+                window = np.lib.stride_tricks.sliding_window_view(values, length)  # [E - L + 1, L], a view
+                rows[...] = window[np.maximum(first, 0)]  # int32 rows, widened once into the batch array
+            for b in short if len(values) >= length else range(len(start)):
+                lo = max(int(first[b]), 0)
+                rows[b, length - (int(target[b]) - lo):] = values[lo : int(target[b])]
+            rows[padding] = PAD_INDEX
+            out.append(rows)
+        return out[0], out[1]

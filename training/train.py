@@ -34,7 +34,8 @@ from dare_common import DareError
 from service.contract import PAD_INDEX, VOCAB_ARRAYS, VOCAB_FILE
 from training.config import MODEL_KINDS, SEARCH_KINDS, ModelConfig, TrainConfig
 from training.metrics import ClickMetrics, MutualInformationTruth, click_metrics, retrieval_ndcg, search_scores
-from training.layout import SAMPLE_ARRAYS, LayoutError, Sequences, open_array
+from training.layout import SAMPLE_ARRAYS, FileMappings, LayoutError, Sequences
+from training.memory import keep_step_memory_mapped, return_free_memory
 from training.model import build_model, parameter_groups
 from training.run import data_fingerprint, save_run
 
@@ -59,6 +60,10 @@ PRECISIONS = ("fp32", "bf16")
 NDCG_MAX_IMPRESSIONS = 50_000
 # The mutual-information truth (real data) is estimated from at most this many training samples (a seeded subset).
 MI_MAX_ROWS = 200_000
+# An evaluation pass drops the folder's mapped pages from the process and returns the heap's free pages to the kernel
+# every this many batches (training/memory.py): a pass over 1M samples otherwise maps the whole folder and leaves
+# fragments behind.
+RELEASE_EVERY_BATCHES = 32
 # The best checkpoint is copied in memory up to this many bytes of weights; a larger model spills it to RUN/.best.pt.
 BEST_IN_MEMORY_MAX_BYTES = 256 << 20
 BEST_SPILL_FILE = ".best.pt"
@@ -252,7 +257,8 @@ CHECK_CHUNK = 1 << 22
 
 def _load_split(folder: Path, name: str, sequences: Sequences, item_rows: int, cate_rows: int) -> Split:
     try:
-        arrays = {a: open_array(folder / name / f"{a}.npy") for a in SAMPLE_ARRAYS}
+        mappings = sequences.mappings if sequences.mappings is not None else FileMappings()
+        arrays = {a: mappings.open(folder / name / f"{a}.npy") for a in SAMPLE_ARRAYS}
     except LayoutError as exc:
         raise TrainError(f"{folder}: {exc} (is this a folder written by `dare prepare`?)") from None
     user, position, cand_item, cand_cate, label = (arrays[a] for a in SAMPLE_ARRAYS)
@@ -319,6 +325,7 @@ def load_prepared(folder: Path) -> PreparedData:
             if chunk.min() < 1 or chunk.max() >= rows:
                 raise TrainError(f"{folder}/sequences holds {what} rows outside 1..{rows - 1} ({VOCAB_FILE})")
     splits = {name: _load_split(folder, name, sequences, item_rows, cate_rows) for name in SPLITS}
+    sequences.release_pages()  # the checks read every page once; training touches what it needs
     planted = None
     if (folder / TRUTH_FILE).is_file():
         truth = _load_npz(folder / TRUTH_FILE)
@@ -380,11 +387,17 @@ def predict(model: nn.Module, split: Split, batch_size: int, device: torch.devic
     """Logits [S, C] for a whole split, in eval mode (BatchNorm uses its running statistics)."""
     model.eval()
     out = []
-    for start in range(0, split.rows, batch_size):
+    split.sequences.release_pages()  # what training mapped; the pass maps its own pages as it goes
+    for i, start in enumerate(range(0, split.rows, batch_size)):
         rows = np.arange(start, min(start + batch_size, split.rows))
         with autocast(device, precision):
             logits = model(*split.batch(rows, device))
         out.append(logits.float().cpu().numpy())  # [b, C]
+        if (i + 1) % RELEASE_EVERY_BATCHES == 0:
+            split.sequences.release_pages()
+            return_free_memory()
+    split.sequences.release_pages()
+    return_free_memory()
     return np.concatenate(out)
 
 
@@ -570,9 +583,13 @@ def build_optimizers(model: nn.Module, options: TrainOptions) -> list[torch.opti
     """Adam at `lr`; its weight_decay (the classic, coupled L2 penalty's gradient) on the dense weights only.
     With `sparse_embeddings`, the embedding tables produce sparse gradients and get torch.optim.SparseAdam."""
     embedding, dense = parameter_groups(model)  # type: ignore[arg-type]
+    # foreach=True (torch's default on CUDA only): the same arithmetic as the per-parameter loop, bit for bit, but
+    # updated in place, so a step allocates one temporary per parameter instead of three; over dense embedding
+    # tables that is the larger part of a CPU step's memory traffic (docs/scale.md, throughput).
     if not options.sparse_embeddings:
         return [torch.optim.Adam(
-            [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr
+            [{"params": embedding, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr,
+            foreach=True,
         )]  # fmt: skip
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     for table in tables:
@@ -582,7 +599,8 @@ def build_optimizers(model: nn.Module, options: TrainOptions) -> list[torch.opti
     other = [p for p in embedding if id(p) not in table_ids]  # e.g. the target's position vector: dense, no L2
     return [
         torch.optim.SparseAdam(rows, lr=options.lr),
-        torch.optim.Adam([{"params": other, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr),
+        torch.optim.Adam([{"params": other, "weight_decay": 0.0}, {"params": dense, "weight_decay": options.l2}], lr=options.lr,
+                         foreach=True),
     ]
 
 
@@ -632,6 +650,31 @@ class Ranks:
         return out
 
 
+def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loss_fn: nn.Module, split: Split,
+               rows: np.ndarray, device: torch.device, options: TrainOptions) -> float:
+    """One optimisation step on the samples `rows` of `split`; returns the loss. The weights are not updated when the
+    loss is not finite (the caller stops). `docs/scale/step_bench.py` times this function."""
+    hist_item, hist_cate, cand_item, cand_cate = split.batch(rows, device)
+    label = torch.from_numpy(split.labels(rows)).to(device)  # [B, C]
+    model.train()
+    with autocast(device, options.precision):
+        if options.aux_loss:
+            logits, aux_logits = model(hist_item, hist_cate, cand_item, cand_cate, with_aux=True)  # [B, C] each
+            loss = loss_fn(logits.float(), label) + options.aux_weight * loss_fn(aux_logits.float(), label)
+        else:
+            logits = model(hist_item, hist_cate, cand_item, cand_cate)  # [B, C]
+            loss = loss_fn(logits.float(), label)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return value
+
+
 def train(
     data: PreparedData | Path,
     options: TrainOptions,
@@ -648,8 +691,10 @@ def train(
     and the evaluation schedule are those of one process. Rank 0 alone evaluates validation (the whole set) and
     broadcasts the early-stopping decision, evaluates test and writes the run folder; other ranks return metrics {}.
     """
+    keep_step_memory_mapped()
     if not isinstance(data, PreparedData):
         data = load_prepared(Path(data))
+    return_free_memory()  # the loader's temporaries (vocabulary, range checks), kept by the thresholds just set
     ranks = Ranks.current()
     device = resolve_device(options.device)
     if device.type == "cuda" and ranks.world > 1:
@@ -716,27 +761,13 @@ def train(
             if len(batch_rows) < ranks.world:
                 continue  # see steps_per_epoch
             rows = ranks.shard(batch_rows)
-            hist_item, hist_cate, cand_item, cand_cate = data.train.batch(rows, device)
-            label = torch.from_numpy(data.train.labels(rows)).to(device)  # [B, C]
-            model.train()
-            with autocast(device, options.precision):
-                if options.aux_loss:
-                    logits, aux_logits = model(hist_item, hist_cate, cand_item, cand_cate, with_aux=True)  # [B, C] each
-                    loss = loss_fn(logits.float(), label) + options.aux_weight * loss_fn(aux_logits.float(), label)
-                else:
-                    logits = model(hist_item, hist_cate, cand_item, cand_cate)  # [B, C]
-                    loss = loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {loss.item()} at step {step + 1}; try a smaller --lr")
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
+            loss = train_step(model, optimizers, loss_fn, data.train, rows, device, options)
+            if not math.isfinite(loss):
+                raise TrainError(f"the loss became {loss} at step {step + 1}; try a smaller --lr")
             step += 1
             samples_seen += len(batch_rows)
             rank_samples += len(rows)
-            running_loss = 0.9 * running_loss + 0.1 * loss.item() if step > 1 else loss.item()
+            running_loss = 0.9 * running_loss + 0.1 * loss if step > 1 else loss
             bar.update(1)
             evaluated_last = step in evaluate_at
             if evaluated_last and validate():

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Sample VmHWM, RssAnon, RssFile of the newest process matching $1 every 0.5 s until it exits; print the maxima.
-# usage: memwatch.sh PATTERN LOGFILE   (start it right after the command it watches)
-pat=$1; out=$2; : > $out
-sleep 2; P=$(pgrep -n -f "$pat")
-while kill -0 $P 2>/dev/null; do
-  awk '/RssAnon|RssFile|VmHWM/{printf "%s %s ", $1, $2} END{print ""}' /proc/$P/status >> $out 2>/dev/null; sleep 0.5
+# Run a command and sample its memory every 0.5 s from /proc/PID/status: seconds since start, VmHWM (peak RSS),
+# RssAnon (its own memory), RssFile (file pages mapped into it: the memory-mapped folder, libraries), in kB.
+# Prints the maxima when the command ends; the samples stay in LOGFILE.
+# usage: memwatch.sh LOGFILE command args...
+out=$1; shift
+: > "$out"
+"$@" &
+pid=$!
+start=$(date +%s.%N)
+while kill -0 $pid 2>/dev/null; do
+  awk -v t="$(echo "$(date +%s.%N) - $start" | bc)" '/^(VmHWM|RssAnon|RssFile):/{v[$1]=$2} END{if (length(v)) printf "%.1f %s %s %s\n", t, v["VmHWM:"], v["RssAnon:"], v["RssFile:"]}' /proc/$pid/status >> "$out" 2>/dev/null
+  sleep 0.5
 done
-awk '{h=($2>h)?$2:h; a=($4>a)?$4:a; f=($6>f)?$6:f} END{print "VmHWM", h, "kB; max RssAnon", a, "kB; max RssFile", f, "kB"}' $out
+wait $pid; rc=$?
+awk '{h=($2>h)?$2:h; if ($3+$4>s) {s=$3+$4; a=$3; f=$4}; ma=($3>ma)?$3:ma; mf=($4>mf)?$4:mf}
+     END{printf "peak RSS (VmHWM) %d kB; at the largest sample RssAnon %d + RssFile %d kB; max RssAnon %d kB, max RssFile %d kB\n", h, a, f, ma, mf}' "$out"
+exit $rc

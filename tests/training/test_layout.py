@@ -92,6 +92,26 @@ def test_histories_are_left_padded_and_never_reach_into_another_user() -> None:
     assert (hist_cate[hist_item == 0] == 0).all()
 
 
+@pytest.mark.parametrize("length", [1, 3, 7, 40, 120])
+def test_histories_match_a_sample_by_sample_slice(length: int) -> None:
+    """Random users and targets, including histories cut at the first event of the whole array and sequences
+    shorter in total than the history length: each row is values[max(start, target - L):target], left-padded."""
+    rng = np.random.default_rng(length)
+    counts = rng.integers(1, 12, 9)  # events per user
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    item = rng.integers(1, 1000, offsets[-1]).astype(np.int32)
+    seq = Sequences(item, item + 5000, np.zeros(len(item), np.uint32), offsets, history_len=length)
+    user = rng.integers(0, len(counts), 300)
+    position = rng.integers(0, counts[user])
+    hist_item, hist_cate = seq.histories(user, position)
+    for row, (u, p) in enumerate(zip(user, position)):
+        target = offsets[u] + p
+        events = item[max(offsets[u], target - length) : target]
+        expected = np.concatenate([np.zeros(length - len(events), np.int64), events])
+        np.testing.assert_array_equal(hist_item[row], expected)
+        np.testing.assert_array_equal(hist_cate[row], np.where(expected != 0, expected + 5000, 0))
+
+
 def test_a_split_built_from_histories_gives_them_back() -> None:
     rng = np.random.default_rng(0)
     hist = np.zeros((6, 5), np.int64)
