@@ -1,6 +1,6 @@
 """`dare loadtest`: Locust, headless, against each attention dim in turn; a markdown table and a PNG chart.
 
-For each workload (the real bundled sample; long synthetic sequences of 10k events per user) it
+For each workload (the real bundled sample; long sequences of 10k events per user resampled from it) it
 
     1. loads the workload's users into a private redis-server (FLUSHALL first; never the machine's shared Redis),
     2. starts `dare serve` pinned to the service's cores, the load generator pinned to the others,
@@ -34,12 +34,15 @@ from dare_common import DareError
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port
+from dare_common.taobao import iter_rows
 from loadtest.scenario import Payloads, ScenarioSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
 WORKLOADS = ("real", "long")
+LONG_USER_BASE = 90_000_000  # the long workload's user ids: above the sample's
+LONG_START = 1_511_539_200  # 2017-11-25 00:00 UTC, the first day of the Taobao log
 LOADS = ("fixed", "rising")
 
 
@@ -139,18 +142,28 @@ def run_checked(command: list[str], what: str, timeout_s: float, **kwargs: objec
 
 
 def workload_file(cfg: LoadtestConfig, workload: str) -> Path:
-    """The Taobao-format file a workload loads and draws its payloads from (synthesised once, then reused)."""
+    """The Taobao-format file a workload loads and draws its payloads from (built once, then reused).
+
+    The long workload's users are SYNTHETIC, their events real: `long_users` users of `long_events` page views each,
+    drawn (by popularity, with replacement) from the bundled sample's page views, one second apart. So the histories
+    and candidates hold items and categories the models know, as in production; ids that no model knows (`dare
+    synth`'s) all map to the out-of-vocabulary rows, and equal candidates are scored once (service/engine.py), so such
+    a request searches for one candidate, not 200."""
     if workload == "real":
         return cfg.sample
-    path = cfg.work / f"synthetic-{cfg.long_users}u-{cfg.long_events}e.csv"
-    done = path.with_name(path.name + ".done")  # written last: a synth run interrupted half way is redone
+    path = cfg.work / f"resampled-{cfg.long_users}u-{cfg.long_events}e.csv"
+    done = path.with_name(path.name + ".done")  # written last: a run interrupted half way is redone
     if not (path.is_file() and done.is_file()):
+        print(f"long workload: {cfg.long_users} SYNTHETIC users x {cfg.long_events:,} page views resampled from "
+              f"{cfg.sample} -> {path}", flush=True)  # fmt: skip
+        views = [(item, cate) for _user, item, cate, behaviour, _ts in iter_rows(cfg.sample) if behaviour == "pv"]
+        rng = random.Random(0)
         cfg.work.mkdir(parents=True, exist_ok=True)
-        run_checked(
-            dare_args("synth", "--users", str(cfg.long_users), "--events-per-user", str(cfg.long_events),
-                      "--out", str(path)),
-            "dare synth", timeout_s=600,
-        )  # fmt: skip
+        with path.open("w", encoding="utf-8") as out:
+            for u in range(cfg.long_users):
+                user = LONG_USER_BASE + u
+                out.writelines(f"{user},{item},{cate},pv,{LONG_START + t}\n"
+                               for t, (item, cate) in enumerate(rng.choices(views, k=cfg.long_events)))  # fmt: skip
         done.write_text("ok\n", encoding="utf-8")
     return path
 

@@ -27,6 +27,7 @@ class Payloads:
 
     users: list[str]
     items: list[tuple[int, int]]  # one entry per event, so popular items are drawn more often, as in real traffic
+    distinct: int  # how many different (item, category) pairs `items` holds
 
     @classmethod
     def from_csv(cls, path: Path, max_users: int, seed: int) -> Payloads:
@@ -40,13 +41,20 @@ class Payloads:
         rng = random.Random(seed)
         chosen = list(users)
         rng.shuffle(chosen)
-        return cls(users=chosen[:max_users], items=items)
+        return cls(users=chosen[:max_users], items=items, distinct=len(set(items)))
 
     def request(self, rng: random.Random, candidates: int, model: str) -> dict[str, object]:
-        """One /score body: a random real user and `candidates` real items drawn by popularity."""
+        """One /score body: a random real user and `candidates` different real items drawn by popularity (an ad
+        server sends different ads; the service scores equal candidates once), repeated only when the data holds
+        fewer."""
+        want = min(candidates, self.distinct)
+        picked: dict[tuple[int, int], None] = {}
+        while len(picked) < want:
+            picked.update(dict.fromkeys(rng.choices(self.items, k=want - len(picked))))
+        pairs = list(picked)[:want] + rng.choices(self.items, k=candidates - want)
         body: dict[str, object] = {
             "user_id": rng.choice(self.users),
-            "candidates": [{"item_id": i, "category_id": c} for i, c in rng.choices(self.items, k=candidates)],
+            "candidates": [{"item_id": i, "category_id": c} for i, c in pairs],
         }
         if model:
             body["model"] = model
