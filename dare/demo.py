@@ -393,7 +393,11 @@ def serve_and_score(cfg: DemoConfig, redis_url: str, example: Example, stack: Ex
         console.print("[green]first score succeeded; stopping (--exit-after-score)[/green]")
         return
     console.print("Serving until Ctrl-C.")
-    process.wait()
+    # Not a bare wait(): the kernel may hand Ctrl-C to any thread of this process (polars' worker threads, since the
+    # example was picked with polars), and then a main thread blocked in waitpid() would never see it. Waking up to
+    # poll lets Python run the handler in the main thread.
+    while process.poll() is None:
+        time.sleep(0.2)
     if process.returncode not in (0, 130, -signal.SIGINT, -signal.SIGTERM):  # 130: `dare` interrupted
         raise DareError(f"`dare serve` exited with code {process.returncode}")
 
