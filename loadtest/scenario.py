@@ -48,7 +48,8 @@ class Payloads:
         server sends different ads; the service scores equal candidates once), repeated only when the data holds
         fewer."""
         want = min(candidates, self.distinct)
-        picked: dict[tuple[int, int], None] = {}
+        # Every pair when the data holds no more than asked for (drawing would wait for the rarest one).
+        picked: dict[tuple[int, int], None] = dict.fromkeys(self.items) if want == self.distinct else {}
         while len(picked) < want:
             picked.update(dict.fromkeys(rng.choices(self.items, k=want - len(picked))))
         pairs = list(picked)[:want] + rng.choices(self.items, k=candidates - want)

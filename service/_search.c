@@ -85,9 +85,10 @@ static inline void offer(Hit *best, int64_t *filled, int64_t k, float bound, Hit
 
 /* The same block maxima from bfloat16 copies of the tables and queries: VDPBF16PS multiplies pairs of bfloat16
  * values and adds both products to a float32 lane, so a tile takes half the instructions of the float32 one. Each
- * approximate score is within the candidate's `slack` of the float32 one (bf16_slack), so pass 2 selects the blocks
- * whose approximate maximum reaches the K-th largest less twice the slack, and rescores every event of them in
- * float32: the same top-K and weights as the float32 kernel (up to its own float32 rounding). */
+ * approximate score is within the candidate's `slack` of the float32 one (computed in py_search), so pass 2 selects
+ * the blocks whose approximate maximum reaches the K-th largest less twice the slack and rescores in float32 their
+ * events that can reach it (the block's best alone when its second best cannot): the same top-K and weights as the
+ * float32 kernel (up to its own float32 rounding). */
 #define BTARGET __attribute__((target("avx512f,avx512bf16,fma")))
 
 static int cpu_bf16(void) {
@@ -272,7 +273,8 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     const int bf16 = o16[0] != Py_None;
     if (bf16 && (!cpu_bf16() || isa == 256 || o16[1] == Py_None)) {
         PyErr_SetString(PyExc_RuntimeError, o16[1] == Py_None ? "the bfloat16 search needs both bfloat16 tables"
-                                                               : "the bfloat16 search needs AVX-512 BF16, which this CPU lacks");
+                                            : isa == 256     ? "the bfloat16 search runs with the AVX-512 code, not isa=256"
+                                                             : "the bfloat16 search needs AVX-512 BF16, which this CPU lacks");
         return NULL;
     }
     const int best_isa = cpu_isa();
@@ -345,8 +347,8 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     memset(zeros, 0, (size_t)(d + 1) * sizeof(float));
     Py_BEGIN_ALLOW_THREADS;
     const float s = (float)scale;
-    /* The scaled queries, row-major for pass 2 and packed [tile][2d][32] for pass 1 (padding candidates: 0). */
-    memset(qt, 0, (size_t)tiles * 2 * d * CT * sizeof(float));
+    /* The scaled queries, row-major for pass 2 and (float32 pass 1) packed [tile][2d][32] (padding candidates: 0). */
+    if (!bf16) memset(qt, 0, (size_t)tiles * 2 * d * CT * sizeof(float));
     for (int64_t c = 0; c < c_count; c++) {
         float *row = query + c * 2 * d;
         for (int64_t j = 0; j < d; j++) {
@@ -354,7 +356,8 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
             row[d + j] = cate[cc[c] * d + j] * s;
         }
         float *packed = qt + (c / CT) * (2 * d * CT) + c % CT;
-        for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
+        if (!bf16)
+            for (int64_t j = 0; j < 2 * d; j++) packed[j * CT] = row[j];
     }
     if (bf16) {
         /* Pass 1 from bfloat16 pairs, [tile][2 dp][32] (qt's memory: as many bytes or fewer), and per candidate the
