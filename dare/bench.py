@@ -21,7 +21,8 @@ It imports both the service's in-process `ScoringEngine` and the PyTorch model, 
                   Redis and model folders, over one keep-alive connection (a lean raw-socket HTTP/1.1 client)
 4. with `--http`, back to back on the same user and candidates (so the service is as warm as the in-process
    engine): the in-process call, POST /score, and the same body POSTed to the framework floor (`floor_app`: bare
-   uvicorn + FastAPI parsing the body and answering as many scores, no service code).
+   uvicorn + FastAPI parsing the body and answering as many scores, no service code); then POST /score at a fixed
+   10 requests/s, open loop, for 30 s per long workload at the smallest dim (`measure_fixed_rate`).
 5. the search against its peers, interleaved call by call on the same embedding tables and histories (W2-W4):
    the fused kernel (service/search.py), FAISS exact inner-product top-K (`faiss.knn`, BLAS path) and numpy
    (gather, matmul, argpartition), one thread each, wall and CPU time; and the kernel's arithmetic rate (4 C N d
@@ -489,6 +490,61 @@ def measure_http_paired(cfg: BenchConfig, data: BenchData, engine: Any, loaded: 
     return rows
 
 
+FIXED_RATE = 10.0  # requests/s of the fixed-rate measurement (issue 19's W3 latency target)
+FIXED_SECONDS = 30.0
+
+
+def measure_fixed_rate(cfg: BenchConfig, data: BenchData, port: int) -> list[dict[str, Any]]:
+    """POST /score at a fixed FIXED_RATE requests/s for FIXED_SECONDS per long workload at the smallest att dim, open
+    loop: request i is due at start + i / rate and its latency runs from then, so an answer that comes late delays
+    the next request's start and that wait is counted (two connections take turns). Also the p50 of each stage as
+    the service timed it (the answers' timings_ms): set beside the back-to-back stages, they show what the machine
+    costs a request that finds it idle (here: every 100 ms)."""
+    import threading
+
+    import orjson
+
+    dim = min(cfg.att_dims)
+    seconds = 1.0 if cfg.quick else FIXED_SECONDS
+    rows = []
+    for w in _progress([w for w in cfg.workloads if w.name in LONG], cfg, desc=f"POST /score at {FIXED_RATE:g} requests/s"):
+        bodies = [score_body(cfg, data, w.name, dim, data.users[w.name][i % cfg.users], i % cfg.candidate_sets)
+                  for i in range(cfg.users * cfg.candidate_sets)]  # fmt: skip
+        count, connections = int(FIXED_RATE * seconds), 2
+        latency: list[float] = [0.0] * count
+        stages: list[dict[str, float]] = [{}] * count
+        errors: list[str] = []
+        start = time.perf_counter() + 0.05
+
+        def send(first: int) -> None:
+            try:
+                client = HttpClient(port)
+                try:
+                    for i in range(first, count, connections):
+                        due = start + i / FIXED_RATE
+                        time.sleep(max(due - time.perf_counter(), 0.0))
+                        payload, _ = client.post(bodies[i % len(bodies)])
+                        latency[i] = time.perf_counter() - due
+                        stages[i] = orjson.loads(payload)["timings_ms"]
+                finally:
+                    client.close()
+            except (OSError, BenchError) as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise BenchError(f"POST /score at {FIXED_RATE:g} requests/s ({w.name}): {errors[0]}")
+        ms = np.array(latency) * 1000.0
+        rows.append({"workload": w.name, "att_dim": dim, "rate": FIXED_RATE, "requests": count,
+                     **{f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 95, 99)}, "max_ms": round(float(ms.max()), 3),
+                     "stages_p50_ms": {k: round(float(np.median([s[k] for s in stages])), 3) for k in stages[0]}})  # fmt: skip
+    return rows
+
+
 def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore, loaded: dict[int, Any]) -> list[dict[str, Any]]:
     """The fused kernel, FAISS and numpy on the same histories and candidates (W2-W4), interleaved call by call in
     shuffled order; one thread each. All three compute the exact top-K of score(c, t) = <scale item[c], item[t]> +
@@ -764,6 +820,12 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
     search = p50.get(("W3", lo, "onnxruntime", "search"))
     if w3 is not None and search is not None and not cfg.quick:
         ratios.append(_at_most("ms outside the search", "W3", f"POST /score p50 - search p50, att{lo}", w3 - search, 4))
+    for row in meta.get("fixed_rate", []):
+        if row["workload"] == "W3" and not cfg.quick:
+            rate = f"{row['rate']:g} requests/s"
+            ratios.append(_at_most(f"POST /score p99 ms at {rate}", "W3", f"open loop, att{row['att_dim']}", row["p99_ms"], 15))
+            ratios.append(_at_most(f"ms outside the search at {rate}", "W3", f"POST /score p50 - the answers' search p50, att{row['att_dim']}",
+                                   row["p50_ms"] - row["stages_p50_ms"]["search"], 4))  # fmt: skip
     return ratios
 
 
@@ -815,6 +877,18 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
             cpu_floor = f"{(hc - oc) / fc:.2f}" if fc else "-"
             lines.append(f"| {row['workload']} | {row['att_dim']} | {o:.3f} ({oc:.3f}) | {h:.3f} ({hc:.3f}) | {h / o:.2f} ({cpu_ratio}) | "
                          f"{h - o:.3f} ({hc - oc:.3f}) | {f:.3f} ({fc:.3f}) | {(h - o) / f:.2f} ({cpu_floor}) |")
+    if meta.get("fixed_rate"):
+        lines += ["", f"## POST /score at a fixed rate ({meta['fixed_rate'][0]['rate']:g} requests/s, open loop)", "",
+                  "Each request is due at a fixed time and timed from then (two keep-alive connections take turns), so "
+                  "the service sits idle between requests, as under light traffic. Stage p50s: the service's own timers "
+                  "in the same answers, to set beside the per-stage table above, whose calls follow each other closely.", "",
+                  "| workload | att dim | requests | p50 ms | p95 ms | p99 ms | max ms | store_fetch | id_mapping | search | scoring | outside the search (p50 - search) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for row in meta["fixed_rate"]:
+            st = row["stages_p50_ms"]
+            lines.append(f"| {row['workload']} | {row['att_dim']} | {row['requests']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
+                         f"{row['p99_ms']:.2f} | {row['max_ms']:.2f} | {st['store_fetch']:.2f} | {st['id_mapping']:.2f} | "
+                         f"{st['search']:.2f} | {st['scoring']:.2f} | {row['p50_ms'] - st['search']:.2f} |")
     if meta.get("search_peers"):
         lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
                   "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
@@ -981,10 +1055,11 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
             client = HttpClient(port)
             stack.callback(client.close)
         samples = measure(cfg, data, engine, loaded, torch_paths, client)
-        http_paired = []
+        http_paired, fixed_rate = [], []
         if client is not None:
             servers = {"http": (client.port, process.pid), "floor": stack.enter_context(floor_server(work / "floor.log"))}
             http_paired = measure_http_paired(cfg, data, engine, loaded, servers)
+            fixed_rate = measure_fixed_rate(cfg, data, client.port)
         search_peers = measure_search_peers(cfg, data, store, loaded)
         saturation = measure_saturation(cfg, data, store, registry, loaded)
 
@@ -1008,6 +1083,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "max_prob_diff": samples.max_prob_diff,
         "cpu_p50_ms": {f"{w}|{d}|{b}": round(float(np.median(v)) * 1000.0, 4) for (w, d, b), v in samples.cpu.items()},
         "http_paired": http_paired,
+        "fixed_rate": fixed_rate,
         "search_peers": search_peers,
         "saturation": saturation,
         "peak_gflops": round(peak_gflops(), 2),

@@ -78,6 +78,12 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["floor_p50_ms"] > 0 for p in paired)
     assert all(p["in_process_cpu_ms"] > 0 and p["http_server_cpu_ms"] >= 0 and p["floor_server_cpu_ms"] >= 0 for p in paired)
     assert "## POST /score, in-process and the framework floor, back to back (p50 ms)" in md
+    # The fixed-rate rows: every long workload at the smallest dim, each request answered, stages from the answers.
+    fixed = meta["fixed_rate"]
+    assert [(f["workload"], f["att_dim"]) for f in fixed] == [(w.name, min(cfg.att_dims)) for w in long]
+    assert all(f["requests"] == 10 and 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"] for f in fixed)
+    assert all(set(f["stages_p50_ms"]) == {"store_fetch", "id_mapping", "search", "scoring"} for f in fixed)
+    assert "## POST /score at a fixed rate (10 requests/s, open loop)" in md
     assert (meta["fused_search"] is True) == kernel_available()[0]
     if not kernel_available()[0]:
         assert meta["search_peers"] == []
@@ -131,6 +137,12 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     assert by_name["service overhead / framework floor (CPU time)"].value == pytest.approx(1.2)
     assert by_name["fused kernel vs best peer"].value == pytest.approx(1.4) and not by_name["fused kernel vs best peer"].met
     assert by_name["search att_dim scaling (CPU time)"].value == pytest.approx(5.0)
+    meta["fixed_rate"] = [{"workload": "W3", "att_dim": 16, "rate": 10.0, "requests": 300, "p50_ms": 9.0, "p95_ms": 12.0,
+                           "p99_ms": 16.0, "max_ms": 20.0, "stages_p50_ms": {"search": 6.0}}]  # fmt: skip
+    by_name = {r.name: r for r in target_ratios(records, cfg, meta)}
+    assert by_name["POST /score p99 ms at 10 requests/s"].value == 16.0 and not by_name["POST /score p99 ms at 10 requests/s"].met
+    assert by_name["ms outside the search at 10 requests/s"].value == pytest.approx(3.0)
+    assert by_name["ms outside the search at 10 requests/s"].met
 
 
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
