@@ -881,7 +881,10 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         lines += ["", f"## POST /score at a fixed rate ({meta['fixed_rate'][0]['rate']:g} requests/s, open loop)", "",
                   "Each request is due at a fixed time and timed from then (two keep-alive connections take turns), so "
                   "the service sits idle between requests, as under light traffic. Stage p50s: the service's own timers "
-                  "in the same answers, to set beside the per-stage table above, whose calls follow each other closely.", "",
+                  "in the same answers, to set beside the per-stage table above, whose calls follow each other closely. "
+                  + ("On this machine a fixed pure-Python loop ran {ratio:.2f}x slower right after {idle_ms:.0f} ms idle than "
+                     "straight after another run ({busy_us:.0f} vs {after_idle_us:.0f} us, medians).".format(**idle)
+                     if (idle := meta.get("slowdown_after_idle")) else ""), "",
                   "| workload | att dim | requests | p50 ms | p95 ms | p99 ms | max ms | store_fetch | id_mapping | search | scoring | outside the search (p50 - search) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in meta["fixed_rate"]:
@@ -972,6 +975,27 @@ def draw_chart(records: list[dict[str, Any]], cfg: BenchConfig, path: Path) -> N
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def slowdown_after_idle(rounds: int = 20, idle_s: float = 0.1) -> dict[str, float]:
+    """How much slower this CPU runs a fixed pure-Python loop (~0.1 ms, no memory traffic) right after `idle_s` of
+    sleep than straight after another run: on a virtual machine whose cores idle, the first milliseconds of a request
+    can run slower, which the fixed-rate rows pay and the back-to-back rows do not."""
+
+    def loop() -> float:
+        t0, x = time.perf_counter(), 0
+        for i in range(3_000):
+            x += i
+        return time.perf_counter() - t0
+
+    warm, cold = [], []
+    for _ in range(rounds):
+        loop()
+        warm.append(loop())
+        time.sleep(idle_s)
+        cold.append(loop())
+    w, c = float(np.median(warm)), float(np.median(cold))
+    return {"busy_us": round(w * 1e6, 1), "after_idle_us": round(c * 1e6, 1), "idle_ms": idle_s * 1000.0, "ratio": round(c / w, 2)}
 
 
 def _machine() -> dict[str, Any]:
@@ -1087,6 +1111,7 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "search_peers": search_peers,
         "saturation": saturation,
         "peak_gflops": round(peak_gflops(), 2),
+        "slowdown_after_idle": slowdown_after_idle(rounds=3 if cfg.quick else 20),
         "fused_search": fused_search,  # True, or why search.onnx ran instead
         "random_init": True,
         "synthetic_data": True,
