@@ -48,7 +48,7 @@ ci-tools:
 test: $(STAMP) ci-tools
 	$(BIN)/python -m pytest -q
 
-# The benchmark (about 4 minutes on the 2-core machine): JSON, markdown table and chart in docs/bench/, which the docs quote.
+# The benchmark (about 9 minutes on the 2-core machine): JSON, markdown table and chart in docs/bench/, which the docs quote.
 bench: $(STAMP)
 	$(BIN)/dare bench --out docs/bench/bench.json
 
