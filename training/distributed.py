@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend=backend_for(device), timeout=COLLECTIVE_TIMEOUT)
         try:
             train(args.data, options, args.out, progress=not args.quiet)
+            # Leave together. A gloo worker thread can still hold the last reference to the tensors of a rank's last
+            # collective (the metrics gather) just after the rank returns from it; destroy_process_group does not
+            # join those threads (torch keeps the group alive, e.g. in torch.distributed.nn's default arguments),
+            # so a rank that exits at once (rank 1: rank 0 still evaluates test) can drop them during interpreter
+            # shutdown: no GIL to take, std::terminate, SIGABRT. The barrier's tensor has no Python object, and
+            # the wait lets the workers let go. Not in `finally`: after a failure the peers may never arrive.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except DareError as exc:
