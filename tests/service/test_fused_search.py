@@ -260,13 +260,18 @@ def test_a_split_search_gives_exactly_the_single_thread_answer(big_vocab_model: 
 def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> None:
     """A long search splits while its call is the only one in flight; while another call runs (any stage), it runs in
     its own thread only; a short one never splits."""
+    import threading
+
     from service.search import SearchSplitter
 
     calls: list[int] = []
+    in_caller: list[int] = []  # the candidates searched in the thread that called the splitter
 
     class Recording(FusedSearch):
         def run(self, hist_item, hist_cate, cand_item, cand_cate):  # type: ignore[no-untyped-def]
             calls.append(len(cand_item))
+            if threading.current_thread() is threading.main_thread():
+                in_caller.append(len(cand_item))
             return super().run(hist_item, hist_cate, cand_item, cand_cate)
 
     base = fused_of(big_vocab_model)
@@ -277,7 +282,7 @@ def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> N
     try:
         with splitter.call():
             splitter.run(fused, *long_args)
-        assert sorted(calls) == [96, 104]  # alone: two slices of whole 32-candidate tiles
+        assert sorted(calls) == [72, 128] and in_caller == [128]  # alone: whole 32-candidate tiles, 4 in the caller's thread
         calls.clear()
         with splitter.call(), splitter.call():  # another call is in flight (reading its history, scoring, ...)
             splitter.run(fused, *long_args)
