@@ -34,12 +34,10 @@ from dare_common import DareError
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port
-from dare_common.taobao import iter_rows
+from dare_common.taobao import SAMPLE, iter_rows
 from loadtest.scenario import Payloads, ScenarioSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
 WORKLOADS = ("real", "long")
 LONG_USER_BASE = 90_000_000  # the long workload's user ids: above the sample's
 LONG_START = 1_511_539_200  # 2017-11-25 00:00 UTC, the first day of the Taobao log

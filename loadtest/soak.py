@@ -34,13 +34,13 @@ import numpy as np
 import typer
 
 from dare_common import DareError, int_list, renamed
+from dare_common.taobao import SAMPLE
 from dare.processes import stop_process
 from loadtest.processes import dare_args, pinned, read_locust_stats, start_dare_serve
 from service.redis_server import RedisServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-SAMPLE = REPO_ROOT / "data" / "taobao-sample" / "UserBehavior.csv.gz"
 
 
 class SoakError(DareError):
