@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -292,6 +293,50 @@ def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> N
             splitter.run(fused, long_args[0][:500], long_args[1][:500], long_args[2], long_args[3])
         assert calls == [200]  # 500 x 200 is below SPLIT_MIN_WORK
     finally:
+        splitter.shutdown()
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to")
+def test_a_split_search_runs_its_threads_on_different_cpus(big_vocab_model: Path) -> None:
+    """While it splits, the calling thread keeps off the pool thread's CPU (one CPU, pinned), and gets its own CPUs
+    back afterwards; where the process may use fewer CPUs than threads, nothing is pinned and the split still runs."""
+    import threading
+
+    from service.search import SearchSplitter
+
+    seen: dict[str, set[int]] = {}
+
+    class Recording(FusedSearch):
+        def run(self, hist_item, hist_cate, cand_item, cand_cate):  # type: ignore[no-untyped-def]
+            seen["caller" if threading.current_thread() is threading.main_thread() else "pool"] = os.sched_getaffinity(0)
+            return super().run(hist_item, hist_cate, cand_item, cand_cate)
+
+    base = fused_of(big_vocab_model)
+    fused = Recording(base.item, base.cate, base.position_column, base.scale, base.max_position, base.top_k)
+    rng = np.random.default_rng(6)
+    long_args = (rng.integers(1, 5_002, 20_000), rng.integers(1, 102, 20_000), rng.integers(1, 5_002, 200), rng.integers(1, 102, 200))
+    want = fused.run(*long_args)
+    mine = os.sched_getaffinity(0)
+    splitter = SearchSplitter(2)
+    try:
+        with splitter.call():
+            got = splitter.run(fused, *long_args)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert seen["pool"] == {max(mine)} and seen["caller"] == mine - {max(mine)}
+        assert os.sched_getaffinity(0) == mine  # given back
+    finally:
+        splitter.shutdown()
+    seen.clear()
+    os.sched_setaffinity(0, {min(mine)})  # a process on one CPU: nothing to pin to
+    try:
+        splitter = SearchSplitter(2)
+        with splitter.call():
+            got = splitter.run(fused, *long_args)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert seen["pool"] == seen["caller"] == {min(mine)} and os.sched_getaffinity(0) == {min(mine)}
+    finally:
+        os.sched_setaffinity(0, mine)
         splitter.shutdown()
 
 
