@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -112,4 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Then leave without the C++ teardown: a gloo thread that torch never joins can still be alive when the process
+    # runs its static destructors, and destroying it there calls std::terminate (SIGABRT, "terminate called
+    # without an active exception"; seen once in a full test run even with the barrier above). Everything this rank
+    # wrote is closed by now; the streams and log handlers are flushed here, since _exit skips that.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
