@@ -69,7 +69,9 @@ STAGES = ("store_fetch", "id_mapping", "search", "scoring", "total")
 HTTP_STAGE = "http"
 OUTSIDE_STAGE = "http_outside_search"  # POST /score less the search the same answer reports (its timings_ms)
 PAIRED_MIN_SECONDS = 3.0  # per (workload, dim) cell of the back-to-back HTTP measurement
-PEERS = ("fused kernel", "fused, float32 pass 1", "faiss", "numpy")  # the second only where pass 1 runs in bfloat16
+# The kernel as served, then its two pass-1 variants (only where the CPU can run both: AVX-512 BF16), then its peers.
+PEERS = ("fused kernel", "fused, float32 pass 1", "fused, bfloat16 pass 1", "faiss", "numpy")
+VARIANTS = PEERS[1:3]
 OTHERS = ("faiss", "numpy")  # the kernel's peers proper: "best peer" is the faster of these
 MODEL_PREFIX = "bench-dare"
 
@@ -559,6 +561,8 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
     import faiss
     from threadpoolctl import threadpool_limits
 
+    from service.search import kernel_bf16
+
     workloads = [w for w in cfg.workloads if w.name in LONG]
     if not workloads or any(loaded[d].fused is None for d in cfg.att_dims):
         return []
@@ -588,8 +592,8 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
         k = fused.top_k
         if peer == "fused kernel":
             return fused.run(hi, hc, ci, cc)[0]
-        if peer == "fused, float32 pass 1":
-            return replace(fused, bf16=None).run(hi, hc, ci, cc)[0]
+        if peer in VARIANTS:
+            return variants[(fused.att_dim, peer)].run(hi, hc, ci, cc)[0]
         keys, queries = keys_and_queries(fused, hi, hc, ci, cc)
         if peer == "faiss":
             scores, index = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)  # [C, K] each, best first
@@ -609,8 +613,13 @@ def measure_search_peers(cfg: BenchConfig, data: BenchData, store: SequenceStore
         key = (hi[safe] * fused.cate.shape[0] + hc[safe]) * (fused.max_position + 1) + position
         return np.sort(np.where(index >= 0, key, -1), axis=1)
 
-    bf16 = all(loaded[d].fused.bf16 is not None for d in cfg.att_dims)
-    jobs = [(w.name, d, p) for w in workloads for d in cfg.att_dims for p in PEERS if bf16 or p != "fused, float32 pass 1"]
+    both = kernel_bf16()  # the CPU runs pass 1 in either precision: time both, whichever the service chose
+    variants = {}
+    for d in cfg.att_dims if both else ():
+        fused = loaded[d].fused
+        variants[(d, VARIANTS[0])] = replace(fused, bf16=None)
+        variants[(d, VARIANTS[1])] = fused if fused.bf16 is not None else fused.with_bf16()
+    jobs = [(w.name, d, p) for w in workloads for d in cfg.att_dims for p in PEERS if both or p not in VARIANTS]
     wall: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
     cpu: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
     same: dict[tuple[str, int, str], list[float]] = {j: [] for j in jobs}
@@ -807,10 +816,10 @@ def target_ratios(records: list[dict[str, Any]], cfg: BenchConfig, meta: dict[st
         if kernel is not None and others:
             ratios.append(_at_least("fused kernel vs best peer", w, f"best of FAISS, numpy p50 / fused kernel p50, att{lo}",
                                     min(others) / kernel["p50_ms"], 1.5))  # fmt: skip
-        float32 = peers.get((w, lo, "fused, float32 pass 1"))
-        if kernel is not None and float32 is not None and w == "W3":
-            ratios.append(_at_least("bfloat16 pass 1 (kept only if)", w, f"kernel p50, float32 pass 1 / bfloat16 pass 1, att{lo}",
-                                    float32["p50_ms"] / kernel["p50_ms"], 1.3))  # fmt: skip
+        float32, bf16 = (peers.get((w, lo, v)) for v in VARIANTS)
+        if float32 is not None and bf16 is not None and w == "W3":
+            ratios.append(_at_least("bfloat16 pass 1 (served where it pays)", w, f"kernel p50, float32 pass 1 / bfloat16 pass 1, att{lo}",
+                                    float32["p50_ms"] / bf16["p50_ms"], 1.3))  # fmt: skip
     rates = {(r["workload"], r["search"]): r["answers_per_s"] for r in meta.get("saturation", [])}
     for (w, name), served in rates.items():
         before = rates.get((w, "float32, 1 thread"))
@@ -901,9 +910,11 @@ def markdown(records: list[dict[str, Any]], ratios: list[Ratio], meta: dict[str,
         lines += ["", "## The search and its peers, interleaved call by call: p50 ms wall (CPU)", "",
                   "Same tables, histories and candidates; one thread each; the peers gather [item, cate, position] "
                   "rows, score them (FAISS `knn` inner product on its BLAS path; numpy matmul + argpartition) and take "
-                  "the softmax of the top-K. The fused kernel runs as served (pass 1 in bfloat16 where the CPU has AVX-512 BF16; "
-                  "pass 2 always float32); `fused, float32 pass 1` is the same kernel without the bfloat16 tables (shown "
-                  "where they are used). `same` = share of candidates whose retrieved events equal the kernel's. Kernel "
+                  "the softmax of the top-K. The fused kernel runs as served (pass 2 always float32; pass 1 in "
+                  f"{', '.join(f'att {d}: {p}' for d, p in meta['pass1_served'].items())}: DARE_SEARCH_PRECISION=auto "
+                  "times both when a model loads); `fused, float32 pass 1` and `fused, bfloat16 pass 1` are the same "
+                  "kernel with each (shown where the CPU has AVX-512 BF16). `same` = share of candidates whose retrieved "
+                  "events equal the kernel's. Kernel "
                   "GFLOP/s: 4 C N d flops per call over its wall p50; peak: the best single-thread float32 GEMM through "
                   f"numpy's BLAS in this run, {meta['peak_gflops']:.1f} GFLOP/s.", "",
                   "| workload | att dim | " + " | ".join(PEERS) + " | same (faiss, numpy) | kernel GFLOP/s (share of peak) |",
@@ -1118,6 +1129,8 @@ def run(cfg: BenchConfig, command: str = "dare bench") -> tuple[list[dict[str, A
         "peak_gflops": round(peak_gflops(), 2),
         "slowdown_after_idle": slowdown_after_idle(rounds=3 if cfg.quick else 20),
         "fused_search": fused_search,  # True, or why search.onnx ran instead
+        "pass1_served": {d: "search.onnx" if (f := loaded[d].fused) is None else "bfloat16" if f.bf16 is not None else "float32"
+                         for d in cfg.att_dims},  # fmt: skip
         "random_init": True,
         "synthetic_data": True,
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,12 @@ FUSED_MIN_HISTORY_PER_K = 10
 
 # The load-time check: one synthetic user scored both ways.
 _CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5
+
+# DARE_SEARCH_PRECISION=auto runs pass 1 in bfloat16 only where that is at least this much faster than float32 on
+# this CPU and these tables, timed when the model loads (`FusedSearch.bf16_gain`): `dare bench` measured the kernel
+# 1.3-2.0x faster with it on an AMD EPYC and 0.84-0.97x as fast on an Intel Xeon (docs/performance.md).
+BF16_MIN_GAIN = 1.1
+_TIMING_HISTORY, _TIMING_CANDIDATES, _TIMING_ROUNDS = 20_000, 64, 3
 
 
 def use_fused(fused: FusedSearch | None, history_length: int) -> bool:
@@ -208,14 +215,35 @@ class FusedSearch:
             max_position=manifest.max_position, top_k=manifest.top_k,
         )  # fmt: skip
         fused.check_against(search, path)
-        if precision != "float32":
-            if kernel_bf16():
-                fused = fused.with_bf16()
-                fused.check_against(search, path)
-            elif precision == "bfloat16":
+        why = "DARE_SEARCH_PRECISION=float32"
+        if precision != "float32" and not kernel_bf16():
+            why = "no AVX-512 BF16 on this CPU"
+            if precision == "bfloat16":
                 log.warning("model %s: float32 pass 1 (DARE_SEARCH_PRECISION=bfloat16 needs AVX-512 BF16)", folder.name)
-        log.info("model %s: fused search (%s, %s pass 1)", folder.name, ISA_NAMES[kernel_isa()], "bfloat16" if fused.bf16 else "float32")
+        elif precision != "float32":
+            bf16 = fused.with_bf16()
+            bf16.check_against(search, path)
+            gain = fused.bf16_gain(bf16)
+            why = f"bfloat16 measured {gain:.2f}x as fast"
+            if precision == "bfloat16" or gain >= BF16_MIN_GAIN:
+                fused = bf16
+        log.info("model %s: fused search (%s, %s pass 1: %s)", folder.name, ISA_NAMES[kernel_isa()],
+                 "bfloat16" if fused.bf16 else "float32", why)  # fmt: skip
         return fused
+
+    def bf16_gain(self, bf16: FusedSearch) -> float:
+        """How many times as fast `bf16` (this search with its pass 1 in bfloat16) runs as this one on a synthetic
+        user of these tables: the best of a few alternating calls each."""
+        rng = np.random.default_rng(1)
+        rows, cates, n, c = self.item.shape[0], self.cate.shape[0], _TIMING_HISTORY, _TIMING_CANDIDATES
+        args = (rng.integers(1, rows, n), rng.integers(1, cates, n), rng.integers(1, rows, c), rng.integers(1, cates, c))
+        best = [float("inf"), float("inf")]
+        for _ in range(_TIMING_ROUNDS):
+            for i, variant in enumerate((self, bf16)):
+                t0 = time.perf_counter()
+                variant.run(*args)
+                best[i] = min(best[i], time.perf_counter() - t0)
+        return best[0] / best[1]
 
     def check_against(self, search: ort.InferenceSession, path: Path) -> None:
         """Score one synthetic user with both; the retrieved events and weights must agree."""

@@ -344,6 +344,36 @@ needs_bf16 = pytest.mark.skipif(not kernel_bf16(), reason="the bfloat16 pass 1 n
 
 
 @needs_bf16
+def test_auto_precision_serves_bfloat16_only_where_it_measures_faster(
+    tmp_path: Path, exported_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DARE_SEARCH_PRECISION=auto times both pass-1 variants when the model loads and serves bfloat16 only from
+    BF16_MIN_GAIN on (the gain is logged); `bfloat16` serves it whatever it measures, `float32` never times it."""
+    import service.search
+
+    folder = tmp_path / "dare-a"
+    shutil.copytree(exported_model_dir, folder)
+    timed: list[float] = []
+    real_gain = FusedSearch.bf16_gain
+
+    def gain(self: FusedSearch, bf16: FusedSearch) -> float:
+        timed.append(real_gain(self, bf16))
+        return timed[-1]
+
+    monkeypatch.setattr(FusedSearch, "bf16_gain", gain)
+    for min_gain, precision, served in ((0.0, "auto", True), (1e9, "auto", False), (1e9, "bfloat16", True), (0.0, "float32", False)):
+        monkeypatch.setattr(service.search, "BF16_MIN_GAIN", min_gain)
+        timed.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dare.service"):
+            fused = load_model(folder, InferenceOptions(search_kernel="fused", search_precision=precision)).fused
+        assert fused is not None and (fused.bf16 is not None) == served, (min_gain, precision)
+        assert len(timed) == (precision != "float32") and all(g > 0 for g in timed)
+        said = [r.getMessage() for r in caplog.records if "fused search" in r.getMessage()]
+        assert said and (f"bfloat16 measured {timed[0]:.2f}x as fast" in said[-1] if timed else "DARE_SEARCH_PRECISION=float32" in said[-1])
+
+
+@needs_bf16
 def test_the_bfloat16_pass_gives_the_float32_answer_on_many_users(big_vocab_model: Path) -> None:
     """Pass 1 in bfloat16 only narrows down which blocks pass 2 rescores in float32: on 300 random users (histories
     shorter than one block, a few blocks, thousands of events; heavy ties from a tiny vocabulary; 1 to 230 candidates)
