@@ -78,6 +78,7 @@ def test_files_written(quick_run: tuple[BenchConfig, list[dict], list[Path]]) ->
     assert {(p["workload"], p["att_dim"]) for p in paired} == {(w.name, d) for w in QUICK_WORKLOADS for d in cfg.att_dims}
     assert all(p["in_process_p50_ms"] > 0 and p["http_p50_ms"] > 0 and p["floor_p50_ms"] > 0 for p in paired)
     assert all(p["in_process_cpu_ms"] > 0 and p["http_server_cpu_ms"] >= 0 and p["floor_server_cpu_ms"] >= 0 for p in paired)
+    assert all(0 < p["http_outside_search_p50_ms"] < p["http_p50_ms"] for p in paired)
     assert "## POST /score, in-process and the framework floor, back to back (p50 ms)" in md
     # The fixed-rate rows: every long workload at the smallest dim, each request answered, stages from the answers.
     fixed = meta["fixed_rate"]
@@ -145,6 +146,9 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     assert by_name["service overhead / framework floor (CPU time)"].value == pytest.approx(1.2)
     assert by_name["fused kernel vs best peer"].value == pytest.approx(1.4) and not by_name["fused kernel vs best peer"].met
     assert by_name["search att_dim scaling (CPU time)"].value == pytest.approx(5.0)
+    meta["http_paired"].append({"workload": "W3", "att_dim": 16, "in_process_p50_ms": 6.0, "http_p50_ms": 7.0, "floor_p50_ms": 0.5,
+                                "in_process_cpu_ms": 6.0, "http_server_cpu_ms": 7.0, "floor_server_cpu_ms": 0.5,
+                                "http_outside_search_p50_ms": 2.5})  # fmt: skip
     meta["fixed_rate"] = [{"workload": "W3", "att_dim": 16, "rate": 10.0, "requests": 300, "p50_ms": 9.0, "p95_ms": 12.0,
                            "p99_ms": 16.0, "max_ms": 20.0, "stages_p50_ms": {"search": 6.0}, "outside_search_p50_ms": 3.5}]  # fmt: skip
     records.append(rec("W3", 16, "onnxruntime", OUTSIDE_STAGE, 4.5))
@@ -154,6 +158,7 @@ def test_ratios_follow_the_records(tmp_path: Path) -> None:
     assert by_name["ms outside the search at 10 requests/s"].value == pytest.approx(3.5)
     assert by_name["ms outside the search at 10 requests/s"].met
     assert by_name["ms outside the search"].value == pytest.approx(4.5) and not by_name["ms outside the search"].met
+    assert by_name["ms outside the search (back to back)"].value == pytest.approx(2.5) and by_name["ms outside the search (back to back)"].met
 
 
 def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
