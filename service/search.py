@@ -52,7 +52,7 @@ _CHECK_HISTORY, _CHECK_CANDIDATES, _CHECK_WEIGHT_TOLERANCE = 3_000, 16, 1e-5
 
 # DARE_SEARCH_PRECISION=auto runs pass 1 in bfloat16 only where that is at least this much faster than float32 on
 # this CPU and these tables, timed when the model loads (`FusedSearch.bf16_gain`): `dare bench` measured the kernel
-# 1.3-2.0x faster with it on an AMD EPYC and 0.84-0.97x as fast on an Intel Xeon (docs/performance.md).
+# 1.3-2.0x as fast with it on an AMD EPYC and 0.82-0.97x as fast on an Intel Xeon (docs/performance.md).
 BF16_MIN_GAIN = 1.1
 _TIMING_HISTORY, _TIMING_CANDIDATES, _TIMING_ROUNDS = 20_000, 64, 3
 
