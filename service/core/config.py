@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     scoring_threads: int = Field(4, ge=1, description="scoring calls running at once per process (the rest queue)")
     search_threads: int = Field(
         DEFAULT_SEARCH_THREADS, ge=1, description="threads one long fused search (history x candidates >= 2M) may use while it is the only "
-        "search of this process; 1 = never split",
+        "search of this process, each on a CPU of its own where the process may use that many (the extra threads "
+        "are pinned to the last ones); 1 = never split",
     )
 
     # --- server (used by `dare serve`) --------------------------------------------------------------------------
