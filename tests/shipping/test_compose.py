@@ -209,7 +209,8 @@ def test_trainer_builds_the_cpu_torch_by_default() -> None:
 
 def test_compose_refuses_to_run_without_the_token() -> None:
     """podman-compose resolves the file as `docker compose` does: without DARE_API_TOKEN it stops, naming it."""
-    podman_compose = shutil.which("podman-compose") or str(Path(sys.executable).with_name("podman-compose"))
+    locked = Path(sys.executable).with_name("podman-compose")  # the venv's, as deploy/compose_test.py takes it
+    podman_compose = str(locked) if locked.is_file() else shutil.which("podman-compose") or str(locked)
     if not shutil.which("podman"):
         pytest.skip("podman is not installed (podman-compose checks for it before it reads the file)")
     env = {k: v for k, v in os.environ.items() if k not in ("DARE_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")}
