@@ -288,7 +288,7 @@ class SearchSplitter:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+        cpus = sorted(_affinity())
         pinned = threads > 1 and len(cpus) >= threads
         self.helper_cpus = cpus[len(cpus) - threads + 1 :] if pinned else []  # one per pool thread
         self.caller_cpus = set(cpus[: len(cpus) - threads + 1]) if pinned else set()
@@ -313,18 +313,26 @@ class SearchSplitter:
         big = len(hist_item) * len(cand_item) >= SPLIT_MIN_WORK and len(cand_item) > CANDIDATE_TILE
         if self.pool is None or not big or self._calls > 1:
             return fused.run(hist_item, hist_cate, cand_item, cand_cate)
-        before = os.sched_getaffinity(0) if self.caller_cpus else None
-        if before is not None:
+        before = _affinity() if self.caller_cpus else None
+        if before:
             _pin(self.caller_cpus & before or before)
         try:
             return fused.run_split(hist_item, hist_cate, cand_item, cand_cate, self.pool, self.threads)
         finally:
-            if before is not None:
+            if before:
                 _pin(before)
 
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
+def _affinity() -> set[int]:
+    """The CPUs the calling thread may run on; empty where the system does not say (no sched_getaffinity)."""
+    try:
+        return os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else set()
+    except OSError:
+        return set()
 
 
 def _pin(cpus: set[int]) -> None:

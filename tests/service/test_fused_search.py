@@ -298,9 +298,10 @@ def test_the_splitter_splits_only_a_lone_long_search(big_vocab_model: Path) -> N
 
 @needs_kernel
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to")
-def test_a_split_search_runs_its_threads_on_different_cpus(big_vocab_model: Path) -> None:
+def test_a_split_search_runs_its_threads_on_different_cpus(big_vocab_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While it splits, the calling thread keeps off the pool thread's CPU (one CPU, pinned), and gets its own CPUs
-    back afterwards; where the process may use fewer CPUs than threads, nothing is pinned and the split still runs."""
+    back afterwards; where the process may use fewer CPUs than threads, nothing is pinned and the split still runs;
+    where the system refuses the pinning, the split runs unpinned."""
     import threading
 
     from service.search import SearchSplitter
@@ -337,6 +338,21 @@ def test_a_split_search_runs_its_threads_on_different_cpus(big_vocab_model: Path
         assert seen["pool"] == seen["caller"] == {min(mine)} and os.sched_getaffinity(0) == {min(mine)}
     finally:
         os.sched_setaffinity(0, mine)
+        splitter.shutdown()
+    splitter = SearchSplitter(2)
+    try:
+        with splitter.call():
+            splitter.run(fused, *long_args)  # the pool thread is pinned; now the system refuses any change
+
+        def refuse(pid: int, cpus: object) -> None:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "sched_setaffinity", refuse)
+        with splitter.call():
+            got = splitter.run(fused, *long_args)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)) and os.sched_getaffinity(0) == mine
+    finally:
+        monkeypatch.undo()
         splitter.shutdown()
 
 
