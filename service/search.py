@@ -293,8 +293,8 @@ class SearchSplitter:
         self.helper_cpus = cpus[len(cpus) - threads + 1 :] if pinned else []  # one per pool thread
         self.caller_cpus = set(cpus[: len(cpus) - threads + 1]) if pinned else set()
         helpers = iter(self.helper_cpus)
-        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search",
-                                       initializer=(lambda: _pin({next(helpers)})) if pinned else None) if threads > 1 else None  # fmt: skip
+        initializer = (lambda: _pin({next(helpers)})) if pinned else None  # each pool thread, once, as it starts
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search", initializer=initializer) if threads > 1 else None
         self._lock = threading.Lock()
         self._calls = 0
 
