@@ -282,7 +282,7 @@ class SearchSplitter:
     cores from other requests.
 
     Where this process may run on at least `threads` CPUs, each pool thread is pinned to one of the last of them and
-    the calling thread keeps off those CPUs while it splits. Left to the scheduler, a pool thread woken on an idle
+    the calling thread keeps off those CPUs while it splits; on one CPU it never splits (the threads would take turns). Left to the scheduler, a pool thread woken on an idle
     machine often starts on the caller's own CPU and the two share it (a Linux VM that packs threads onto few vCPUs
     did so in 15 of 20 splits): W3 att 16 took 9.7 ms split that way, 8.9 in one thread, 5.8 pinned."""
 
@@ -294,7 +294,8 @@ class SearchSplitter:
         self.caller_cpus = set(cpus[: len(cpus) - threads + 1]) if pinned else set()
         helpers = iter(self.helper_cpus)
         initializer = (lambda: _pin({next(helpers)})) if pinned else None  # each pool thread, once, as it starts
-        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search", initializer=initializer) if threads > 1 else None
+        split = threads > 1 and len(cpus) != 1  # (no CPUs: the system does not say)
+        self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="dare-search", initializer=initializer) if split else None
         self._lock = threading.Lock()
         self._calls = 0
 
