@@ -72,6 +72,12 @@ def read_images_env() -> dict[str, str]:
     return env
 
 
+def podman_compose_tool() -> str:
+    """podman-compose: the locked one in .venv first (Debian 12's own, 1.0.3, has no --in-pod), else one on PATH."""
+    locked = Path(sys.executable).with_name("podman-compose")
+    return str(locked) if locked.is_file() else shutil.which("podman-compose") or str(locked)
+
+
 def find_compose(engine: str) -> tuple[list[str], list[str]]:
     """(compose command, engine command) for the engine `make images` used."""
     if engine == "docker":
@@ -80,9 +86,7 @@ def find_compose(engine: str) -> tuple[list[str], list[str]]:
         return ["docker", "compose"], ["docker"]
     if engine != "podman":
         raise Failed(f"var/images.env names engine {engine!r}; expected docker or podman")
-    # The locked one in .venv first: Debian 12's own podman-compose (1.0.3) has no --in-pod.
-    locked = Path(sys.executable).with_name("podman-compose")
-    tool = str(locked) if locked.is_file() else shutil.which("podman-compose") or str(locked)
+    tool = podman_compose_tool()
     if not Path(tool).is_file():
         raise Failed("podman-compose is not installed (pip install podman-compose; `make install` puts it in .venv)")
     # runc: crun fails on hybrid cgroups; no pod: every service is on the host network already.

@@ -169,7 +169,7 @@ class FusedSearch:
         others in `pool`. A candidate's top-K depends on that candidate alone, so the answer is `run`'s exactly.
 
         This thread, which starts at once, takes the larger share (7 tiles: 4 here, 3 in the pool's thread, which
-        starts ~0.2 ms later): W3 att 16, 3.63 ms against 4.31 with the shares the other way round."""
+        starts later): W3 att 16, 3.63 ms against 4.31 with the shares the other way round (on an AMD EPYC VM)."""
         tiles = -(-len(cand_item) // CANDIDATE_TILE)
         cuts = [min(CANDIDATE_TILE * -(-tiles * p // parts), len(cand_item)) for p in range(parts)] + [len(cand_item)]
         slices = [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -282,9 +282,10 @@ class SearchSplitter:
     cores from other requests.
 
     Where this process may run on at least `threads` CPUs, each pool thread is pinned to one of the last of them and
-    the calling thread keeps off those CPUs while it splits; on one CPU it never splits (the threads would take turns). Left to the scheduler, a pool thread woken on an idle
-    machine often starts on the caller's own CPU and the two share it (a Linux VM that packs threads onto few vCPUs
-    did so in 15 of 20 splits): W3 att 16 took 9.7 ms split that way, 8.9 in one thread, 5.8 pinned."""
+    the calling thread keeps off those CPUs while it splits; on one CPU it never splits (the threads would take
+    turns). Left to the scheduler, a pool thread woken on an idle machine often starts on the caller's own CPU and
+    the two share it (a Linux VM that packs threads onto few vCPUs did so in 15 of 20 splits): W3 att 16 took 9.7 ms
+    split that way, 8.9 in one thread, 5.8 pinned."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads

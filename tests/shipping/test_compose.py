@@ -8,8 +8,8 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -207,10 +207,19 @@ def test_trainer_builds_the_cpu_torch_by_default() -> None:
     assert "build" in service("api") and "args" not in service("api")["build"], "the serve image takes no torch"
 
 
+def compose_test_module() -> Any:
+    """deploy/compose_test.py, which is a script, loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compose_test", ROOT / "deploy/compose_test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_compose_refuses_to_run_without_the_token() -> None:
     """podman-compose resolves the file as `docker compose` does: without DARE_API_TOKEN it stops, naming it."""
-    locked = Path(sys.executable).with_name("podman-compose")  # the venv's, as deploy/compose_test.py takes it
-    podman_compose = str(locked) if locked.is_file() else shutil.which("podman-compose") or str(locked)
+    podman_compose = compose_test_module().podman_compose_tool()
     if not shutil.which("podman"):
         pytest.skip("podman is not installed (podman-compose checks for it before it reads the file)")
     env = {k: v for k, v in os.environ.items() if k not in ("DARE_API_TOKEN", "GRAFANA_ADMIN_PASSWORD")}
@@ -322,11 +331,6 @@ def test_local_images_are_the_ones_make_images_names() -> None:
 
 
 def test_compose_test_starts_the_services_in_depends_on_order() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compose_test", ROOT / "deploy/compose_test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    order, depends = module.stack_services()
+    order, depends = compose_test_module().stack_services()
     assert order == ["redis", "trainer", "api", "prometheus"], order
     assert depends["api"] == {"trainer": "service_completed_successfully", "redis": "service_healthy"}
