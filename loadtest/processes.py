@@ -54,12 +54,14 @@ def start_dare_serve(
     ready_within_s: float,
     preexec_fn: Callable[[], None] | None = None,
     group: bool = False,
+    cwd: Path = REPO_ROOT,
 ) -> subprocess.Popen[bytes]:
-    """`dare serve <serve_args> --port <port>`, output to `log`; returns once GET /readyz answers 200. If it exits or
-    is not ready within `ready_within_s`, it is stopped (its whole process group with `group`) and `error` raised."""
+    """`dare serve <serve_args> --port <port>` (of the checkout `cwd`), output to `log`; returns once GET /readyz
+    answers 200. If it exits or is not ready within `ready_within_s`, it is stopped (its whole process group with
+    `group`) and `error` raised."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as fh:
-        process = subprocess.Popen(dare_args("serve", *serve_args, "--port", str(port)), cwd=REPO_ROOT, env=env,
+        process = subprocess.Popen(dare_args("serve", *serve_args, "--port", str(port)), cwd=cwd, env=env,
                                    stdout=fh, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)  # fmt: skip
     deadline = time.monotonic() + ready_within_s
     while time.monotonic() < deadline:
