@@ -27,17 +27,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import orjson
+import psutil
 
-import orjson  # noqa: E402
-import psutil  # noqa: E402
-
-from dare.bench import (FULL_WORKLOADS, BenchConfig, BenchError, HttpClient, build_models, floor_server,  # noqa: E402
-                        make_data, model_name, quick_config, score_body)  # fmt: skip
-from dare.processes import stop_process  # noqa: E402
-from loadtest.processes import start_dare_serve  # noqa: E402
-from service.redis_server import RedisServer, free_port  # noqa: E402
+from dare.bench import (FULL_WORKLOADS, BenchConfig, BenchError, HttpClient, build_models, floor_server, make_data,
+                        model_name, quick_config, score_body)  # fmt: skip
+from dare.processes import stop_process
+from loadtest.processes import start_dare_serve
+from service.redis_server import RedisServer, free_port
 
 THREAD_CALLS = 500  # back-to-back calls per server for the per-thread CPU
 
