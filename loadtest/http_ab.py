@@ -6,11 +6,12 @@ called back to back in a new shuffled order every round, so that load from other
         [--workload W2] [--att-dim 16] [--rounds 1000] [--out var/http_ab.json]
 
 What `dare bench`'s back-to-back table measures for this checkout, for any trees (e.g. a worktree with one change
-made) and environment variables (`@MALLOC_ARENA_MAX=2`). Per tree: wall p50 and p90 ms, the server's CPU ms per
-call (psutil), each stage's p50 as the answers time it, and, over a further run of back-to-back calls to that server
-alone, the CPU per call of each of its threads (the event loop is the main thread). The data and RANDOMLY
-INITIALISED models are `dare bench`'s (`dare.bench.make_data`, `build_models`). A tree without the compiled kernel
-gets it built in place (`setup.py build_ext --inplace`).
+made) and environment variables (`@MALLOC_ARENA_MAX=2`). Per tree: wall p50 and p90 ms, p50 / in-process p50,
+(p50 - in-process p50) / floor p50, p50 less its own search stage, the server's CPU ms per call (psutil), each
+stage's p50 as the answers time it, and, over a further run of back-to-back calls to that server alone, the CPU per
+call of each of its threads (the event loop is the main thread). The data and RANDOMLY INITIALISED models are
+`dare bench`'s (`dare.bench.make_data`, `build_models`). A tree without the compiled kernel gets it built in place
+(`setup.py build_ext --inplace`).
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 "stage_p50_ms": {s: round(statistics.median(v), 3) for s, v in stages.get(n, {}).items()},
                 "thread_cpu_ms_per_call": per_thread(*servers[n], body, THREAD_CALLS) if n in servers and n != "floor" else None,
             }
+    base, floor = rows["in_process"]["p50_ms"], rows["floor"]["p50_ms"]
+    for name, _, _ in trees:  # the ratios of docs/performance.md ("What HTTP adds") and dare bench's targets
+        row = rows[name]
+        row["vs_in_process"] = round(row["p50_ms"] / base, 3)
+        row["overhead_over_floor"] = round((row["p50_ms"] - base) / floor, 3)
+        row["outside_search_ms"] = round(row["p50_ms"] - row["stage_p50_ms"].get("search", 0.0), 3)
     return {"workload": workload.name, "history": workload.history, "candidates": workload.candidates,
             "att_dim": args.att_dim, "rounds": args.rounds, "trees": {n: f"{t}" + "".join(f"@{k}={v}" for k, v in e.items())
                                                                        for n, t, e in trees}, "results": rows}  # fmt: skip
@@ -173,11 +180,13 @@ def markdown(report: dict[str, object]) -> str:
     assert isinstance(rows, dict)
     lines = [f"POST /score back to back, {report['workload']} (N = {report['history']}, C = {report['candidates']}), att "
              f"{report['att_dim']}, {report['rounds']} rounds; trees: {report['trees']}", "",
-             "| | p50 ms | p90 ms | server CPU ms / call | stage p50s (ms) | CPU ms / call by thread |", "|---|---:|---:|---:|---|---|"]  # fmt: skip
+             "| | p50 ms | p90 ms | / in-process | (p50 - in-process) / floor | outside the search ms | server CPU ms / call "
+             "| stage p50s (ms) | CPU ms / call by thread |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for name, row in rows.items():
         stages = ", ".join(f"{k} {v}" for k, v in row["stage_p50_ms"].items())
         threads = ", ".join(f"{k} {v}" for k, v in (row["thread_cpu_ms_per_call"] or {}).items())
-        lines.append(f"| {name} | {row['p50_ms']} | {row['p90_ms']} | {row['cpu_ms_per_call'] or ''} | {stages} | {threads} |")
+        ratios = " | ".join(str(row.get(k, "")) for k in ("vs_in_process", "overhead_over_floor", "outside_search_ms"))
+        lines.append(f"| {name} | {row['p50_ms']} | {row['p90_ms']} | {ratios} | {row['cpu_ms_per_call'] or ''} | {stages} | {threads} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,8 +30,13 @@ def test_two_servers_side_by_side(tmp_path: Path) -> None:
         assert row["p50_ms"] > 0 and row["p90_ms"] >= row["p50_ms"] and row["cpu_ms_per_call"] >= 0
         assert set(row["stage_p50_ms"]) >= {"store_fetch", "id_mapping", "search", "scoring"}
         assert row["thread_cpu_ms_per_call"]["loop"] > 0  # the event loop is the server's main thread
+        base, floor = rows["in_process"]["p50_ms"], rows["floor"]["p50_ms"]
+        assert row["vs_in_process"] == round(row["p50_ms"] / base, 3)
+        assert row["overhead_over_floor"] == round((row["p50_ms"] - base) / floor, 3)
+        assert row["outside_search_ms"] == round(row["p50_ms"] - row["stage_p50_ms"]["search"], 3)
     assert rows["floor"]["stage_p50_ms"] == {} and rows["floor"]["thread_cpu_ms_per_call"] is None
     assert rows["in_process"]["cpu_ms_per_call"] is None and "search" in rows["in_process"]["stage_p50_ms"]
+    assert "vs_in_process" not in rows["floor"] and "vs_in_process" not in rows["in_process"]
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") == 5 and "| floor |" in table  # header + 4 rows
 
