@@ -46,7 +46,7 @@ def parse_tree(spec: str) -> tuple[str, Path, dict[str, str]]:
     path, *pairs = rest.split("@")
     env = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
     tree = Path(path).resolve()
-    if not sep or not name or len(env) != len(pairs):
+    if not sep or not name or not all("=" in pair for pair in pairs):
         raise BenchError(f"--tree {spec!r}: expected NAME=PATH[@VAR=VALUE...]")
     if not (tree / "service" / "engine.py").is_file() or not (tree / "dare" / "cli.py").is_file():
         raise BenchError(f"--tree {spec!r}: {tree} is not a checkout of this project (no service/engine.py, dare/cli.py)")
@@ -186,7 +186,7 @@ def markdown(report: dict[str, object]) -> str:
         stages = ", ".join(f"{k} {v}" for k, v in row["stage_p50_ms"].items())
         threads = ", ".join(f"{k} {v}" for k, v in (row["thread_cpu_ms_per_call"] or {}).items())
         ratios = " | ".join(str(row.get(k, "")) for k in ("vs_in_process", "overhead_over_floor", "outside_search_ms"))
-        lines.append(f"| {name} | {row['p50_ms']} | {row['p90_ms']} | {ratios} | {row['cpu_ms_per_call'] or ''} | {stages} | {threads} |")
+        lines.append(f"| {name} | {row['p50_ms']} | {row['p90_ms']} | {ratios} | {'' if row['cpu_ms_per_call'] is None else row['cpu_ms_per_call']} | {stages} | {threads} |")
     return "\n".join(lines) + "\n"
 
 
